@@ -1,0 +1,1 @@
+"""The device agent (edgekit-agent); see DESIGN.md "Agent state machine"."""

@@ -1,0 +1,761 @@
+"""`convert`: candidates -> validate -> benchmark -> choose -> compat -> report.
+
+Everything is built in a scratch folder; the output folder receives its files only once the
+conversion has succeeded, each moved in with `os.replace`, so a failed run leaves nothing
+half-written behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from edgekit.converters.benchmark import Measurement, compressed_size, file_size, measure
+from edgekit.converters.data import Dataset, load_dataset, synthetic_dataset
+from edgekit.converters.passes.base import PassContext, PassResult, get_pass
+from edgekit.converters.passes.onnx_passes import (
+    CompatConfig,
+    CompatPass,
+    DynamicInt8Config,
+    Fp16Config,
+    LoadPass,
+    OptimizePass,
+    PruneConfig,
+    StaticInt8Config,
+    WeightInt8Config,
+    rank_nodes_by_quantization_error,
+    scratch_cwd,
+)
+from edgekit.converters.validate import ValidationResult, compare_outputs
+
+from edgekit import __version__
+from edgekit.errors import ConversionError, EdgekitError
+from edgekit.profiles import Profile, load_profile
+from edgekit.runtimes import OnnxRuntimeBackend, RuntimeLoadError, TensorSpec
+
+__all__ = ["CandidateReport", "ConvertResult", "ProgressCallback", "convert"]
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+ProgressCallback = Callable[[str, int, int], None]
+REPORT_SCHEMA = "edgekit.report/v1"
+GOLDEN_SAMPLES = 8
+
+# Candidate kind -> the passes that build it from the optimized fp32 model.
+_CANDIDATE_PASSES: dict[str, tuple[str, ...]] = {
+    "fp32": (),
+    "weight_int8": ("weight_int8",),
+    "dynamic_int8": ("dynamic_int8",),
+    "static_int8": ("static_int8",),
+    "fp16": ("fp16",),
+    "pruned": ("prune", "weight_int8"),
+}
+
+
+@dataclass
+class CandidateReport:
+    """One candidate: how it was built, how it measured, and why it won or lost."""
+
+    name: str
+    passes: tuple[str, ...]
+    path: Path | None = None
+    status: str = "ok"  # ok | failed
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    validation: ValidationResult | None = None
+    measurement: Measurement | None = None
+    size_bytes: int | None = None
+    compressed_size_bytes: int | None = None
+    float_nodes: tuple[str, ...] = ()
+    fallback: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = "lost"  # chosen | lost | reference
+    reason: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """Built, loaded and measured."""
+        return self.status == "ok" and self.measurement is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "name": self.name,
+            "passes": list(self.passes),
+            "status": self.status,
+            "error": self.error,
+            "notes": self.notes,
+            "details": self.details,
+            "accuracy": self.validation.to_dict() if self.validation else None,
+            "latency_ms": (
+                {"p50": self.measurement.p50_ms, "p95": self.measurement.p95_ms}
+                if self.measurement
+                else None
+            ),
+            "benchmark": self.measurement.to_dict() if self.measurement else None,
+            "peak_memory_bytes": self.measurement.peak_memory_bytes if self.measurement else None,
+            "size_bytes": self.size_bytes,
+            "compressed_size_bytes": self.compressed_size_bytes,
+            "float_nodes": list(self.float_nodes),
+            "fallback": self.fallback,
+            "verdict": self.verdict,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `convert` wrote and the report it wrote."""
+
+    artifact: Path
+    report_path: Path
+    report: dict[str, Any]
+    chosen: str
+
+    @property
+    def candidates(self) -> list[dict[str, Any]]:
+        """The report's candidate rows."""
+        rows: list[dict[str, Any]] = self.report["candidates"]
+        return rows
+
+
+def convert(
+    model: Path,
+    *,
+    profile: Profile | str,
+    output_dir: Path,
+    calibration: Path | None = None,
+    validation: Path | None = None,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+    benchmark_seconds: float = 2.0,
+    keep_candidates: bool = False,
+) -> ConvertResult:
+    """Convert `model` for `profile`, writing `model.onnx` and `report.json` into `output_dir`.
+
+    Also written: `golden.npz` (inputs and expected outputs for the on-device self-test) and
+    `reference_stats.json` (input distribution for drift), which bundles carry. With
+    `keep_candidates`, every candidate that was built is kept in `output_dir/candidates/`.
+    """
+    chosen_profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    if chosen_profile.target_format != "onnx":
+        raise ConversionError(
+            f"profile {chosen_profile.name} targets {chosen_profile.target_format}; this edgekit "
+            "converts ONNX models to ONNX artifacts only (TFLite output is planned); pick an "
+            "onnx profile: raspberrypi, x86-64 or jetson-orin"
+        )
+    # Absolute paths: the passes run with the scratch folder as the working directory.
+    model = model.absolute()
+    output_dir = output_dir.absolute()
+    calibration = calibration.absolute() if calibration else None
+    validation = validation.absolute() if validation else None
+    _check_output_dir(output_dir)
+    host_threads = os.cpu_count() or 1
+    used_threads = threads or min(chosen_profile.threads, host_threads)
+    steps = _Steps(progress, total=6 + len(chosen_profile.quantization.candidates))
+    with (
+        tempfile.TemporaryDirectory(prefix="edgekit-convert-") as scratch,
+        scratch_cwd(Path(scratch)),
+    ):
+        workdir = Path(scratch)
+        steps.advance("loading and checking the model")
+        loaded = workdir / "loaded.onnx"
+        context = PassContext(profile=chosen_profile, workdir=workdir, threads=used_threads)
+        load_result = LoadPass().run(model, loaded, context)
+        try:
+            original = OnnxRuntimeBackend(loaded, threads=used_threads)
+        except RuntimeLoadError as e:
+            raise ConversionError(f"{model}: {e}") from e
+        inputs, outputs = original.inputs, original.outputs
+
+        steps.advance("reading calibration and validation data")
+        calibration_set, validation_set = _datasets(inputs, calibration, validation, chosen_profile)
+        context = replace(context, calibration=calibration_set, validation=validation_set)
+        reference = _run_all(original, validation_set, what="the original model")
+
+        steps.advance("optimizing the graph")
+        optimized = workdir / "optimized.onnx"
+        optimize_result = OptimizePass().run(loaded, optimized, context)
+        context = replace(context, reference_path=optimized)
+
+        candidates: list[CandidateReport] = []
+        for kind in chosen_profile.quantization.candidates:
+            steps.advance(f"building candidate {kind}")
+            candidate = _build_candidate(kind, optimized, context)
+            if candidate.status == "ok":
+                _validate(candidate, reference, validation_set, chosen_profile, used_threads)
+                if kind == "static_int8":
+                    candidate = _static_fallback(candidate, optimized, reference, context)
+            candidates.append(candidate)
+
+        steps.advance("benchmarking candidates on this host")
+        source_row = CandidateReport(name="original", passes=(), path=loaded, verdict="reference")
+        source_row.validation = compare_outputs(reference, reference, chosen_profile.accuracy)
+        _benchmark(
+            [source_row, *candidates], validation_set, used_threads, workdir, benchmark_seconds
+        )
+
+        steps.advance("choosing")
+        winner = _choose(candidates, chosen_profile)
+
+        steps.advance("writing the artifact, golden samples and report")
+        assert winner.path is not None
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=_parent(output_dir)))
+        try:
+            artifact = staging / "model.onnx"
+            shutil.copyfile(winner.path, artifact)
+            data_file = winner.path.with_name(winner.path.name + ".data")
+            if data_file.exists():
+                shutil.copyfile(data_file, staging / "model.onnx.data")
+            if keep_candidates:
+                kept = staging / "candidates"
+                kept.mkdir()
+                for row in candidates:
+                    if row.path is not None and row.status == "ok":
+                        shutil.copyfile(row.path, kept / f"{row.name}.onnx")
+            chosen_runtime = OnnxRuntimeBackend(artifact, threads=used_threads)
+            _write_golden(staging / "golden.npz", chosen_runtime, validation_set, chosen_profile)
+            stats = reference_stats(validation_set, inputs)
+            (staging / "reference_stats.json").write_text(
+                json.dumps(stats, indent=2) + "\n", encoding="utf-8"
+            )
+            report = _report(
+                model=model,
+                profile=chosen_profile,
+                inputs=inputs,
+                outputs=outputs,
+                load_result=load_result,
+                optimize_result=optimize_result,
+                calibration_set=calibration_set,
+                validation_set=validation_set,
+                source_row=source_row,
+                candidates=candidates,
+                winner=winner,
+                artifact=artifact,
+                threads=used_threads,
+            )
+            (staging / "report.json").write_text(
+                json.dumps(report, indent=2) + "\n", encoding="utf-8"
+            )
+            _publish(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return ConvertResult(
+        artifact=output_dir / "model.onnx",
+        report_path=output_dir / "report.json",
+        report=report,
+        chosen=winner.name,
+    )
+
+
+class _Steps:
+    def __init__(self, callback: ProgressCallback | None, *, total: int) -> None:
+        self._callback = callback
+        self._total = total
+        self._done = 0
+
+    def advance(self, description: str) -> None:
+        log.info("%s", description)
+        if self._callback is not None:
+            self._callback(description, self._done, self._total)
+        self._done += 1
+
+
+def _parent(output_dir: Path) -> Path:
+    parent = output_dir.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"output {output_dir} exists and is not a folder; pick another -o")
+
+
+_OUTPUT_FILES = (
+    "model.onnx",
+    "model.onnx.data",
+    "golden.npz",
+    "reference_stats.json",
+    "report.json",
+)
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Move the finished files into `output_dir`, replacing earlier outputs of ours."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in _OUTPUT_FILES:
+        target = output_dir / name
+        if not (staging / name).exists() and target.exists():
+            target.unlink()  # a stale file from an earlier conversion (e.g. external data)
+    for name in _OUTPUT_FILES:
+        if (staging / name).exists():
+            os.replace(staging / name, output_dir / name)
+    kept = output_dir / "candidates"
+    if kept.is_dir():
+        shutil.rmtree(kept)
+    if (staging / "candidates").is_dir():
+        os.replace(staging / "candidates", kept)
+
+
+def _datasets(
+    inputs: Sequence[TensorSpec],
+    calibration: Path | None,
+    validation: Path | None,
+    profile: Profile,
+) -> tuple[Dataset, Dataset]:
+    prep = profile.preprocessing
+    calibration_set = load_dataset(calibration, inputs, preprocessing=prep) if calibration else None
+    validation_set = load_dataset(validation, inputs, preprocessing=prep) if validation else None
+    if calibration_set is None and validation_set is None:
+        synthetic = synthetic_dataset(inputs)
+        return synthetic, synthetic
+    if validation_set is None:
+        assert calibration_set is not None
+        validation_set = replace(
+            calibration_set,
+            notes=(*calibration_set.notes, "validated on the calibration data (no --validation)"),
+        )
+    if calibration_set is None:
+        calibration_set = replace(
+            validation_set,
+            notes=(*validation_set.notes, "calibrated on the validation data (no --calibration)"),
+        )
+    return calibration_set, validation_set
+
+
+def _run_all(runtime: OnnxRuntimeBackend, dataset: Dataset, *, what: str) -> dict[str, list[Array]]:
+    results: dict[str, list[Array]] = {spec.name: [] for spec in runtime.outputs}
+    for index, feed in enumerate(dataset.feeds):
+        try:
+            values = runtime.run(feed)
+        except Exception as e:
+            hint = (
+                "; the inputs are synthetic: give real data with --calibration/--validation"
+                if dataset.kind == "synthetic"
+                else ""
+            )
+            raise ConversionError(
+                f"{what} fails on input feed {index} from {dataset.source}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}"
+            ) from e
+        for name, value in values.items():
+            results[name].append(value)
+    return results
+
+
+def _pass_config(name: str, profile: Profile) -> Any:
+    quant = profile.quantization
+    if name == "weight_int8":
+        return WeightInt8Config()
+    if name == "prune":
+        return PruneConfig(
+            sparsity=profile.pruning.sparsity or 0.5,
+            min_elements=profile.pruning.min_tensor_elements,
+        )
+    if name == "dynamic_int8":
+        return DynamicInt8Config(per_channel=quant.per_channel, weight_type=quant.weight_type)
+    if name == "static_int8":
+        return StaticInt8Config(
+            quant_format=quant.format,
+            per_channel=quant.per_channel,
+            activation_type=quant.activation_type,
+            weight_type=quant.weight_type,
+            calibration_method=quant.calibration_method,
+        )
+    if name == "fp16":
+        return Fp16Config()
+    return None
+
+
+def _build_candidate(
+    kind: str,
+    optimized: Path,
+    context: PassContext,
+    *,
+    static_config: StaticInt8Config | None = None,
+    label: str | None = None,
+) -> CandidateReport:
+    passes = _CANDIDATE_PASSES.get(kind)
+    if passes is None:
+        raise ConversionError(f"unknown candidate kind {kind!r}")
+    name = label or kind
+    candidate = CandidateReport(name=name, passes=(*passes, "compat"))
+    current = optimized
+    try:
+        for index, pass_name in enumerate(passes):
+            config = (
+                static_config
+                if pass_name == "static_int8" and static_config  # noqa: S105  (not a password)
+                else _pass_config(pass_name, context.profile)
+            )
+            step = get_pass(pass_name)(config) if config is not None else get_pass(pass_name)()
+            out = context.workdir / f"{name}-{index}-{pass_name}.onnx"
+            result = step.run(current, out, context)
+            candidate.notes.extend(result.notes)
+            candidate.details[pass_name] = result.details
+            current = out
+        final = context.workdir / f"{name}.onnx"
+        compat = CompatPass(CompatConfig(runtime_version=context.profile.runtime.oldest.version))
+        candidate.details["compat"] = compat.run(current, final, context).details
+        candidate.path = final
+        candidate.size_bytes = file_size(final)
+        candidate.compressed_size_bytes = compressed_size(final)
+        if static_config is not None:
+            candidate.float_nodes = static_config.nodes_to_exclude
+    except EdgekitError as e:
+        candidate.status = "failed"
+        candidate.error = str(e)
+        candidate.reason = f"failed to build: {e}"
+    return candidate
+
+
+def _validate(
+    candidate: CandidateReport,
+    reference: dict[str, list[Array]],
+    dataset: Dataset,
+    profile: Profile,
+    threads: int,
+) -> None:
+    assert candidate.path is not None
+    try:
+        runtime = OnnxRuntimeBackend(candidate.path, threads=threads)
+        found = _run_all(runtime, dataset, what=f"candidate {candidate.name}")
+    except EdgekitError as e:
+        candidate.status = "failed"
+        candidate.error = str(e)
+        candidate.reason = f"does not run: {e}"
+        return
+    candidate.validation = compare_outputs(reference, found, profile.accuracy)
+
+
+def _static_fallback(
+    candidate: CandidateReport,
+    optimized: Path,
+    reference: dict[str, list[Array]],
+    context: PassContext,
+) -> CandidateReport:
+    """Retry static int8 with the worst nodes kept in float until it meets the tolerance."""
+    profile = context.profile
+    if candidate.validation is None or candidate.validation.meets_tolerance:
+        return candidate
+    attempts = profile.quantization.fallback_attempts
+    if attempts == 0 or candidate.path is None:
+        return candidate
+    try:
+        ranked = rank_nodes_by_quantization_error(
+            optimized, candidate.path, context.calibration.head_samples(32).feeds, context.workdir
+        )
+    except Exception as e:  # noqa: BLE001  (the debug tooling raises bare exceptions)
+        candidate.notes.append(f"accuracy fallback unavailable: {e}")
+        return candidate
+    if not ranked:
+        candidate.notes.append("accuracy fallback: no per-node errors to rank")
+        return candidate
+    history: list[dict[str, Any]] = [
+        {
+            "float_nodes": 0,
+            "worst_cosine": candidate.validation.worst_cosine,
+            "meets_tolerance": False,
+        }
+    ]
+    best = candidate
+    for attempt in range(1, attempts + 1):
+        # Keep 10%, 25%, 50%, ... of the ranked nodes in float (at least one more each time).
+        fraction = min(1.0, 0.1 * (2.5 ** (attempt - 1)))
+        count = max(attempt, round(len(ranked) * fraction))
+        excluded = tuple(name for name, _ in ranked[:count])
+        config = replace(_pass_config("static_int8", profile), nodes_to_exclude=excluded)
+        retry = _build_candidate(
+            "static_int8",
+            optimized,
+            context,
+            static_config=config,
+            label=f"static_int8-fb{attempt}",
+        )
+        if retry.status != "ok":
+            history.append({"float_nodes": len(excluded), "error": retry.error})
+            continue
+        _validate(retry, reference, context.validation, profile, context.threads)
+        if retry.validation is None:
+            history.append({"float_nodes": len(excluded), "error": retry.error})
+            continue
+        history.append(
+            {
+                "float_nodes": len(excluded),
+                "worst_cosine": retry.validation.worst_cosine,
+                "meets_tolerance": retry.validation.meets_tolerance,
+            }
+        )
+        assert best.validation is not None
+        if retry.validation.worst_cosine > best.validation.worst_cosine or (
+            retry.validation.meets_tolerance and not best.validation.meets_tolerance
+        ):
+            best = retry
+        if retry.validation.meets_tolerance:
+            break
+    best.name = "static_int8"
+    best.fallback = history
+    best.notes.append(
+        f"accuracy fallback: {len(best.float_nodes)} node(s) kept in float"
+        if best.float_nodes
+        else "accuracy fallback did not improve on plain static int8"
+    )
+    return best
+
+
+def _benchmark(
+    rows: Sequence[CandidateReport],
+    dataset: Dataset,
+    threads: int,
+    workdir: Path,
+    seconds: float,
+) -> None:
+    usable = {row.name: row for row in rows if row.status == "ok" and row.path is not None}
+    if not usable:
+        return
+    paths = {name: row.path for name, row in usable.items() if row.path is not None}
+    measurements = measure(
+        paths,
+        dataset.single_sample_feed(),
+        threads=threads,
+        workdir=workdir,
+        seconds_per_model=seconds,
+    )
+    for name, row in usable.items():
+        row.measurement = measurements[name]
+        if row.size_bytes is None and row.path is not None:
+            row.size_bytes = file_size(row.path)
+            row.compressed_size_bytes = compressed_size(row.path)
+
+
+def _choose(candidates: Sequence[CandidateReport], profile: Profile) -> CandidateReport:
+    budgets = profile.budgets
+    eligible: list[CandidateReport] = []
+    for row in candidates:
+        if not row.usable:
+            row.reason = row.reason or f"failed: {row.error}"
+            continue
+        assert row.validation is not None and row.measurement is not None
+        assert row.size_bytes is not None
+        if not row.validation.meets_tolerance:
+            row.reason = "misses the accuracy tolerance: " + "; ".join(row.validation.failures)
+            continue
+        if budgets.max_model_bytes is not None and row.size_bytes > budgets.max_model_bytes:
+            row.reason = f"over the size budget: {row.size_bytes} > {budgets.max_model_bytes} bytes"
+            continue
+        if (
+            budgets.max_ram_bytes is not None
+            and row.measurement.peak_memory_bytes > budgets.max_ram_bytes
+        ):
+            row.reason = (
+                f"over the RAM budget: {row.measurement.peak_memory_bytes} > "
+                f"{budgets.max_ram_bytes} bytes"
+            )
+            continue
+        eligible.append(row)
+    if not eligible:
+        detail = "; ".join(f"{row.name}: {row.reason}" for row in candidates)
+        raise ConversionError(
+            f"no candidate meets profile {profile.name}: {detail}; loosen the profile's accuracy "
+            "tolerance or budgets, or give calibration data closer to real inputs"
+        )
+
+    def p50(row: CandidateReport) -> float:
+        assert row.measurement is not None
+        return row.measurement.p50_ms
+
+    def accuracy(row: CandidateReport) -> float:
+        assert row.validation is not None
+        return row.validation.worst_cosine
+
+    def size(row: CandidateReport) -> int:
+        assert row.size_bytes is not None
+        return row.size_bytes
+
+    fastest = min(eligible, key=p50)
+    assert fastest.measurement is not None
+    # Two candidates whose medians differ by less than the run-to-run spread are equally fast.
+    margin = max(0.03, min(0.10, max(row.measurement.noise for row in eligible if row.measurement)))
+    if profile.priority == "size":
+        winner = min(
+            eligible, key=lambda row: (size(row), row.compressed_size_bytes or 0, p50(row))
+        )
+        why = "smallest file within tolerance and budgets (profile priority: size)"
+    else:
+        near = [row for row in eligible if p50(row) <= p50(fastest) * (1 + margin)]
+        winner = min(
+            near, key=lambda row: (size(row), -accuracy(row), row.compressed_size_bytes or 0)
+        )
+        why = (
+            f"fastest within noise ({margin:.0%} of the fastest p50 {p50(fastest):.3f} ms) "
+            "and, among those, the smallest file"
+        )
+    winner.verdict = "chosen"
+    winner.reason = why
+    for row in eligible:
+        if row is winner:
+            continue
+        if profile.priority == "size":
+            row.reason = f"larger: {size(row)} bytes vs {size(winner)}"
+        elif p50(row) > p50(fastest) * (1 + margin):
+            row.reason = (
+                f"slower: p50 {p50(row):.3f} ms vs {p50(winner):.3f} ms "
+                f"({p50(row) / p50(winner) - 1:+.0%})"
+            )
+        else:
+            row.reason = (
+                "as fast within noise but "
+                f"{'larger' if size(row) > size(winner) else 'less accurate'}"
+                f": {size(row)} bytes vs {size(winner)}, worst cosine {accuracy(row):.5f} vs "
+                f"{accuracy(winner):.5f}"
+            )
+    return winner
+
+
+def _write_golden(
+    path: Path, runtime: OnnxRuntimeBackend, dataset: Dataset, profile: Profile
+) -> None:
+    """Inputs and the chosen artifact's own outputs, for the agent's health check."""
+    arrays: dict[str, Array] = {}
+    for index, feed in enumerate(dataset.feeds[:GOLDEN_SAMPLES]):
+        for name, value in feed.items():
+            arrays[f"inputs/{index}/{name}"] = value
+        for name, value in runtime.run(feed).items():
+            arrays[f"outputs/{index}/{name}"] = value
+    tolerance = {
+        "rtol": profile.health_check.rtol,
+        "atol": profile.health_check.atol,
+        "min_cosine": profile.health_check.min_cosine,
+        "min_top1_agreement": profile.health_check.min_top1_agreement,
+    }
+    arrays["tolerance"] = np.array(json.dumps(tolerance))
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+
+
+def reference_stats(dataset: Dataset, inputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """Per input: decile bin edges and the share of values in each bin (for PSI drift)."""
+    stats: dict[str, Any] = {"schema": "edgekit.reference_stats/v1", "inputs": {}}
+    for spec in inputs:
+        values = np.concatenate(
+            [np.asarray(feed[spec.name], dtype=np.float64).ravel() for feed in dataset.feeds]
+        )
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            continue
+        edges = np.unique(np.quantile(finite, np.linspace(0, 1, 11)))
+        counts, _ = np.histogram(finite, bins=edges) if edges.size > 1 else (np.array([1]), None)
+        stats["inputs"][spec.name] = {
+            "dtype": spec.dtype,
+            "bin_edges": [float(edge) for edge in edges],
+            "bin_fractions": [float(c) for c in counts / max(1, counts.sum())],
+            "mean": float(finite.mean()),
+            "std": float(finite.std()),
+            "samples": dataset.samples,
+            "source": dataset.kind,
+        }
+    return stats
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _report(
+    *,
+    model: Path,
+    profile: Profile,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    load_result: PassResult,
+    optimize_result: PassResult,
+    calibration_set: Dataset,
+    validation_set: Dataset,
+    source_row: CandidateReport,
+    candidates: Sequence[CandidateReport],
+    winner: CandidateReport,
+    artifact: Path,
+    threads: int,
+) -> dict[str, Any]:
+    import onnxruntime
+
+    validated = validation_set.kind == "file"
+    fp32 = next((row for row in candidates if row.name == "fp32" and row.usable), None)
+    summary: dict[str, Any] = {}
+    if fp32 and fp32.measurement and winner.measurement and fp32.size_bytes and winner.size_bytes:
+        summary = {
+            "speedup_vs_fp32": fp32.measurement.p50_ms / winner.measurement.p50_ms,
+            "size_ratio_vs_fp32": winner.size_bytes / fp32.size_bytes,
+        }
+    return {
+        "schema": REPORT_SCHEMA,
+        "edgekit_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "path": str(model),
+            "sha256": _sha256(model),
+            "size_bytes": file_size(model),
+            **load_result.details,
+            "notes": list(load_result.notes),
+        },
+        "profile": profile.name,
+        "profile_source": profile.source,
+        "runtime": {
+            "format": profile.target_format,
+            "oldest": {
+                "package": profile.runtime.oldest.package,
+                "version": profile.runtime.oldest.version,
+            },
+            "newest": {
+                "package": profile.runtime.newest.package,
+                "version": profile.runtime.newest.version,
+            },
+        },
+        "host": {
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
+            "onnxruntime": onnxruntime.__version__,
+            "note": "latency and memory are measured on this host, not on the device",
+        },
+        "signature": {
+            "inputs": [spec.to_dict() for spec in inputs],
+            "outputs": [spec.to_dict() for spec in outputs],
+        },
+        "data": {
+            "calibration": calibration_set.describe(),
+            "validation": validation_set.describe(),
+            "accuracy": "validated" if validated else "unvalidated",
+        },
+        "tolerance": profile.to_dict()["accuracy"],
+        "optimize": optimize_result.details,
+        "original": source_row.to_dict(),
+        "candidates": [row.to_dict() for row in candidates],
+        "chosen": winner.name,
+        "summary": summary,
+        "artifact": {
+            "path": "model.onnx",
+            "sha256": _sha256(artifact),
+            "size_bytes": file_size(artifact),
+            "compressed_size_bytes": winner.compressed_size_bytes,
+            **winner.details.get("compat", {}),
+        },
+    }

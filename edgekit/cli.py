@@ -1,0 +1,274 @@
+"""The `edgekit` command line: thin click functions over the library.
+
+Only this module configures logging, prints, and turns errors into exit codes: an
+`EdgekitError` (bad input, untrusted bundle, no candidate fits) is one line on stderr and exit
+code 2; anything else is a bug and keeps its traceback (exit code 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+from edgekit.profiles import builtin_profile_names, load_profile
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Scripts and CI logs get a wide table instead of rich's 80-column default.
+stdout = Console(width=None if sys.stdout.isatty() else 160)
+stderr = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns `EdgekitError` into one clear line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgekitError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgekit")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Take a trained model from a workstation to a fleet of small devices."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        # onnxruntime's quantizer logs through the root logger; keep the terminal for results.
+        logging.getLogger().setLevel(logging.ERROR)
+
+
+# -- profiles -----------------------------------------------------------------------------------
+
+
+@main.group()
+def profiles() -> None:
+    """Device profiles: list the built-in ones, show one."""
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def profiles_list(as_json: bool) -> None:
+    """List the built-in device profiles."""
+    loaded = [load_profile(name) for name in builtin_profile_names()]
+    if as_json:
+        click.echo(json.dumps([profile.to_dict() for profile in loaded], indent=2))
+        return
+    table = Table(title="built-in device profiles")
+    for column in ("name", "format", "runtime (oldest .. newest)", "candidates", "description"):
+        table.add_column(column)
+    for profile in loaded:
+        runtime = profile.runtime
+        table.add_row(
+            profile.name,
+            profile.target_format,
+            f"{runtime.oldest.package} {runtime.oldest.version} .. "
+            f"{runtime.newest.package} {runtime.newest.version}",
+            ", ".join(profile.quantization.candidates),
+            profile.description,
+        )
+    stdout.print(table)
+
+
+@profiles.command("show")
+@click.argument("name_or_path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def profiles_show(name_or_path: str, as_json: bool) -> None:
+    """Show one profile: a built-in NAME or the path of your own YAML file."""
+    import yaml
+
+    profile = load_profile(name_or_path)
+    if as_json:
+        click.echo(json.dumps(profile.to_dict(), indent=2))
+    else:
+        click.echo(yaml.safe_dump(profile.to_dict(), sort_keys=False).rstrip())
+
+
+# -- convert ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--profile",
+    "-p",
+    "profile_name",
+    required=True,
+    help="Built-in profile name or path to a profile YAML file.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for model.onnx, report.json, golden.npz, reference_stats.json.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    help=".npz, folder of .npy, or folder of images used to calibrate int8.",
+)
+@click.option(
+    "--validation",
+    type=click.Path(path_type=Path),
+    help="Same formats; inputs on which candidates are compared with the original.",
+)
+@click.option(
+    "--threads",
+    type=int,
+    help="Threads for benchmarks (default: the profile's, capped at this host's cores).",
+)
+@click.option(
+    "--keep-candidates", is_flag=True, help="Also keep every candidate model in OUTPUT/candidates/."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def convert(
+    model: Path,
+    profile_name: str,
+    output_dir: Path,
+    calibration: Path | None,
+    validation: Path | None,
+    threads: int | None,
+    keep_candidates: bool,
+    as_json: bool,
+) -> None:
+    """Convert MODEL (.onnx) into the fastest artifact that meets the profile's tolerance."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+    from edgekit.converters import convert as run_convert
+
+    profile = load_profile(profile_name)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("converting", total=None)
+
+        def on_step(description: str, done: int, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        result = run_convert(
+            model,
+            profile=profile,
+            output_dir=output_dir,
+            calibration=calibration,
+            validation=validation,
+            threads=threads,
+            progress=on_step,
+            keep_candidates=keep_candidates,
+        )
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+        return
+    print_report(result.report, output_dir)
+
+
+def _fmt_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value = value / 1024  # type: ignore[assignment]
+    return str(value)  # pragma: no cover
+
+
+def print_report(report: dict[str, Any], output_dir: Path) -> None:
+    """The human summary of a conversion report: one row per candidate, then the reasons."""
+    table = Table(title=f"{Path(report['source']['path']).name} for {report['profile']}")
+    for column in (
+        "candidate",
+        "p50 ms",
+        "p95 ms",
+        "size",
+        "zstd",
+        "peak mem",
+        "cosine",
+        "top-1",
+        "verdict",
+    ):
+        table.add_column(column, no_wrap=True)
+    rows = [report["original"], *report["candidates"]]
+    for row in rows:
+        latency = row["latency_ms"] or {}
+        outputs = (row["accuracy"] or {}).get("outputs", {})
+        cosines = [metrics["cosine"] for metrics in outputs.values()]
+        top1s = [m["top1_agreement"] for m in outputs.values() if m["top1_agreement"] is not None]
+        verdict = row["verdict"] if row["status"] == "ok" else "failed"
+        style = {"chosen": "bold green", "reference": "dim", "failed": "red"}.get(verdict, "")
+        table.add_row(
+            row["name"],
+            f"{latency['p50']:.3f}" if latency else "-",
+            f"{latency['p95']:.3f}" if latency else "-",
+            _fmt_bytes(row["size_bytes"]),
+            _fmt_bytes(row["compressed_size_bytes"]),
+            _fmt_bytes(row["peak_memory_bytes"]),
+            f"{min(cosines):.4f}" if cosines else "-",
+            f"{min(top1s):.3f}" if top1s else "-",
+            f"[{style}]{verdict}[/]" if style else verdict,
+        )
+    stdout.print(table)
+    for row in report["candidates"]:
+        stdout.print(f"  {row['name']}: {row['reason']}", highlight=False, soft_wrap=True)
+        if row["float_nodes"]:
+            stdout.print(f"    kept in float: {', '.join(row['float_nodes'])}", soft_wrap=True)
+    if report["data"]["accuracy"] == "unvalidated":
+        stdout.print(
+            "[bold red]accuracy unvalidated:[/] no --validation/--calibration data was given; "
+            "candidates were compared on synthetic inputs only"
+        )
+    summary = report.get("summary") or {}
+    artifact = report["artifact"]
+    line = f"chosen [bold]{report['chosen']}[/] -> {output_dir / artifact['path']}"
+    if summary:
+        line += (
+            f" ({summary['speedup_vs_fp32']:.2f}x fp32 speed, "
+            f"{summary['size_ratio_vs_fp32']:.2f}x fp32 size)"
+        )
+    stdout.print(line, soft_wrap=True)
+    stdout.print(
+        f"IR {artifact.get('ir_version')} opset {artifact.get('opset')} "
+        f"(loads on {artifact.get('runtime')}); report: {output_dir / 'report.json'}",
+        soft_wrap=True,
+    )
+
+
+def _register_optional_commands() -> None:
+    """Command groups that live in their own modules."""
+    try:
+        from edgekit.cli_trust import bundle_group, keys_group, trust_group
+    except ImportError:  # pragma: no cover  (trust commands not built yet)
+        return
+    main.add_command(keys_group, "keys")
+    main.add_command(trust_group, "trust")
+    main.add_command(bundle_group, "bundle")
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

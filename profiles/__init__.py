@@ -1,0 +1,1 @@
+"""Built-in device profiles: one YAML file each, loaded by edgekit.profiles."""

@@ -1,0 +1,60 @@
+"""Shared fixtures: example models and data built here, nothing downloaded."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgekit.converters.examples import (
+    DigitsExample,
+    export_digits_cnn,
+    magika_inputs,
+    silero_stream,
+)
+
+SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+MAGIKA = SHARED_MODELS / "magika-standard-v3.3" / "model.onnx"
+SILERO = SHARED_MODELS / "silero-vad-16k-op15" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsExample:
+    """The digits CNN, trained here with numpy on scikit-learn's bundled digits."""
+    return export_digits_cnn(tmp_path_factory.mktemp("digits"))
+
+
+def real_files() -> list[Path]:
+    """Real files of this machine (Python sources, binaries, licences) for magika."""
+    patterns = ["/usr/lib/python3*/*.py", "/usr/bin/*", "/usr/share/doc/*/copyright"]
+    files: list[Path] = []
+    for pattern in patterns:
+        files.extend(sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())[:120])
+    return files
+
+
+@pytest.fixture(scope="session")
+def magika_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Calibration and validation .npz for magika from real files on this machine."""
+    if not MAGIKA.exists():
+        pytest.fail(f"shared model missing: {MAGIKA}")
+    x = magika_inputs(real_files())
+    assert len(x) > 100, "too few readable files for magika data"
+    order = np.random.default_rng(0).permutation(len(x))
+    folder = tmp_path_factory.mktemp("magika")
+    np.savez(folder / "calibration.npz", bytes=x[order[:96]])
+    np.savez(folder / "validation.npz", bytes=x[order[96:256]])
+    return folder / "calibration.npz", folder / "validation.npz"
+
+
+@pytest.fixture(scope="session")
+def silero_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Streaming chunks (speech-like tones, noise, silence) with the states they lead to."""
+    stream = silero_stream(SILERO, chunks=96)
+    folder = tmp_path_factory.mktemp("silero")
+    calibration = {k: v[0::2] if v.ndim else v for k, v in stream.items()}
+    validation = {k: v[1::2] if v.ndim else v for k, v in stream.items()}
+    np.savez(folder / "calibration.npz", **calibration)
+    np.savez(folder / "validation.npz", **validation)
+    return folder / "calibration.npz", folder / "validation.npz"

@@ -1,0 +1,153 @@
+"""End-to-end conversions of the digits CNN and the two shared third-party models.
+
+Every candidate must load in onnxruntime, the report's accuracy numbers must match a
+recomputation done here independently of edgekit's validator, and the chosen artifact must
+meet the profile's tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from edgekit.converters import ConvertResult, convert
+from edgekit.converters.examples import DigitsExample
+
+from edgekit.profiles import load_profile
+
+from ..conftest import MAGIKA, SILERO
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _feeds(data: dict[str, np.ndarray], session: ort.InferenceSession) -> list[dict[str, Any]]:
+    """One sample per feed, as edgekit validates (the test's own slicing, not edgekit's)."""
+    ranks = {i.name: len(i.shape) for i in session.get_inputs()}
+    count = max(data[n].shape[0] for n in ranks if data[n].ndim >= 1)
+
+    def sample(name: str, index: int) -> np.ndarray:
+        array = data[name]
+        if array.ndim == ranks[name] + 1:
+            return array[index]
+        if (
+            array.ndim == ranks[name]
+            and array.ndim > 0
+            and not isinstance(session.get_inputs()[list(ranks).index(name)].shape[0], int)
+        ):
+            return array[index : index + 1]
+        return array
+
+    return [{n: sample(n, i) for n in ranks} for i in range(count)]
+
+
+def _outputs(path: Path, feeds: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    session = _session(path)
+    names = [o.name for o in session.get_outputs()]
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(None, feed), strict=True):
+            array = np.asarray(value, dtype=np.float64)
+            rows[name].append(
+                array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
+            )
+    return {n: np.concatenate(r) for n, r in rows.items()}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        total += 1.0 if nx == 0 and ny == 0 else float(x @ y / (nx * ny))
+    return total / len(a)
+
+
+def _check_conversion(result: ConvertResult, model: Path, validation: Path) -> None:
+    report = result.report
+    profile = load_profile(report["profile"])
+    with np.load(validation) as archive:
+        data = {k: archive[k] for k in archive.files}
+    feeds = _feeds(data, _session(model))
+    reference = _outputs(model, feeds)
+    checked = 0
+    for row in report["candidates"]:
+        if row["status"] != "ok":
+            continue
+        path = result.artifact.parent / "candidates" / f"{row['name']}.onnx"
+        found = _outputs(path, feeds)  # loads in onnxruntime, or raises
+        for name, metrics in row["accuracy"]["outputs"].items():
+            assert metrics["cosine"] == pytest.approx(
+                _cosine(reference[name], found[name]), abs=1e-4
+            ), (row["name"], name)
+            max_abs = float(np.abs(reference[name] - found[name]).max())
+            assert metrics["max_abs_error"] == pytest.approx(max_abs, rel=1e-3, abs=1e-5)
+            if metrics["top1_agreement"] is not None:
+                agree = float((reference[name].argmax(1) == found[name].argmax(1)).mean())
+                assert metrics["top1_agreement"] == pytest.approx(agree, abs=1e-9)
+        checked += 1
+    assert checked >= 2, "fewer than two candidates were built"
+    chosen = next(r for r in report["candidates"] if r["verdict"] == "chosen")
+    assert chosen["name"] == report["chosen"] == result.chosen
+    found = _outputs(result.artifact, feeds)
+    for name in reference:
+        assert _cosine(reference[name], found[name]) >= profile.accuracy.min_cosine
+    assert report["data"]["accuracy"] == "validated"
+    artifact = onnx.load(str(result.artifact))
+    assert artifact.ir_version <= 9  # raspberrypi's oldest runtime is onnxruntime 1.16.3
+    opset = next(o.version for o in artifact.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset <= 19
+    assert json.loads((result.artifact.parent / "report.json").read_text()) == report
+    assert (result.artifact.parent / "golden.npz").exists()
+
+
+def test_digits_cnn(digits: DigitsExample, tmp_path: Path) -> None:
+    result = convert(
+        digits.model_path,
+        profile="raspberrypi",
+        output_dir=tmp_path / "out",
+        calibration=digits.calibration_path,
+        validation=digits.validation_path,
+        benchmark_seconds=0.5,
+        keep_candidates=True,
+    )
+    _check_conversion(result, digits.model_path, digits.validation_path)
+    # The chosen artifact still classifies the held-out digits (labels, not just agreement).
+    logits = _session(result.artifact).run(None, {"pixels": digits.x_test})[0]
+    assert float((logits.argmax(1) == digits.y_test).mean()) >= digits.test_accuracy - 0.01
+
+
+def test_magika(magika_data: tuple[Path, Path], tmp_path: Path) -> None:
+    calibration, validation = magika_data
+    result = convert(
+        MAGIKA,
+        profile="raspberrypi",
+        output_dir=tmp_path / "out",
+        calibration=calibration,
+        validation=validation,
+        benchmark_seconds=0.5,
+        keep_candidates=True,
+    )
+    _check_conversion(result, MAGIKA, validation)
+    chosen = next(r for r in result.candidates if r["verdict"] == "chosen")
+    fp32 = next(r for r in result.candidates if r["name"] == "fp32")
+    assert chosen["size_bytes"] <= fp32["size_bytes"]
+
+
+def test_silero(silero_data: tuple[Path, Path], tmp_path: Path) -> None:
+    calibration, validation = silero_data
+    result = convert(
+        SILERO,
+        profile="raspberrypi",
+        output_dir=tmp_path / "out",
+        calibration=calibration,
+        validation=validation,
+        benchmark_seconds=0.5,
+        keep_candidates=True,
+    )
+    _check_conversion(result, SILERO, validation)
