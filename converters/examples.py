@@ -18,6 +18,7 @@ __all__ = [
     "digits_cnn",
     "export_digits_cnn",
     "load_digits_split",
+    "machine_files",
     "magika_inputs",
     "silero_stream",
 ]
@@ -206,6 +207,18 @@ def export_digits_cnn(
         x_test=x_test,
         y_test=y_test,
     )
+
+
+def machine_files(limit_per_pattern: int = 120) -> list[Path]:
+    """Real files of this machine (Python sources, binaries, licences): realistic magika input."""
+    import glob
+
+    patterns = ["/usr/lib/python3*/*.py", "/usr/bin/*", "/usr/share/doc/*/copyright"]
+    files: list[Path] = []
+    for pattern in patterns:
+        found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+        files.extend(found[:limit_per_pattern])
+    return files
 
 
 def magika_inputs(files: list[Path], *, size: int = 1024, padding: int = 256) -> Array:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from edgekit.converters.examples import (
     DigitsExample,
     export_digits_cnn,
+    machine_files,
     magika_inputs,
     silero_stream,
 )
@@ -25,21 +25,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsExample:
     return export_digits_cnn(tmp_path_factory.mktemp("digits"))
 
 
-def real_files() -> list[Path]:
-    """Real files of this machine (Python sources, binaries, licences) for magika."""
-    patterns = ["/usr/lib/python3*/*.py", "/usr/bin/*", "/usr/share/doc/*/copyright"]
-    files: list[Path] = []
-    for pattern in patterns:
-        files.extend(sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())[:120])
-    return files
-
-
 @pytest.fixture(scope="session")
 def magika_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Calibration and validation .npz for magika from real files on this machine."""
     if not MAGIKA.exists():
         pytest.fail(f"shared model missing: {MAGIKA}")
-    x = magika_inputs(real_files())
+    x = magika_inputs(machine_files())
     assert len(x) > 100, "too few readable files for magika data"
     order = np.random.default_rng(0).permutation(len(x))
     folder = tmp_path_factory.mktemp("magika")

@@ -1,0 +1,167 @@
+"""Conversion benchmark: original vs onnxruntime's own quantizers (the peer) vs edgekit's choice.
+
+For the digits CNN (trained here), the shared magika and silero models: latency (batch 1, this
+host, all variants timed round-robin in one process), file size, zstd size and accuracy
+(cosine / top-1 against the original on validation inputs). Writes JSON; ratios are to fp32.
+
+    .venv/bin/python benchmarks/convert.py --out benchmarks/results/convert.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgekit.converters import convert
+from edgekit.converters.benchmark import compressed_size, file_size, measure
+from edgekit.converters.data import load_dataset
+from edgekit.converters.examples import (
+    export_digits_cnn,
+    machine_files,
+    magika_inputs,
+    silero_stream,
+)
+from edgekit.converters.passes.onnx_passes import _FeedReader, scratch_cwd
+from edgekit.converters.validate import compare_outputs
+
+from edgekit.profiles import load_profile
+from edgekit.runtimes import OnnxRuntimeBackend
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def _models(workdir: Path) -> dict[str, tuple[Path, Path, Path]]:
+    digits = export_digits_cnn(workdir / "digits")
+    models = {"digits_cnn": (digits.model_path, digits.calibration_path, digits.validation_path)}
+    x = magika_inputs(machine_files())
+    order = np.random.default_rng(0).permutation(len(x))
+    np.savez(workdir / "magika_cal.npz", bytes=x[order[:96]])
+    np.savez(workdir / "magika_val.npz", bytes=x[order[96:256]])
+    magika = SHARED / "magika-standard-v3.3" / "model.onnx"
+    models["magika"] = (magika, workdir / "magika_cal.npz", workdir / "magika_val.npz")
+    silero = SHARED / "silero-vad-16k-op15" / "model.onnx"
+    stream = silero_stream(silero, chunks=96)
+    np.savez(workdir / "silero_cal.npz", **{k: v[0::2] if v.ndim else v for k, v in stream.items()})
+    np.savez(workdir / "silero_val.npz", **{k: v[1::2] if v.ndim else v for k, v in stream.items()})
+    models["silero_vad"] = (silero, workdir / "silero_cal.npz", workdir / "silero_val.npz")
+    return models
+
+
+def _peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | str]:
+    """onnxruntime's quantize_dynamic and quantize_static with their default settings."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+    peers: dict[str, Path | str] = {}
+    inputs = OnnxRuntimeBackend(model).inputs
+    data = load_dataset(calibration, inputs)
+    reader = type("_Reader", (_FeedReader, CalibrationDataReader), {})
+    with scratch_cwd(workdir):
+        for name in ("ort_quantize_dynamic", "ort_quantize_static"):
+            out = workdir / f"{model.parent.name}-{name}.onnx"
+            try:
+                if name == "ort_quantize_dynamic":
+                    quantize_dynamic(str(model), str(out))
+                else:
+                    quantize_static(str(model), str(out), reader(list(data.feeds)))
+                OnnxRuntimeBackend(out)
+                peers[name] = out
+            except Exception as e:  # noqa: BLE001  (a peer that fails is a result, not a crash)
+                peers[name] = f"failed: {str(e).strip().splitlines()[0][:200]}"
+    return peers
+
+
+def _accuracy(reference: Path, candidate: Path, validation: Path) -> dict[str, Any]:
+    runtime = OnnxRuntimeBackend(reference)
+    data = load_dataset(validation, runtime.inputs)
+    other = OnnxRuntimeBackend(candidate)
+    ref: dict[str, list[Any]] = {o.name: [] for o in runtime.outputs}
+    found: dict[str, list[Any]] = {o.name: [] for o in runtime.outputs}
+    for feed in data.feeds:
+        for name, value in runtime.run(feed).items():
+            ref[name].append(value)
+        for name, value in other.run(feed).items():
+            found[name].append(value)
+    result = compare_outputs(ref, found, load_profile("raspberrypi").accuracy)
+    outputs: dict[str, Any] = {
+        m.name: {"cosine": m.cosine, "top1_agreement": m.top1_agreement} for m in result.outputs
+    }
+    return {"outputs": outputs, "meets_tolerance": result.meets_tolerance}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convert.json"))
+    parser.add_argument("--profile", default="raspberrypi")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per variant")
+    args = parser.parse_args()
+    threads = min(load_profile(args.profile).threads, os.cpu_count() or 1)
+    results: dict[str, Any] = {
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads},
+        "profile": args.profile,
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(scratch)
+        for name, (model, calibration, validation) in _models(workdir).items():
+            print(f"== {name}", file=sys.stderr)
+            converted = convert(
+                model,
+                profile=args.profile,
+                output_dir=workdir / f"{name}-out",
+                calibration=calibration,
+                validation=validation,
+            )
+            variants: dict[str, Path | str] = {"original_fp32": model}
+            variants.update(_peers(model, calibration, workdir))
+            variants["edgekit"] = converted.artifact
+            runnable = {k: v for k, v in variants.items() if isinstance(v, Path)}
+            feed = load_dataset(validation, OnnxRuntimeBackend(model).inputs).single_sample_feed()
+            timings = measure(
+                runnable, feed, threads=threads, workdir=workdir, seconds_per_model=args.seconds
+            )
+            rows: dict[str, Any] = {}
+            base = timings["original_fp32"]
+            base_size = file_size(model)
+            for variant, path in variants.items():
+                if not isinstance(path, Path):
+                    rows[variant] = {"error": path}
+                    continue
+                t = timings[variant]
+                rows[variant] = {
+                    "p50_ms": t.p50_ms,
+                    "p95_ms": t.p95_ms,
+                    "noise": t.noise,
+                    "size_bytes": file_size(path),
+                    "zstd_bytes": compressed_size(path),
+                    "latency_ratio_vs_fp32": t.p50_ms / base.p50_ms,
+                    "size_ratio_vs_fp32": file_size(path) / base_size,
+                    "accuracy_vs_original": _accuracy(model, path, validation),
+                }
+            rows["edgekit"]["chosen_candidate"] = converted.chosen
+            # The bar: the fastest of fp32 and the peers that keep the profile's accuracy.
+            best_other = min(
+                rows[v]["p50_ms"]
+                for v in rows
+                if v != "edgekit"
+                and "p50_ms" in rows[v]
+                and rows[v]["accuracy_vs_original"]["meets_tolerance"]
+            )
+            rows["edgekit"]["latency_ratio_vs_best_accurate_other"] = (
+                rows["edgekit"]["p50_ms"] / best_other
+            )
+            results["models"][name] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    args.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
