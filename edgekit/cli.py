@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import __version__
+from edgekit.cli_trust import bundle_group, keys_group, trust_group
 from edgekit.errors import EdgekitError
 from edgekit.profiles import builtin_profile_names, load_profile
+from edgekit.trust import Signer
 
 __all__ = ["main"]
 
@@ -138,6 +140,29 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
 @click.option(
     "--keep-candidates", is_flag=True, help="Also keep every candidate model in OUTPUT/candidates/."
 )
+@click.option(
+    "--sign",
+    "sign_keys",
+    multiple=True,
+    metavar="KEY",
+    help="Build OUTPUT/<name>-<version>-<profile>.ekb signed with this keyring key "
+    "(repeat for several signers).",
+)
+@click.option("--name", "bundle_name", help="Bundle name (default: the model file's stem).")
+@click.option(
+    "--version",
+    "bundle_version",
+    default="0.1.0",
+    show_default=True,
+    help="Bundle semantic version.",
+)
+@click.option(
+    "--security-epoch",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Bundle security epoch (devices refuse bundles below their floor).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(
     model: Path,
@@ -147,6 +172,10 @@ def convert(
     validation: Path | None,
     threads: int | None,
     keep_candidates: bool,
+    sign_keys: tuple[str, ...],
+    bundle_name: str | None,
+    bundle_version: str,
+    security_epoch: int,
     as_json: bool,
 ) -> None:
     """Convert MODEL (.onnx) into the fastest artifact that meets the profile's tolerance."""
@@ -155,6 +184,7 @@ def convert(
     from edgekit.converters import convert as run_convert
 
     profile = load_profile(profile_name)
+    signers = _load_signers(sign_keys)  # before the work: a wrong passphrase fails fast
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -180,10 +210,41 @@ def convert(
             progress=on_step,
             keep_candidates=keep_candidates,
         )
+    bundle_path = None
+    if signers:
+        from edgekit.bundle import sign_and_build_bundle
+
+        bundle_path = sign_and_build_bundle(
+            output_dir,
+            name=bundle_name or model.stem,
+            version=bundle_version,
+            security_epoch=security_epoch,
+            profile=profile.name,
+            out_dir=output_dir,
+            signers=signers,
+        )
     if as_json:
-        click.echo(json.dumps(result.report, indent=2))
+        report = dict(result.report)
+        if bundle_path is not None:
+            report["bundle"] = str(bundle_path)
+        click.echo(json.dumps(report, indent=2))
         return
     print_report(result.report, output_dir)
+    if bundle_path is not None:
+        stdout.print(f"signed bundle: {bundle_path}", soft_wrap=True)
+
+
+def _load_signers(names: tuple[str, ...]) -> list[Signer]:
+    if not names:
+        return []
+    import os
+
+    from edgekit.trust import load_private_key
+
+    passphrase = os.environ.get("EDGEKIT_KEY_PASSPHRASE")
+    if passphrase is None:
+        passphrase = click.prompt("key passphrase", hide_input=True)
+    return [load_private_key(name, passphrase) for name in names]
 
 
 def _fmt_bytes(value: int | None) -> str:
@@ -256,18 +317,9 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
     )
 
 
-def _register_optional_commands() -> None:
-    """Command groups that live in their own modules."""
-    try:
-        from edgekit.cli_trust import bundle_group, keys_group, trust_group
-    except ImportError:  # pragma: no cover  (trust commands not built yet)
-        return
-    main.add_command(keys_group, "keys")
-    main.add_command(trust_group, "trust")
-    main.add_command(bundle_group, "bundle")
-
-
-_register_optional_commands()
+main.add_command(keys_group, "keys")
+main.add_command(trust_group, "trust")
+main.add_command(bundle_group, "bundle")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ nothing half-written in OUTDIR)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,31 @@ def test_failed_conversion_leaves_previous_outputs_alone(
     assert done.returncode == 2
     assert json.loads((out / "report.json").read_text()) == {"previous": True}
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+
+
+def test_convert_sign_builds_a_bundle_that_verifies(digits: DigitsExample, tmp_path: Path) -> None:
+    env = {**os.environ, "EDGEKIT_HOME": str(tmp_path / "home"), "EDGEKIT_KEY_PASSPHRASE": "pw"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgekit", *args],
+            capture_output=True, text=True, check=False, env=env,
+        )  # fmt: skip
+
+    assert run("keys", "generate", "release").returncode == 0
+    out = tmp_path / "out"
+    done = run("convert", str(digits.model_path), "-p", "raspberrypi", "-o", str(out),
+               "--validation", str(digits.validation_path), "--sign", "release",
+               "--name", "digits", "--version", "1.2.0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bundle = out / "digits-1.2.0-raspberrypi.ekb"
+    assert f"signed bundle: {bundle}" in done.stdout
+    verified = run("bundle", "verify", str(bundle), "--json")
+    assert verified.returncode == 0, verified.stderr
+    tampered = tmp_path / "tampered.ekb"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    refused = run("bundle", "verify", str(tampered))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ")
