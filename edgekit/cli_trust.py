@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -51,6 +52,8 @@ from edgekit.trust.truststore import (
     sign_truststore,
     update_truststore,
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["bundle_group", "keys_group", "trust_group"]
 
@@ -253,17 +256,26 @@ def trust_init(
     _print_self_status(output)
 
 
+def _store_edit_options(function: F) -> F:
+    """The options `trust add-key` and `trust remove-key` share."""
+    function = click.option(
+        "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None
+    )(function)
+    function = click.option(
+        "--store",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=Path("truststore.json"),
+        show_default=True,
+    )(function)
+    return click.option(
+        "--threshold", type=click.IntRange(min=1), default=None, help="New threshold."
+    )(function)
+
+
 @trust_group.command("add-key")
 @click.argument("role", type=_ROLE_CHOICE)
 @click.argument("key")
-@click.option("--threshold", type=click.IntRange(min=1), default=None, help="New threshold.")
-@click.option(
-    "--store",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=Path("truststore.json"),
-    show_default=True,
-)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_store_edit_options
 def trust_add_key(
     *, role: str, key: str, threshold: int | None, store: Path, output: Path | None
 ) -> None:
@@ -278,14 +290,7 @@ def trust_add_key(
 @trust_group.command("remove-key")
 @click.argument("role", type=_ROLE_CHOICE)
 @click.argument("keyid")
-@click.option("--threshold", type=click.IntRange(min=1), default=None, help="New threshold.")
-@click.option(
-    "--store",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=Path("truststore.json"),
-    show_default=True,
-)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_store_edit_options
 def trust_remove_key(
     *, role: str, keyid: str, threshold: int | None, store: Path, output: Path | None
 ) -> None:
