@@ -41,6 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ENVELOPE_BYTES = 1 << 20
+# More signatures than any role needs: refusing early bounds the verification work an
+# attacker who can publish an envelope forces on a device.
+MAX_SIGNATURES = 64
 """Envelopes larger than this (1 MiB) are refused before any JSON parsing."""
 
 
@@ -141,12 +144,19 @@ def check_signatures(envelope: Envelope, policy: SignaturePolicy) -> frozenset[s
 
     Duplicate signatures by one key count once; signatures by unknown keys are ignored.
     """
+    if len(envelope.signatures) > MAX_SIGNATURES:
+        raise LimitError(
+            f"envelope carries {len(envelope.signatures)} signatures, more than the "
+            f"{MAX_SIGNATURES} allowed; re-sign it with only the role's keys"
+        )
     message = pae(envelope.payload_type, envelope.payload)
     valid: set[str] = set()
     invalid: set[str] = set()
     unknown: set[str] = set()
     for signature in envelope.signatures:
         key = policy.keys.get(signature.keyid)
+        if signature.keyid in valid or signature.keyid in invalid:
+            continue  # each key is verified once, however often it appears
         if key is None:
             unknown.add(signature.keyid)
         elif key.verify(signature.sig, message):

@@ -186,3 +186,20 @@ def test_public_key_parsing_refuses_garbage() -> None:
         PublicKey.from_hex("zz")
     with pytest.raises(KeyringError, match="not a PEM public key"):
         PublicKey.from_pem(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+
+
+def test_too_many_signatures_are_refused_before_verifying() -> None:
+    from edgekit.trust.dsse import (
+        MAX_SIGNATURES,
+        SignaturePolicy,
+        check_signatures,
+        parse_envelope,
+    )
+    from edgekit.trust.errors import LimitError
+
+    signer = Signer.generate()
+    envelope = json.loads(sign_envelope(b"x", TYPE, [signer]))
+    envelope["signatures"] = envelope["signatures"] * (MAX_SIGNATURES + 1)
+    parsed = parse_envelope(json.dumps(envelope).encode())
+    with pytest.raises(LimitError, match=f"more than the {MAX_SIGNATURES} allowed"):
+        check_signatures(parsed, SignaturePolicy(keys=_trusted(signer), threshold=1))
