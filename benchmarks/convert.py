@@ -31,6 +31,7 @@ from edgekit.converters.examples import (
 from edgekit.converters.passes.onnx_passes import _FeedReader, scratch_cwd
 from edgekit.converters.validate import compare_outputs
 
+from edgekit.errors import first_line
 from edgekit.profiles import load_profile
 from edgekit.runtimes import OnnxRuntimeBackend
 
@@ -73,7 +74,7 @@ def _peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | st
                 OnnxRuntimeBackend(out)
                 peers[name] = out
             except Exception as e:  # noqa: BLE001  (a peer that fails is a result, not a crash)
-                peers[name] = f"failed: {str(e).strip().splitlines()[0][:200]}"
+                peers[name] = f"failed: {first_line(e)[:200]}"
     return peers
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,6 @@ def quick_latency_ms(path: Path, feed: Feed, *, threads: int, runs: int = 30) ->
     session = OnnxRuntimeBackend(path, threads=threads)
     for _ in range(3):
         session.run(feed)
-    times: Sequence[float] = []
     times = []
     for _ in range(runs):
         start = time.perf_counter()

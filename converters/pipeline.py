@@ -8,7 +8,6 @@ half-written behind.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,8 @@ from edgekit.converters.passes.onnx_passes import (
 from edgekit.converters.validate import ValidationResult, compare_outputs
 
 from edgekit import __version__
-from edgekit.errors import ConversionError, EdgekitError
+from edgekit.bundle import hash_file
+from edgekit.errors import ConversionError, EdgekitError, first_line
 from edgekit.profiles import Profile, load_profile
 from edgekit.runtimes import OnnxRuntimeBackend, RuntimeLoadError, TensorSpec
 
@@ -349,8 +349,7 @@ def _run_all(runtime: OnnxRuntimeBackend, dataset: Dataset, *, what: str) -> dic
                 else ""
             )
             raise ConversionError(
-                f"{what} fails on input feed {index} from {dataset.source}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}"
+                f"{what} fails on input feed {index} from {dataset.source}: {first_line(e)}{hint}"
             ) from e
         for name, value in values.items():
             results[name].append(value)
@@ -672,11 +671,7 @@ def reference_stats(dataset: Dataset, inputs: Sequence[TensorSpec]) -> dict[str,
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(path)[1]
 
 
 def _report(

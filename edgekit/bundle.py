@@ -86,6 +86,7 @@ __all__ = [
     "collect_bundle_inputs",
     "create_manifest",
     "extract_bundle",
+    "hash_file",
     "inspect_bundle",
     "sign_and_build_bundle",
     "sign_bundle",
@@ -952,7 +953,8 @@ def collect_bundle_inputs(sources: Path | Sequence[Path]) -> tuple[BundleInput, 
     return tuple(sorted(inputs.values(), key=lambda i: i.path))
 
 
-def _hash_file(path: Path, *, chunk_bytes: int = DEFAULT_LIMITS.chunk_bytes) -> tuple[int, str]:
+def hash_file(path: Path, *, chunk_bytes: int = DEFAULT_LIMITS.chunk_bytes) -> tuple[int, str]:
+    """Size in bytes and hex sha256 of a file, streamed."""
     digest = hashlib.sha256()
     size = 0
     buffer = memoryview(bytearray(chunk_bytes))
@@ -999,7 +1001,7 @@ def create_manifest(
         raise ManifestError("created must be timezone-aware (UTC)")
     files = []
     for item in sorted(inputs, key=lambda i: i.path):
-        size, digest = _hash_file(item.source)
+        size, digest = hash_file(item.source)
         files.append(BundleFile(item.path, size, digest, item.role))
     io_signature = dict(signature or {})
     manifest = Manifest(

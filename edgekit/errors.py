@@ -14,6 +14,7 @@ __all__ = [
     "InputDataError",
     "ProfileError",
     "TransportError",
+    "first_line",
 ]
 
 
@@ -43,3 +44,9 @@ class TransportError(EdgekitError):
 
 class HealthCheckError(EdgekitError):
     """A model failed its health check on the device."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can run to pages)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

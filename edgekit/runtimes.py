@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 __all__ = [
     "OnnxRuntimeBackend",
@@ -120,7 +120,7 @@ class OnnxRuntimeBackend(Runtime):
         except Exception as e:
             where = model if isinstance(model, Path) else "<bytes>"
             raise RuntimeLoadError(
-                f"onnxruntime {ort.__version__} cannot load {where}: {_first_line(e)}"
+                f"onnxruntime {ort.__version__} cannot load {where}: {first_line(e)}"
             ) from e
         self.version = str(ort.__version__)
         self._inputs = tuple(_ort_spec(arg) for arg in self._session.get_inputs())
@@ -147,11 +147,6 @@ def _ort_spec(arg: Any) -> TensorSpec:
         for dim in (arg.shape or ())
     )
     return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, arg.type), shape=shape)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def open_runtime(path: Path, *, threads: int | None = None) -> Runtime:

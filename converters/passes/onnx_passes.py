@@ -17,7 +17,7 @@ import numpy.typing as npt
 from edgekit.converters.compat import onnx_limits_for_onnxruntime
 from edgekit.converters.passes.base import Pass, PassContext, PassResult
 
-from edgekit.errors import ConversionError
+from edgekit.errors import ConversionError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -138,11 +138,7 @@ class LoadPass(Pass):
 
         model = load_model(source)
         notes = []
-        try:
-            onnx.checker.check_model(str(source))
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ConversionError(f"{source}: the ONNX checker refuses the model: {first}") from e
+        _check(source)
         if self.config.infer_shapes:
             try:
                 model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -458,7 +454,7 @@ class DynamicInt8Pass(Pass):
                 weight_type=weight_type,
             )
         except Exception as e:
-            raise ConversionError(f"quantize_dynamic failed: {_first_line(e)}") from e
+            raise ConversionError(f"quantize_dynamic failed: {first_line(e)}") from e
         return PassResult()
 
 
@@ -524,7 +520,7 @@ class StaticInt8Pass(Pass):
         try:
             quant_pre_process(str(source), str(prepared), skip_optimization=True)
         except Exception as e:  # noqa: BLE001  (symbolic shape inference fails on some graphs)
-            notes.append(f"quantization pre-processing skipped: {_first_line(e)}")
+            notes.append(f"quantization pre-processing skipped: {first_line(e)}")
             shutil.copyfile(source, prepared)
         reader_cls = type("_Reader", (_FeedReader, CalibrationDataReader), {})
         feeds = context.calibration.head_samples(self.config.max_calibration_samples).feeds
@@ -562,8 +558,8 @@ class StaticInt8Pass(Pass):
                     extra_options=extra,
                 )
             except Exception as e:
-                raise ConversionError(f"quantize_static failed: {_first_line(e)}") from e
-            notes.append(f"int32 bias scale adjustment disabled ({_first_line(first)})")
+                raise ConversionError(f"quantize_static failed: {first_line(e)}") from e
+            notes.append(f"int32 bias scale adjustment disabled ({first_line(first)})")
         return PassResult(
             notes=tuple(notes),
             details={
@@ -649,7 +645,7 @@ class Fp16Pass(Pass):
                 op_block_list=list(self.config.op_block_list) or None,
             )
         except Exception as e:
-            raise ConversionError(f"fp16 conversion failed: {_first_line(e)}") from e
+            raise ConversionError(f"fp16 conversion failed: {first_line(e)}") from e
         save_model(converted, destination)
         return PassResult()
 
@@ -699,7 +695,7 @@ class CompatPass(Pass):
             except Exception as e:
                 raise ConversionError(
                     f"opset {current} cannot be converted down to {limits.max_opset}, the newest "
-                    f"onnxruntime {limits.runtime_version} loads: {_first_line(e)}; re-export "
+                    f"onnxruntime {limits.runtime_version} loads: {first_line(e)}; re-export "
                     f"the model at opset <= {limits.max_opset} or raise the profile's oldest "
                     "runtime"
                 ) from e
@@ -762,8 +758,3 @@ def _types_needing_ir(model: onnx.ModelProto, max_ir: int) -> list[str]:
         if _TYPE_MIN_IR.get(elem, 0) > max_ir:
             found.add(_TYPE_NAMES[elem])
     return sorted(found)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
