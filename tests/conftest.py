@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,13 @@ from edgekit.converters.examples import (
     silero_stream,
 )
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+# The third-party models live beside the checkout (../shared/models) unless
+# EDGEKIT_SHARED_MODELS names another folder.
+SHARED_MODELS = Path(
+    os.environ.get(
+        "EDGEKIT_SHARED_MODELS", Path(__file__).resolve().parents[1].parent / "shared" / "models"
+    )
+)
 MAGIKA = SHARED_MODELS / "magika-standard-v3.3" / "model.onnx"
 SILERO = SHARED_MODELS / "silero-vad-16k-op15" / "model.onnx"
 
@@ -25,11 +32,18 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsExample:
     return export_digits_cnn(tmp_path_factory.mktemp("digits"))
 
 
+def _require(model: Path) -> None:
+    if not model.exists():
+        pytest.fail(
+            f"shared model missing: {model}; clone edgekit beside shared/ or set "
+            "EDGEKIT_SHARED_MODELS to the folder holding the shared models"
+        )
+
+
 @pytest.fixture(scope="session")
 def magika_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Calibration and validation .npz for magika from real files on this machine."""
-    if not MAGIKA.exists():
-        pytest.fail(f"shared model missing: {MAGIKA}")
+    _require(MAGIKA)
     x = magika_inputs(machine_files())
     assert len(x) > 100, "too few readable files for magika data"
     order = np.random.default_rng(0).permutation(len(x))
@@ -41,6 +55,7 @@ def magika_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def silero_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    _require(SILERO)
     """Streaming chunks (speech-like tones, noise, silence) with the states they lead to."""
     stream = silero_stream(SILERO, chunks=96)
     folder = tmp_path_factory.mktemp("silero")
