@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from edgekit.converters.examples import (
     magika_inputs,
     silero_stream,
 )
+
+from edgekit.mosquitto import MosquittoBroker
 
 # The third-party models live beside the checkout (../shared/models) unless
 # EDGEKIT_SHARED_MODELS names another folder.
@@ -64,3 +67,14 @@ def silero_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     np.savez(folder / "calibration.npz", **calibration)
     np.savez(folder / "validation.npz", **validation)
     return folder / "calibration.npz", folder / "validation.npz"
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A real Mosquitto on a free loopback port, anonymous access, stopped after the test."""
+    broker = MosquittoBroker(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,1 @@
+"""The operator side: device registry, rollouts, broker config, simulator, monitor."""
