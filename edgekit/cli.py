@@ -7,6 +7,7 @@ code 2; anything else is a bug and keeps its traceback (exit code 1).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -33,8 +34,43 @@ stdout = Console(width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True)
 
 
+# Command groups that live in their own modules, imported only when used (so `edgekit convert`
+# never pays for paho or prometheus, and the agent's device install never imports the
+# converter). name -> "module:attribute".
+_LAZY_COMMANDS = {
+    "verify-runtime": "edgekit.cli_runtime:verify_runtime",
+    "agent": "edgekit.agent.cli:agent_group",
+    "fleet": "edgekit.cli_fleet:fleet_group",
+    "monitor": "edgekit.cli_fleet:monitor_command",
+}
+
+
+def _load_lazy(name: str) -> click.Command | None:
+    module_name, _, attribute = _LAZY_COMMANDS[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            return None  # not part of this build
+        raise
+    command = getattr(module, attribute, None)
+    return command if isinstance(command, click.Command) else None
+
+
 class _Group(click.Group):
-    """Turns `EdgekitError` into one clear line and exit code 2."""
+    """Turns `EdgekitError` into one clear line and exit code 2; loads lazy commands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        if self.name == "main":
+            names.update(name for name in _LAZY_COMMANDS if _load_lazy(name) is not None)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and self.name == "main" and cmd_name in _LAZY_COMMANDS:
+            command = _load_lazy(cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

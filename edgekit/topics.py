@@ -7,6 +7,15 @@ Every topic lives under `edgekit/v1/<fleet>/`. Every JSON payload carries a `sch
 `.ekb` file, described by the JSON `bundles/<sha>/meta` message. `docs/asyncapi.yaml` documents
 the same messages for people and tools.
 
+How the fleet controller reads the outcome of a directive (sequence S, bundle sha B), the
+contract between `edgekit-agent`, `edgekit fleet simulate` and `edgekit fleet rollout`:
+- success: the retained status reaches `state == "committed"` with `active.sha256 == B` and
+  `last_sequence >= S`;
+- failure: the retained status reaches `state == "rolled_back"` with `last_sequence >= S`, or
+  an event with `kind` in {"rolled_back", "bundle_refused", "directive_refused"} carrying
+  `sequence == S` (a refused directive is never accepted, so it cannot raise last_sequence).
+In between, the agent publishes a `state` event and an updated status at every transition.
+
 Parsing is strict about what it needs and tolerant of fields it does not know (a newer agent
 may add some), so a fleet can run mixed agent versions. Pure module: stdlib only.
 """
