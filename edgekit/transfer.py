@@ -1,0 +1,456 @@
+"""Moving a bundle over MQTT: retained chunks out, resumable windowed fetch in.
+
+The fleet controller publishes `bundles/<sha>/chunks/<n>` (raw bytes, retained, QoS 1) and then
+`bundles/<sha>/meta` (`BundleMeta`, retained, QoS 1): meta last, so whoever sees it can get
+every chunk. A device fetches with a window of per-chunk subscriptions (retained messages
+arrive on subscribe), writes each chunk at its offset in a partial file, and records which
+chunks it holds in a bitmap that is only written after the data it describes is fsync'd. A
+broker restart, a reconnect or an agent restart resumes from the bitmap; the whole file's size
+and sha256 are checked against the pin before the file is handed over. Nothing here trusts
+the broker: the caller still verifies the bundle's signatures (`edgekit.bundle.verify_bundle`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgekit.errors import EdgekitError
+from edgekit.topics import BundleMeta, MessageError, Topics
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "ChunkAssembler",
+    "MqttBundleFetcher",
+    "TransferError",
+    "enable_nodelay",
+    "publish_bundle",
+    "unpublish_bundle",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 128 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_PERSIST_EVERY_BYTES = 1024 * 1024
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total)."""
+
+
+class TransferError(EdgekitError):
+    """A bundle could not be moved over MQTT: broker refused, timed out, or bytes do not match."""
+
+
+def enable_nodelay(client: mqtt.Client) -> None:
+    """Turn off Nagle's algorithm on the client's socket, now and after every reconnect.
+
+    MQTT's request/response pairs (SUBSCRIBE -> SUBACK + retained PUBLISH, PUBLISH -> PUBACK)
+    are small writes; with Nagle on either side each round trip waits for a delayed ACK
+    (~40 ms). Measured on loopback: 86 ms per subscribe round trip with neither side set,
+    0.4 ms with both (brokers: Mosquitto's `set_tcp_nodelay true`). Idempotent; keeps any
+    `on_socket_open` callback already set.
+    """
+    if getattr(client, "_edgekit_nodelay", False):
+        return
+    previous = client.on_socket_open
+
+    def on_socket_open(c: mqtt.Client, userdata: Any, sock: Any) -> None:
+        _set_nodelay(sock)
+        if previous is not None:
+            previous(c, userdata, sock)
+
+    client.on_socket_open = on_socket_open
+    client._edgekit_nodelay = True  # type: ignore[attr-defined]
+    current = client.socket()
+    if current is not None:
+        _set_nodelay(current)
+
+
+def _set_nodelay(sock: Any) -> None:
+    with suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while block := handle.read(chunk_size):
+            yield block
+
+
+def publish_bundle(
+    client: mqtt.Client,
+    topics: Topics,
+    bundle: Path,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_BYTES,
+    name: str = "",
+    version: str = "",
+    window: int = 16,
+    timeout_s: float = 60.0,
+    progress: Progress | None = None,
+) -> BundleMeta:
+    """Publish `bundle` as retained chunks and then its meta; returns the meta.
+
+    The client's network loop must be running (`loop_start()`). At most `window` chunks are
+    unacknowledged at a time; each acknowledgement must arrive within `timeout_s`.
+    """
+    if not 1 <= chunk_size <= MAX_CHUNK_BYTES:
+        raise TransferError(f"chunk size must be 1..{MAX_CHUNK_BYTES} bytes; got {chunk_size}")
+    try:
+        size = bundle.stat().st_size
+    except OSError as error:
+        raise TransferError(f"cannot read bundle {bundle}: {error.strerror}") from None
+    if size == 0:
+        raise TransferError(f"bundle {bundle} is empty")
+    enable_nodelay(client)
+    meta = BundleMeta.for_size(
+        _file_sha256(bundle), size, chunk_size=chunk_size, name=name, version=version
+    )
+    pending: list[Any] = []
+    done = 0
+
+    def settle(keep: int) -> None:
+        while len(pending) > keep:
+            info = pending.pop(0)
+            info.wait_for_publish(timeout_s)
+            if not info.is_published():
+                raise TransferError(
+                    f"broker did not acknowledge a chunk of {bundle.name} within {timeout_s} s"
+                )
+
+    for index, block in enumerate(_chunks(bundle, chunk_size)):
+        info = client.publish(topics.bundle_chunk(meta.sha256, index), block, qos=1, retain=True)
+        if info.rc != 0:
+            raise TransferError(f"publishing chunk {index} of {bundle.name} failed (rc {info.rc})")
+        pending.append(info)
+        settle(window)
+        done += len(block)
+        if progress:
+            progress(done, size)
+    settle(0)
+    info = client.publish(topics.bundle_meta(meta.sha256), meta.to_json(), qos=1, retain=True)
+    pending.append(info)
+    settle(0)
+    return meta
+
+
+def unpublish_bundle(
+    client: mqtt.Client, topics: Topics, meta: BundleMeta, *, timeout_s: float = 60.0
+) -> None:
+    """Clear a bundle's retained meta (first) and chunks from the broker."""
+    infos = [client.publish(topics.bundle_meta(meta.sha256), b"", qos=1, retain=True)]
+    infos += [
+        client.publish(topics.bundle_chunk(meta.sha256, index), b"", qos=1, retain=True)
+        for index in range(meta.chunks)
+    ]
+    for info in infos:
+        info.wait_for_publish(timeout_s)
+
+
+def _fsync_dir(path: Path) -> None:
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ChunkAssembler:
+    """A bundle being assembled from chunks in `directory`, resumable across restarts.
+
+    Files: `<sha>.part` (the bytes, at their offsets) and `<sha>.have` (one byte per chunk,
+    1 = held). The bitmap is written (temp, fsync, rename) only after the part file's data is
+    fsync'd, so it never claims bytes that a power cut could lose.
+    """
+
+    def __init__(self, directory: Path, meta: BundleMeta, *, max_bytes: int | None = None) -> None:
+        if meta.chunk_size > MAX_CHUNK_BYTES:
+            raise TransferError(
+                f"bundle {meta.sha256[:12]}: chunk size {meta.chunk_size} exceeds the "
+                f"{MAX_CHUNK_BYTES}-byte limit"
+            )
+        if max_bytes is not None and meta.size > max_bytes:
+            raise TransferError(
+                f"bundle {meta.sha256[:12]} is {meta.size} bytes; the limit is {max_bytes}"
+            )
+        self.meta = meta
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.part_path = directory / f"{meta.sha256}.part"
+        self.have_path = directory / f"{meta.sha256}.have"
+        self._have = bytearray(meta.chunks)
+        if self.part_path.exists() and self.have_path.exists():
+            saved = self.have_path.read_bytes()
+            if len(saved) == meta.chunks and set(saved) <= {0, 1}:
+                self._have = bytearray(saved)
+            else:
+                log.warning("ignoring a corrupt chunk bitmap %s", self.have_path)
+        mode = "r+b" if self.part_path.exists() else "w+b"
+        self._file = self.part_path.open(mode)
+        self._file.truncate(meta.size)
+        self.resumed_chunks = sum(self._have)
+        self.written_chunks = 0
+        self._unsynced = 0
+
+    @property
+    def held(self) -> int:
+        return sum(self._have)
+
+    @property
+    def complete(self) -> bool:
+        return all(self._have)
+
+    def missing(self) -> list[int]:
+        return [index for index, held in enumerate(self._have) if not held]
+
+    def has(self, index: int) -> bool:
+        return 0 <= index < self.meta.chunks and bool(self._have[index])
+
+    def expected_length(self, index: int) -> int:
+        if index == self.meta.chunks - 1:
+            return self.meta.size - index * self.meta.chunk_size
+        return self.meta.chunk_size
+
+    def add(self, index: int, data: bytes) -> bool:
+        """Store chunk `index`; False if it was already held. Wrong lengths raise."""
+        if not 0 <= index < self.meta.chunks:
+            raise TransferError(f"chunk {index} is outside 0..{self.meta.chunks - 1}")
+        if len(data) != self.expected_length(index):
+            raise TransferError(
+                f"chunk {index} has {len(data)} bytes; expected {self.expected_length(index)}"
+            )
+        if self._have[index]:
+            return False
+        self._file.seek(index * self.meta.chunk_size)
+        self._file.write(data)
+        self._have[index] = 1
+        self.written_chunks += 1
+        self._unsynced += len(data)
+        if self._unsynced >= _PERSIST_EVERY_BYTES:
+            self.persist()
+        return True
+
+    def persist(self) -> None:
+        """fsync the data, then record which chunks it holds."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        temp = self.have_path.with_suffix(".have.tmp")
+        with temp.open("wb") as handle:
+            handle.write(self._have)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self.have_path)
+        _fsync_dir(self.directory)
+        self._unsynced = 0
+
+    def finish(self, destination: Path) -> Path:
+        """Check size and sha256, then move the file to `destination` (atomically)."""
+        if not self.complete:
+            raise TransferError(f"bundle {self.meta.sha256[:12]}: {len(self.missing())} missing")
+        self.persist()
+        self._file.close()
+        actual = _file_sha256(self.part_path)
+        if actual != self.meta.sha256:
+            self.discard()
+            raise TransferError(
+                f"bundle {self.meta.sha256[:12]}: assembled bytes hash to {actual[:12]}; "
+                "discarded the partial download"
+            )
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.part_path, destination)
+        _fsync_dir(destination.parent)
+        with suppress(FileNotFoundError):
+            self.have_path.unlink()
+        return destination
+
+    def close(self) -> None:
+        if not self._file.closed:
+            with suppress(OSError):
+                self.persist()
+            self._file.close()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        for path in (self.part_path, self.have_path):
+            with suppress(FileNotFoundError):
+                path.unlink()
+
+
+class MqttBundleFetcher:
+    """Fetch one bundle from retained chunks under `prefix` with a paho client.
+
+    The client's network loop must run in another thread. Callbacks are registered with
+    `message_callback_add` for this bundle's topics only, so the fetcher lives beside the
+    agent's other subscriptions. The fetch pins `sha256` and `size` (from a verified
+    directive): a meta message that disagrees is refused. When nothing arrives for `stall_s`
+    (broker restarted, session lost), the outstanding subscriptions are issued again.
+    """
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        prefix: str,
+        directory: Path,
+        *,
+        sha256: str,
+        size: int,
+        window: int = 8,
+        max_bytes: int | None = None,
+        stall_s: float = 3.0,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix.rstrip("/")
+        self.directory = directory
+        self.sha256 = sha256
+        self.size = size
+        self.window = max(1, window)
+        self.max_bytes = max_bytes
+        self.stall_s = stall_s
+        self.assembler: ChunkAssembler | None = None
+        self.chunks_received = 0
+        self.resubscribes = 0
+        self._outstanding: set[int] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._error: TransferError | None = None
+
+    @property
+    def _meta_topic(self) -> str:
+        return f"{self.prefix}/meta"
+
+    def _chunk_topic(self, index: int) -> str:
+        return f"{self.prefix}/chunks/{index}"
+
+    def _on_meta(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            if self.assembler is not None or not message.payload:
+                return
+            try:
+                meta = BundleMeta.from_json(bytes(message.payload))
+                if meta.sha256 != self.sha256 or meta.size != self.size:
+                    raise TransferError(
+                        f"bundle meta under {self.prefix} names sha {meta.sha256[:12]} and "
+                        f"{meta.size} bytes; the directive pins {self.sha256[:12]} and "
+                        f"{self.size} bytes"
+                    )
+                self.assembler = ChunkAssembler(self.directory, meta, max_bytes=self.max_bytes)
+            except (MessageError, TransferError) as error:
+                self._error = (
+                    error if isinstance(error, TransferError) else TransferError(str(error))
+                )
+            self._changed.notify_all()
+
+    def _on_chunk(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            index = int(message.topic.rsplit("/", 1)[1])
+        except ValueError:
+            return
+        with self._lock:
+            assembler = self.assembler
+            if assembler is None or not message.payload:
+                return
+            self.chunks_received += 1
+            try:
+                assembler.add(index, bytes(message.payload))
+            except TransferError as error:
+                self._error = error
+            if index in self._outstanding:
+                self._outstanding.discard(index)
+                self.client.unsubscribe(self._chunk_topic(index))
+            self._changed.notify_all()
+
+    def _request_more(self) -> None:
+        """Subscribe to missing chunks until `window` are outstanding (lock held)."""
+        assert self.assembler is not None
+        wanted: list[int] = []
+        for index in self.assembler.missing():
+            if len(self._outstanding) + len(wanted) >= self.window:
+                break
+            if index not in self._outstanding:
+                wanted.append(index)
+        if wanted:
+            self._outstanding.update(wanted)
+            self.client.subscribe([(self._chunk_topic(index), 1) for index in wanted])
+
+    def fetch(
+        self, destination: Path, *, timeout_s: float = 600.0, progress: Progress | None = None
+    ) -> Path:
+        """Block until the bundle is at `destination` (checked), or raise `TransferError`."""
+        enable_nodelay(self.client)
+        self.client.message_callback_add(self._meta_topic, self._on_meta)
+        self.client.message_callback_add(f"{self.prefix}/chunks/+", self._on_chunk)
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.client.subscribe(self._meta_topic, qos=1)
+            last_progress = time.monotonic()
+            last_held = -1
+            with self._lock:
+                while True:
+                    if self._error is not None:
+                        raise self._error
+                    now = time.monotonic()
+                    if now > deadline:
+                        held = self.assembler.held if self.assembler else 0
+                        total = self.assembler.meta.chunks if self.assembler else "?"
+                        raise TransferError(
+                            f"timed out after {timeout_s:.0f} s fetching bundle "
+                            f"{self.sha256[:12]} over MQTT ({held}/{total} chunks)"
+                        )
+                    if self.assembler is not None:
+                        if self.assembler.complete:
+                            break
+                        held = self.assembler.held
+                        if held != last_held:
+                            last_held, last_progress = held, now
+                            if progress:
+                                progress(
+                                    min(held * self.assembler.meta.chunk_size, self.size),
+                                    self.size,
+                                )
+                        elif now - last_progress > self.stall_s:
+                            # Broker restarted or the session dropped our subscriptions.
+                            self.resubscribes += 1
+                            self._outstanding.clear()
+                            last_progress = now
+                        self._request_more()
+                    elif now - last_progress > self.stall_s:
+                        self.resubscribes += 1
+                        self.client.subscribe(self._meta_topic, qos=1)
+                        last_progress = now
+                    self._changed.wait(timeout=0.5)
+                assembler = self.assembler
+            if progress:
+                progress(self.size, self.size)
+            return assembler.finish(destination)
+        finally:
+            self.client.message_callback_remove(self._meta_topic)
+            self.client.message_callback_remove(f"{self.prefix}/chunks/+")
+            with self._lock:
+                topics = [self._meta_topic] + [self._chunk_topic(i) for i in self._outstanding]
+                self._outstanding.clear()
+                if self.assembler is not None and not self.assembler.complete:
+                    self.assembler.close()
+            with suppress(Exception):
+                self.client.unsubscribe(topics)
