@@ -1,10 +1,16 @@
-"""Conversion benchmark: original vs onnxruntime's own quantizers (the peer) vs edgekit's choice.
+"""Conversion benchmark: original vs the toolchain's own defaults (the peer) vs edgekit's choice.
 
-For the digits CNN (trained here), the shared magika and silero models: latency (batch 1, this
-host, all variants timed round-robin in one process), file size, zstd size and accuracy
-(cosine / top-1 against the original on validation inputs). Writes JSON; ratios are to fp32.
+ONNX rows: for the digits CNN (trained here), the shared magika and silero models, onnxruntime's
+quantize_dynamic/quantize_static are the peers. TFLite rows: for a Keras digits CNN (trained
+here) and an untrained MobileNetV2 (alpha 0.35, 96x96; architecture only, nothing downloaded),
+the original is the Keras model's plain TFLite fp32 conversion and the peer is TFLiteConverter's
+own default optimization (`optimizations=[tf.lite.Optimize.DEFAULT]`, no representative data:
+dynamic range). Latency (batch 1, this host, all variants timed round-robin in one process),
+file size, zstd size and accuracy (cosine / top-1 against the original on validation inputs).
+Writes JSON; ratios are to fp32.
 
     .venv/bin/python benchmarks/convert.py --out benchmarks/results/convert.json
+    .venv/bin/python benchmarks/convert.py --only tflite --out /tmp/convert-tflite.json
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from edgekit.converters.examples import (
     silero_stream,
 )
 from edgekit.converters.passes.onnx_passes import _FeedReader, scratch_cwd
+from edgekit.converters.tflite_examples import export_keras_digits
 from edgekit.converters.validate import compare_outputs
 
 from edgekit.errors import first_line
 from edgekit.profiles import load_profile
-from edgekit.runtimes import OnnxRuntimeBackend
+from edgekit.runtimes import LiteRtBackend, OnnxRuntimeBackend, dequantize_output, quantize_input
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 
@@ -96,11 +103,139 @@ def _accuracy(reference: Path, candidate: Path, validation: Path) -> dict[str, A
     return {"outputs": outputs, "meets_tolerance": result.meets_tolerance}
 
 
+def _keras_models(workdir: Path) -> dict[str, tuple[Path, Path, Path]]:
+    import tensorflow as tf
+
+    digits = export_keras_digits(workdir / "keras_digits")
+    models = {
+        "digits_keras_cnn": (digits.keras_path, digits.calibration_path, digits.validation_path)
+    }
+    tf.keras.utils.set_random_seed(0)
+    mobilenet = tf.keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10
+    )
+    mobilenet.save(workdir / "mobilenetv2.keras")
+    rng = np.random.default_rng(0)
+
+    # Smooth random images (upsampled noise) in [-1, 1], MobileNet's input range.
+    def images(count: int) -> np.ndarray:
+        coarse = rng.uniform(-1, 1, size=(count, 12, 12, 3)).astype(np.float32)
+        return np.ascontiguousarray(coarse.repeat(8, axis=1).repeat(8, axis=2))
+
+    np.savez(workdir / "mobilenet_cal.npz", input_layer=images(64))
+    np.savez(workdir / "mobilenet_val.npz", input_layer=images(64))
+    models["mobilenetv2_035_96_untrained"] = (
+        workdir / "mobilenetv2.keras",
+        workdir / "mobilenet_cal.npz",
+        workdir / "mobilenet_val.npz",
+    )
+    return models
+
+
+def _tflite_peers(model: Path, workdir: Path) -> dict[str, Path | str]:
+    """The Keras model's plain fp32 TFLite (the original) and TFLiteConverter's defaults."""
+    import tensorflow as tf
+
+    keras_model = tf.keras.models.load_model(model, compile=False)
+    variants: dict[str, Path | str] = {}
+    for name in ("original_tflite_fp32", "tflite_converter_default"):
+        out = workdir / f"{model.stem}-{name}.tflite"
+        try:
+            converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+            if name == "tflite_converter_default":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            out.write_bytes(converter.convert())
+            variants[name] = out
+        except Exception as e:  # noqa: BLE001  (a peer that fails is a result, not a crash)
+            variants[name] = f"failed: {first_line(e)[:200]}"
+    return variants
+
+
+def _tflite_accuracy(reference: Path, candidate: Path, validation: Path) -> dict[str, Any]:
+    runtime = LiteRtBackend(reference)
+    other = LiteRtBackend(candidate)
+    data = load_dataset(validation, runtime.inputs)
+    ref: dict[str, list[Any]] = {o.name: [] for o in runtime.outputs}
+    found: dict[str, list[Any]] = {o.name: [] for o in runtime.outputs}
+    # The plain Keras conversion names its output output_0; edgekit keeps the layer's name.
+    pairs = list(zip(runtime.outputs, other.outputs, strict=True))
+    for feed in data.feeds:
+        for name, value in runtime.run(feed).items():
+            ref[name].append(value)
+        given = {
+            spec.name: quantize_input(spec, feed[runtime.inputs[0].name]) for spec in other.inputs
+        }
+        values = other.run(given)
+        for mine, theirs in pairs:
+            found[mine.name].append(dequantize_output(theirs, values[theirs.name]))
+    result = compare_outputs(ref, found, load_profile("raspberrypi-tflite").accuracy)
+    outputs: dict[str, Any] = {
+        m.name: {"cosine": m.cosine, "top1_agreement": m.top1_agreement} for m in result.outputs
+    }
+    return {"outputs": outputs, "meets_tolerance": result.meets_tolerance}
+
+
+def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
+    profile = "raspberrypi-tflite"
+    threads = min(load_profile(profile).threads, os.cpu_count() or 1)
+    results: dict[str, Any] = {"profile": profile, "threads": threads, "models": {}}
+    for name, (model, calibration, validation) in _keras_models(workdir).items():
+        print(f"== {name} (tflite)", file=sys.stderr)
+        converted = convert(
+            model,
+            profile=profile,
+            output_dir=workdir / f"{name}-tflite-out",
+            calibration=calibration,
+            validation=validation,
+        )
+        variants = _tflite_peers(model, workdir)
+        variants["edgekit"] = converted.artifact
+        runnable = {k: v for k, v in variants.items() if isinstance(v, Path)}
+        original = runnable["original_tflite_fp32"]
+        feed = load_dataset(validation, LiteRtBackend(original).inputs).single_sample_feed()
+        # The worker feeds each model by its own input names; the variants share one input.
+        timings = measure(
+            runnable,
+            feed,
+            threads=threads,
+            workdir=workdir,
+            seconds_per_model=seconds,
+        )
+        base = timings["original_tflite_fp32"]
+        base_size = file_size(original)
+        rows: dict[str, Any] = {}
+        for variant, path in variants.items():
+            if not isinstance(path, Path):
+                rows[variant] = {"error": path}
+                continue
+            t = timings[variant]
+            rows[variant] = {
+                "p50_ms": t.p50_ms,
+                "p95_ms": t.p95_ms,
+                "noise": t.noise,
+                "peak_memory_bytes": t.peak_memory_bytes,
+                "size_bytes": file_size(path),
+                "zstd_bytes": compressed_size(path),
+                "latency_ratio_vs_fp32": t.p50_ms / base.p50_ms,
+                "size_ratio_vs_fp32": file_size(path) / base_size,
+                "accuracy_vs_original": _tflite_accuracy(original, path, validation),
+            }
+        edgekit = rows["edgekit"]
+        edgekit["chosen_candidate"] = converted.chosen
+        peer = rows.get("tflite_converter_default", {})
+        if "p50_ms" in peer:
+            edgekit["latency_ratio_vs_peer"] = edgekit["p50_ms"] / peer["p50_ms"]
+            edgekit["size_ratio_vs_peer"] = edgekit["size_bytes"] / peer["size_bytes"]
+        results["models"][name] = rows
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convert.json"))
     parser.add_argument("--profile", default="raspberrypi")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per variant")
+    parser.add_argument("--only", choices=("all", "onnx", "tflite"), default="all")
     args = parser.parse_args()
     threads = min(load_profile(args.profile).threads, os.cpu_count() or 1)
     results: dict[str, Any] = {
@@ -110,7 +245,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
-        for name, (model, calibration, validation) in _models(workdir).items():
+        if args.only in ("all", "tflite"):
+            results["tflite"] = _tflite_rows(workdir, args.seconds)
+        onnx_models = _models(workdir) if args.only in ("all", "onnx") else {}
+        for name, (model, calibration, validation) in onnx_models.items():
             print(f"== {name}", file=sys.stderr)
             converted = convert(
                 model,

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.runtimes import Runtime, load_litert, open_runtime, quantize_input
+
 
 def _load_feed(path: str) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as archive:
@@ -35,21 +37,29 @@ def _rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
-def _latency(spec: dict[str, Any]) -> dict[str, Any]:
-    from edgekit.runtimes import OnnxRuntimeBackend
+def _model_feed(runtime: Runtime, feed: dict[str, Any]) -> dict[str, Any]:
+    """The feed in the model's own input dtypes (quantized for int8/uint8 I/O)."""
+    specs = {spec.name: spec for spec in runtime.inputs}
+    return {
+        name: quantize_input(specs[name], value) if name in specs else value
+        for name, value in feed.items()
+    }
 
+
+def _latency(spec: dict[str, Any]) -> dict[str, Any]:
     feed = _load_feed(spec["feed"])
     sessions = {
-        model["name"]: OnnxRuntimeBackend(Path(model["path"]), threads=spec["threads"])
+        model["name"]: open_runtime(Path(model["path"]), threads=spec["threads"])
         for model in spec["models"]
     }
+    feeds = {name: _model_feed(session, feed) for name, session in sessions.items()}
     per_run: dict[str, float] = {}
     for name, session in sessions.items():
         for _ in range(3):
-            session.run(feed)
+            session.run(feeds[name])
         start = time.perf_counter()
         for _ in range(3):
-            session.run(feed)
+            session.run(feeds[name])
         per_run[name] = max((time.perf_counter() - start) / 3, 1e-6)
     budget_s = float(spec.get("seconds_per_model", 2.0))
     rounds = int(spec.get("rounds", 5))
@@ -61,10 +71,11 @@ def _latency(spec: dict[str, Any]) -> dict[str, Any]:
         for name in order:
             runs = max(3, min(200, int(budget_s / rounds / per_run[name])))
             session = sessions[name]
+            model_feed = feeds[name]
             these = []
             for _ in range(runs):
                 start = time.perf_counter()
-                session.run(feed)
+                session.run(model_feed)
                 these.append((time.perf_counter() - start) * 1e3)
             times[name].extend(these)
             round_medians[name].append(float(np.median(these)))
@@ -80,16 +91,20 @@ def _latency(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _memory(spec: dict[str, Any]) -> dict[str, Any]:
-    from edgekit.runtimes import OnnxRuntimeBackend
-
     feed = _load_feed(spec["feed"])
-    import onnxruntime  # noqa: F401  (import cost is not the model's)
+    path = Path(spec["models"][0]["path"])
+    # The engine's import cost is not the model's.
+    if path.suffix == ".tflite":
+        load_litert()
+    else:
+        import onnxruntime  # noqa: F401
 
     before = _rss_bytes()
-    session = OnnxRuntimeBackend(Path(spec["models"][0]["path"]), threads=spec["threads"])
+    session = open_runtime(path, threads=spec["threads"])
     loaded = _rss_bytes()
+    model_feed = _model_feed(session, feed)
     for _ in range(3):
-        session.run(feed)
+        session.run(model_feed)
     peak = _status_bytes("VmHWM")
     return {"load_bytes": max(0, loaded - before), "peak_bytes": max(0, peak - before)}
 

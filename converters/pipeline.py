@@ -1,5 +1,10 @@
 """`convert`: candidates -> validate -> benchmark -> choose -> compat -> report.
 
+One flow for both target formats. ONNX sources for onnx profiles go through the ONNX passes;
+Keras/SavedModel sources for tflite profiles through TFLiteConverter (`tflite_passes`), and for
+onnx profiles through tf2onnx first, then the ONNX passes. Validation, benchmark, choice, golden
+samples and the report are shared.
+
 Everything is built in a scratch folder; the output folder receives its files only once the
 conversion has succeeded, each moved in with `os.replace`, so a failed run leaves nothing
 half-written behind.
@@ -8,12 +13,14 @@ half-written behind.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
 import tempfile
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,13 +44,37 @@ from edgekit.converters.passes.onnx_passes import (
     rank_nodes_by_quantization_error,
     scratch_cwd,
 )
+from edgekit.converters.passes.tflite_passes import (
+    LITERT_QUANTIZER_RECIPES,
+    LiteRtQuantizeConfig,
+    LiteRtQuantizePass,
+    SourceKind,
+    TensorFlowModel,
+    Tf2OnnxPass,
+    TfliteConvertConfig,
+    TfliteConvertPass,
+    TfliteKind,
+    TfLoadConfig,
+    TfLoadPass,
+    litert_quantizer_available,
+    rank_tflite_layers,
+    source_kind,
+)
 from edgekit.converters.validate import ValidationResult, compare_outputs
 
 from edgekit import __version__
 from edgekit.bundle import hash_file
 from edgekit.errors import ConversionError, EdgekitError, first_line
 from edgekit.profiles import Profile, load_profile
-from edgekit.runtimes import OnnxRuntimeBackend, RuntimeLoadError, TensorSpec
+from edgekit.runtimes import (
+    OnnxRuntimeBackend,
+    Runtime,
+    RuntimeLoadError,
+    TensorSpec,
+    dequantize_output,
+    open_runtime,
+    quantize_input,
+)
 
 __all__ = ["CandidateReport", "ConvertResult", "ProgressCallback", "convert"]
 
@@ -63,6 +94,8 @@ _CANDIDATE_PASSES: dict[str, tuple[str, ...]] = {
     "fp16": ("fp16",),
     "pruned": ("prune", "weight_int8"),
 }
+# TFLite candidate kinds: each one TFLiteConverter run from the SavedModel.
+_TFLITE_KINDS = ("fp32", "fp16", "dynamic_int8", "full_int8")
 
 
 @dataclass
@@ -144,24 +177,23 @@ def convert(
     benchmark_seconds: float = 2.0,
     keep_candidates: bool = False,
 ) -> ConvertResult:
-    """Convert `model` for `profile`, writing `model.onnx` and `report.json` into `output_dir`.
+    """Convert `model` for `profile`, writing `model.onnx` or `model.tflite` and `report.json`.
 
-    Also written: `golden.npz` (inputs and expected outputs for the on-device self-test) and
-    `reference_stats.json` (input distribution for drift), which bundles carry. With
-    `keep_candidates`, every candidate that was built is kept in `output_dir/candidates/`.
+    `model` is an ONNX file, a Keras `.keras` file or a TensorFlow SavedModel folder. Also
+    written into `output_dir`: `golden.npz` (inputs and expected outputs for the on-device
+    self-test) and `reference_stats.json` (input distribution for drift), which bundles carry.
+    With `keep_candidates`, every candidate that was built is kept in `output_dir/candidates/`.
     """
     chosen_profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    if chosen_profile.target_format != "onnx":
-        raise ConversionError(
-            f"profile {chosen_profile.name} targets {chosen_profile.target_format}; this edgekit "
-            "converts ONNX models to ONNX artifacts only (TFLite output is planned); pick an "
-            "onnx profile: raspberrypi, x86-64 or jetson-orin"
-        )
     # Absolute paths: the passes run with the scratch folder as the working directory.
     model = model.absolute()
     output_dir = output_dir.absolute()
     calibration = calibration.absolute() if calibration else None
     validation = validation.absolute() if validation else None
+    kind = source_kind(model)
+    target = chosen_profile.target_format
+    if target == "tflite" and kind == "onnx":
+        raise ConversionError(_ONNX_TO_TFLITE.format(model=model, profile=chosen_profile.name))
     _check_output_dir(output_dir)
     host_threads = os.cpu_count() or 1
     used_threads = threads or min(chosen_profile.threads, host_threads)
@@ -172,13 +204,9 @@ def convert(
     ):
         workdir = Path(scratch)
         steps.advance("loading and checking the model")
-        loaded = workdir / "loaded.onnx"
         context = PassContext(profile=chosen_profile, workdir=workdir, threads=used_threads)
-        load_result = LoadPass().run(model, loaded, context)
-        try:
-            original = OnnxRuntimeBackend(loaded, threads=used_threads)
-        except RuntimeLoadError as e:
-            raise ConversionError(f"{model}: {e}") from e
+        loaded = _load(model, kind, context)
+        original = loaded.original
         inputs, outputs = original.inputs, original.outputs
 
         steps.advance("reading calibration and validation data")
@@ -187,23 +215,50 @@ def convert(
         reference = _run_all(original, validation_set, what="the original model")
 
         steps.advance("optimizing the graph")
-        optimized = workdir / "optimized.onnx"
-        optimize_result = OptimizePass().run(loaded, optimized, context)
+        if target == "onnx":
+            optimized = workdir / "optimized.onnx"
+            optimize_result = OptimizePass().run(loaded.path, optimized, context)
+        else:
+            optimized = loaded.path
+            optimize_result = PassResult(
+                details={"skipped": "TFLiteConverter optimizes the graph while converting"}
+            )
         context = replace(context, reference_path=optimized)
 
         candidates: list[CandidateReport] = []
-        for kind in chosen_profile.quantization.candidates:
-            steps.advance(f"building candidate {kind}")
-            candidate = _build_candidate(kind, optimized, context)
+        for candidate_kind in chosen_profile.quantization.candidates:
+            steps.advance(f"building candidate {candidate_kind}")
+            candidate = _build_candidate(candidate_kind, optimized, context)
             if candidate.status == "ok":
                 _validate(candidate, reference, validation_set, chosen_profile, used_threads)
-                if kind == "static_int8":
+                if candidate_kind == "static_int8":
                     candidate = _static_fallback(candidate, optimized, reference, context)
+                elif candidate_kind == "full_int8":
+                    candidate = _tflite_fallback(candidate, optimized, reference, context)
             candidates.append(candidate)
+            if target != "tflite" or candidate_kind not in LITERT_QUANTIZER_RECIPES:
+                continue
+            skip = _litert_quantizer_skip_reason(candidate_kind, chosen_profile)
+            if skip is not None:
+                candidate.notes.append(skip)
+            else:
+                steps.advance(f"building candidate {candidate_kind} with ai-edge-quantizer")
+                second = _build_litert_quantizer_candidate(candidate_kind, optimized, context)
+                if second.status == "ok":
+                    _validate(second, reference, validation_set, chosen_profile, used_threads)
+                candidates.append(second)
+        _refuse_if_all_blocked(candidates, chosen_profile)
 
         steps.advance("benchmarking candidates on this host")
-        source_row = CandidateReport(name="original", passes=(), path=loaded, verdict="reference")
+        source_row = CandidateReport(
+            name="original", passes=(), path=loaded.runnable, verdict="reference"
+        )
         source_row.validation = compare_outputs(reference, reference, chosen_profile.accuracy)
+        if loaded.runnable is None:
+            source_row.notes.append(
+                f"the source runs in {original.engine} {original.version}, not on the device "
+                "runtime: its outputs are the reference, its latency is not measured"
+            )
         _benchmark(
             [source_row, *candidates], validation_set, used_threads, workdir, benchmark_seconds
         )
@@ -213,9 +268,10 @@ def convert(
 
         steps.advance("writing the artifact, golden samples and report")
         assert winner.path is not None
+        artifact_name = f"model.{target}"
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=_parent(output_dir)))
         try:
-            artifact = staging / "model.onnx"
+            artifact = staging / artifact_name
             shutil.copyfile(winner.path, artifact)
             data_file = winner.path.with_name(winner.path.name + ".data")
             if data_file.exists():
@@ -225,10 +281,14 @@ def convert(
                 kept.mkdir()
                 for row in candidates:
                     if row.path is not None and row.status == "ok":
-                        shutil.copyfile(row.path, kept / f"{row.name}.onnx")
-            chosen_runtime = OnnxRuntimeBackend(artifact, threads=used_threads)
+                        shutil.copyfile(row.path, kept / f"{row.name}{row.path.suffix}")
+            chosen_runtime = open_runtime(artifact, threads=used_threads)
             _write_golden(staging / "golden.npz", chosen_runtime, validation_set, chosen_profile)
-            stats = reference_stats(validation_set, inputs)
+            device_data = replace(
+                validation_set,
+                feeds=tuple(_model_feed(chosen_runtime, feed) for feed in validation_set.feeds),
+            )
+            stats = reference_stats(device_data, chosen_runtime.inputs)
             (staging / "reference_stats.json").write_text(
                 json.dumps(stats, indent=2) + "\n", encoding="utf-8"
             )
@@ -237,7 +297,7 @@ def convert(
                 profile=chosen_profile,
                 inputs=inputs,
                 outputs=outputs,
-                load_result=load_result,
+                load_result=loaded.result,
                 optimize_result=optimize_result,
                 calibration_set=calibration_set,
                 validation_set=validation_set,
@@ -245,6 +305,7 @@ def convert(
                 candidates=candidates,
                 winner=winner,
                 artifact=artifact,
+                artifact_runtime=chosen_runtime,
                 threads=used_threads,
             )
             (staging / "report.json").write_text(
@@ -254,11 +315,62 @@ def convert(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return ConvertResult(
-        artifact=output_dir / "model.onnx",
+        artifact=output_dir / artifact_name,
         report_path=output_dir / "report.json",
         report=report,
         chosen=winner.name,
     )
+
+
+_ONNX_TO_TFLITE = (
+    "{model}: profile {profile} needs TFLite, and no maintained ONNX-to-TFLite converter "
+    "coexists with edgekit's pinned dependencies (onnx2tf pins tensorflow 2.19, onnxruntime "
+    "1.23 and numpy<2); export the model from its training framework as a SavedModel folder "
+    "or a .keras file and convert that, or pick an onnx profile (raspberrypi, x86-64, "
+    "jetson-orin)"
+)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The source model, read and checked."""
+
+    path: Path  # what the candidates are built from: loaded.onnx or a SavedModel folder
+    original: Runtime  # runs the source model: the reference outputs
+    runnable: Path | None  # the source as the benchmark worker can load it (None: TF only)
+    result: PassResult
+
+
+def _load(model: Path, kind: SourceKind, context: PassContext) -> _Loaded:
+    workdir = context.workdir
+    notes: list[str] = []
+    details: dict[str, Any] = {}
+    if kind != "onnx":
+        saved_model = workdir / "source_saved_model"
+        loaded_tf = TfLoadPass(TfLoadConfig(kind=kind)).run(model, saved_model, context)
+        if context.profile.target_format == "tflite":
+            return _Loaded(
+                path=saved_model,
+                original=TensorFlowModel(saved_model),
+                runnable=None,
+                result=loaded_tf,
+            )
+        # An onnx profile: export ONNX with tf2onnx, then the ONNX flow from there.
+        exported = workdir / "exported.onnx"
+        exported_result = Tf2OnnxPass().run(saved_model, exported, context)
+        details = {"source_format": kind, **loaded_tf.details, "tf2onnx": exported_result.details}
+        notes.append(f"exported to ONNX with {exported_result.details['converter']}")
+        model = exported
+    loaded = workdir / "loaded.onnx"
+    load_result = LoadPass().run(model, loaded, context)
+    try:
+        original = OnnxRuntimeBackend(loaded, threads=context.threads)
+    except RuntimeLoadError as e:
+        raise ConversionError(f"{model}: {e}") from e
+    result = PassResult(
+        notes=(*notes, *load_result.notes), details={**load_result.details, **details}
+    )
+    return _Loaded(path=loaded, original=original, runnable=loaded, result=result)
 
 
 class _Steps:
@@ -288,6 +400,7 @@ def _check_output_dir(output_dir: Path) -> None:
 _OUTPUT_FILES = (
     "model.onnx",
     "model.onnx.data",
+    "model.tflite",
     "golden.npz",
     "reference_stats.json",
     "report.json",
@@ -337,11 +450,23 @@ def _datasets(
     return calibration_set, validation_set
 
 
-def _run_all(runtime: OnnxRuntimeBackend, dataset: Dataset, *, what: str) -> dict[str, list[Array]]:
+def _model_feed(runtime: Runtime, feed: dict[str, Array]) -> dict[str, Array]:
+    """A feed of real values in the model's own input dtypes (quantized for int8/uint8 I/O)."""
+    specs = {spec.name: spec for spec in runtime.inputs}
+    return {
+        name: quantize_input(specs[name], value) if name in specs else value
+        for name, value in feed.items()
+    }
+
+
+def _run_all(runtime: Runtime, dataset: Dataset, *, what: str) -> dict[str, list[Array]]:
+    """Every output for every feed, as real values (quantized I/O converted both ways)."""
     results: dict[str, list[Array]] = {spec.name: [] for spec in runtime.outputs}
+    output_specs = {spec.name: spec for spec in runtime.outputs}
     for index, feed in enumerate(dataset.feeds):
         try:
-            values = runtime.run(feed)
+            raw = runtime.run(_model_feed(runtime, feed))
+            values = {name: dequantize_output(output_specs[name], v) for name, v in raw.items()}
         except Exception as e:
             hint = (
                 "; the inputs are synthetic: give real data with --calibration/--validation"
@@ -388,6 +513,8 @@ def _build_candidate(
     static_config: StaticInt8Config | None = None,
     label: str | None = None,
 ) -> CandidateReport:
+    if context.profile.target_format == "tflite":
+        return _build_tflite_candidate(kind, optimized, context, label=label)
     passes = _CANDIDATE_PASSES.get(kind)
     if passes is None:
         raise ConversionError(f"unknown candidate kind {kind!r}")
@@ -422,6 +549,161 @@ def _build_candidate(
     return candidate
 
 
+def _build_tflite_candidate(
+    kind: str,
+    saved_model: Path,
+    context: PassContext,
+    *,
+    float_layers: tuple[str, ...] = (),
+    label: str | None = None,
+) -> CandidateReport:
+    """One TFLiteConverter run, then the op-version check against the profile's runtimes."""
+    name = label or kind
+    candidate = CandidateReport(name=name, passes=("tflite_convert", "op_versions"))
+    if kind not in _TFLITE_KINDS:
+        candidate.status = "failed"
+        candidate.error = (
+            f"{kind} is not built for TFLite profiles (only {', '.join(_TFLITE_KINDS)})"
+        )
+        candidate.reason = f"failed to build: {candidate.error}"
+        return candidate
+    config = _tflite_config(kind, context.profile, float_layers=float_layers)
+    final = context.workdir / f"{name}.tflite"
+    try:
+        result = TfliteConvertPass(config).run(saved_model, final, context)
+        blocking = _blocking_ops(final, context.profile)
+        downgrade = _downgrade_options(context.profile)
+        if blocking.blocking and downgrade:
+            # Rebuild with the settings that keep op versions loadable on the oldest runtime.
+            config = replace(config, converter_options=downgrade)
+            result = TfliteConvertPass(config).run(saved_model, final, context)
+            candidate.notes.append(
+                f"rebuilt with {', '.join(option for option, _ in downgrade)} so that "
+                f"{context.profile.runtime.oldest.package} "
+                f"{context.profile.runtime.oldest.version} loads it (was: "
+                f"{'; '.join(blocking.blocking)})"
+            )
+            blocking = _blocking_ops(final, context.profile)
+    except EdgekitError as e:
+        candidate.status = "failed"
+        candidate.error = str(e)
+        candidate.reason = f"failed to build: {e}"
+        return candidate
+    candidate.notes.extend(result.notes)
+    candidate.details["tflite_convert"] = result.details
+    candidate.float_nodes = float_layers
+    _check_tflite_candidate(candidate, final, blocking, context.profile)
+    return candidate
+
+
+def _build_litert_quantizer_candidate(
+    kind: str, saved_model: Path, context: PassContext
+) -> CandidateReport:
+    """The same kind built by ai-edge-quantizer, the second int8 source (see docs)."""
+    name = f"{kind}_aeq"
+    candidate = CandidateReport(name=name, passes=("litert_quantize", "op_versions"))
+    final = context.workdir / f"{name}.tflite"
+    try:
+        config = LiteRtQuantizeConfig(kind=typing.cast(Any, kind))
+        result = LiteRtQuantizePass(config).run(saved_model, final, context)
+        blocking = _blocking_ops(final, context.profile)
+    except EdgekitError as e:
+        candidate.status = "failed"
+        candidate.error = str(e)
+        candidate.reason = f"failed to build: {e}"
+        return candidate
+    candidate.details["litert_quantize"] = result.details
+    _check_tflite_candidate(candidate, final, blocking, context.profile)
+    return candidate
+
+
+def _litert_quantizer_skip_reason(kind: str, profile: Profile) -> str | None:
+    """Why ai-edge-quantizer does not build `kind` for `profile` (None: it does)."""
+    if not litert_quantizer_available():
+        return "ai-edge-quantizer is not installed: only TFLiteConverter built this kind"
+    io_type = LITERT_QUANTIZER_RECIPES[kind][1]
+    wanted = "float32" if kind == "dynamic_int8" else profile.quantization.io_type
+    if io_type != wanted:
+        return (
+            f"ai-edge-quantizer's {kind} has {io_type} I/O and the profile wants {wanted}: "
+            "only TFLiteConverter built this kind"
+        )
+    return None
+
+
+def _check_tflite_candidate(
+    candidate: CandidateReport, final: Path, blocking: _OpVersionCheck, profile: Profile
+) -> None:
+    candidate.path = final
+    candidate.size_bytes = file_size(final)
+    candidate.compressed_size_bytes = compressed_size(final)
+    candidate.details["op_versions"] = blocking.details
+    if blocking.blocking:
+        candidate.status = "failed"
+        candidate.error = "blocked: " + "; ".join(blocking.blocking)
+        candidate.reason = (
+            f"{profile.runtime.oldest.package} {profile.runtime.oldest.version} "
+            f"(the profile's oldest runtime) cannot load it: {'; '.join(blocking.blocking)}"
+        )
+
+
+def _tflite_config(
+    kind: str, profile: Profile, *, float_layers: tuple[str, ...] = ()
+) -> TfliteConvertConfig:
+    return TfliteConvertConfig(
+        kind=typing.cast(TfliteKind, kind),  # checked against _TFLITE_KINDS by the callers
+        io_type=profile.quantization.io_type,
+        float_layers=float_layers,
+    )
+
+
+def _downgrade_options(profile: Profile) -> tuple[tuple[str, object], ...]:
+    try:
+        from edgekit.converters.tflite_compat import downgrade_options
+    except ImportError:
+        return ()
+    return tuple(downgrade_options(profile).items())
+
+
+@dataclass(frozen=True)
+class _OpVersionCheck:
+    blocking: tuple[str, ...]
+    details: dict[str, Any]
+
+
+def _blocking_ops(model: Path, profile: Profile) -> _OpVersionCheck:
+    """Ops of `model` the profile's oldest runtime cannot load (from `tflite_compat`)."""
+    try:
+        from edgekit.converters.tflite_compat import blocking_ops
+    except ImportError:
+        return _OpVersionCheck(
+            blocking=(),
+            details={"checked": False, "note": "op-version check unavailable in this build"},
+        )
+    found = tuple(blocking_ops(model, profile))
+    return _OpVersionCheck(
+        blocking=found,
+        details={
+            "checked": True,
+            "oldest_runtime": f"{profile.runtime.oldest.package} {profile.runtime.oldest.version}",
+            "blocking": list(found),
+        },
+    )
+
+
+def _refuse_if_all_blocked(candidates: Sequence[CandidateReport], profile: Profile) -> None:
+    blocked = [row for row in candidates if (row.error or "").startswith("blocked: ")]
+    if not blocked or len(blocked) != len(candidates):
+        return
+    ops = sorted({op for row in blocked for op in row.details["op_versions"]["blocking"]})
+    oldest = profile.runtime.oldest
+    raise ConversionError(
+        f"no candidate loads on {oldest.package} {oldest.version}, the oldest runtime of profile "
+        f"{profile.name}: {'; '.join(ops)}; raise the profile's runtime.oldest or change the "
+        "model to avoid these ops"
+    )
+
+
 def _validate(
     candidate: CandidateReport,
     reference: dict[str, list[Array]],
@@ -431,7 +713,7 @@ def _validate(
 ) -> None:
     assert candidate.path is not None
     try:
-        runtime = OnnxRuntimeBackend(candidate.path, threads=threads)
+        runtime = open_runtime(candidate.path, threads=threads)
         found = _run_all(runtime, dataset, what=f"candidate {candidate.name}")
     except EdgekitError as e:
         candidate.status = "failed"
@@ -448,11 +730,7 @@ def _static_fallback(
     context: PassContext,
 ) -> CandidateReport:
     """Retry static int8 with the worst nodes kept in float until it meets the tolerance."""
-    profile = context.profile
-    if candidate.validation is None or candidate.validation.meets_tolerance:
-        return candidate
-    attempts = profile.quantization.fallback_attempts
-    if attempts == 0 or candidate.path is None:
+    if not _needs_fallback(candidate, context.profile) or candidate.path is None:
         return candidate
     try:
         ranked = rank_nodes_by_quantization_error(
@@ -461,40 +739,96 @@ def _static_fallback(
     except Exception as e:  # noqa: BLE001  (the debug tooling raises bare exceptions)
         candidate.notes.append(f"accuracy fallback unavailable: {e}")
         return candidate
+
+    def rebuild(excluded: tuple[str, ...], label: str) -> CandidateReport:
+        config = replace(_pass_config("static_int8", context.profile), nodes_to_exclude=excluded)
+        return _build_candidate(
+            "static_int8", optimized, context, static_config=config, label=label
+        )
+
+    return _accuracy_fallback(
+        candidate, [name for name, _ in ranked], rebuild, reference, context, unit="node"
+    )
+
+
+def _tflite_fallback(
+    candidate: CandidateReport,
+    saved_model: Path,
+    reference: dict[str, list[Array]],
+    context: PassContext,
+) -> CandidateReport:
+    """Retry full int8 with the worst layers (quantization debugger) kept in float."""
+    if not _needs_fallback(candidate, context.profile):
+        return candidate
+    try:
+        ranked = rank_tflite_layers(
+            saved_model, context, _tflite_config("full_int8", context.profile)
+        )
+    except Exception as e:  # noqa: BLE001  (the quantization debugger raises bare exceptions)
+        candidate.notes.append(f"accuracy fallback unavailable: {first_line(e)}")
+        return candidate
+
+    def rebuild(float_layers: tuple[str, ...], label: str) -> CandidateReport:
+        return _build_tflite_candidate(
+            "full_int8", saved_model, context, float_layers=float_layers, label=label
+        )
+
+    best = _accuracy_fallback(
+        candidate, [name for name, _ in ranked], rebuild, reference, context, unit="layer"
+    )
+    # The debugger's ranking: RMSE of each layer's int8 output in quantization steps.
+    best.details["layer_errors"] = {name: round(error, 4) for name, error in ranked}
+    return best
+
+
+def _needs_fallback(candidate: CandidateReport, profile: Profile) -> bool:
+    return (
+        candidate.validation is not None
+        and not candidate.validation.meets_tolerance
+        and profile.quantization.fallback_attempts > 0
+    )
+
+
+def _accuracy_fallback(
+    candidate: CandidateReport,
+    ranked: Sequence[str],
+    rebuild: Callable[[tuple[str, ...], str], CandidateReport],
+    reference: dict[str, list[Array]],
+    context: PassContext,
+    *,
+    unit: str,
+) -> CandidateReport:
+    """Rebuild with the worst-ranked nodes in float, more each attempt, until within tolerance.
+
+    Keeps 10%, 25%, 62%... of `ranked` in float (at least one more each attempt), up to the
+    profile's `fallback_attempts`; returns the most accurate build under the original's name.
+    """
+    profile = context.profile
+    assert candidate.validation is not None
     if not ranked:
-        candidate.notes.append("accuracy fallback: no per-node errors to rank")
+        candidate.notes.append(f"accuracy fallback: no per-{unit} errors to rank")
         return candidate
     history: list[dict[str, Any]] = [
         {
-            "float_nodes": 0,
+            f"float_{unit}s": 0,
             "worst_cosine": candidate.validation.worst_cosine,
             "meets_tolerance": False,
         }
     ]
     best = candidate
-    for attempt in range(1, attempts + 1):
-        # Keep 10%, 25%, 50%, ... of the ranked nodes in float (at least one more each time).
+    for attempt in range(1, profile.quantization.fallback_attempts + 1):
         fraction = min(1.0, 0.1 * (2.5 ** (attempt - 1)))
-        count = max(attempt, round(len(ranked) * fraction))
-        excluded = tuple(name for name, _ in ranked[:count])
-        config = replace(_pass_config("static_int8", profile), nodes_to_exclude=excluded)
-        retry = _build_candidate(
-            "static_int8",
-            optimized,
-            context,
-            static_config=config,
-            label=f"static_int8-fb{attempt}",
-        )
-        if retry.status != "ok":
-            history.append({"float_nodes": len(excluded), "error": retry.error})
-            continue
-        _validate(retry, reference, context.validation, profile, context.threads)
+        count = min(len(ranked), max(attempt, round(len(ranked) * fraction)))
+        kept = tuple(ranked[:count])
+        retry = rebuild(kept, f"{candidate.name}-fb{attempt}")
+        if retry.status == "ok":
+            _validate(retry, reference, context.validation, profile, context.threads)
         if retry.validation is None:
-            history.append({"float_nodes": len(excluded), "error": retry.error})
+            history.append({f"float_{unit}s": len(kept), "error": retry.error})
             continue
         history.append(
             {
-                "float_nodes": len(excluded),
+                f"float_{unit}s": len(kept),
                 "worst_cosine": retry.validation.worst_cosine,
                 "meets_tolerance": retry.validation.meets_tolerance,
             }
@@ -504,14 +838,14 @@ def _static_fallback(
             retry.validation.meets_tolerance and not best.validation.meets_tolerance
         ):
             best = retry
-        if retry.validation.meets_tolerance:
+        if retry.validation.meets_tolerance or count == len(ranked):
             break
-    best.name = "static_int8"
+    best.name = candidate.name
     best.fallback = history
     best.notes.append(
-        f"accuracy fallback: {len(best.float_nodes)} node(s) kept in float"
+        f"accuracy fallback: {len(best.float_nodes)} {unit}(s) kept in float"
         if best.float_nodes
-        else "accuracy fallback did not improve on plain static int8"
+        else f"accuracy fallback did not improve on plain {candidate.name}"
     )
     return best
 
@@ -625,12 +959,15 @@ def _choose(candidates: Sequence[CandidateReport], profile: Profile) -> Candidat
     return winner
 
 
-def _write_golden(
-    path: Path, runtime: OnnxRuntimeBackend, dataset: Dataset, profile: Profile
-) -> None:
-    """Inputs and the chosen artifact's own outputs, for the agent's health check."""
+def _write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profile) -> None:
+    """Inputs and the chosen artifact's own outputs, for the agent's health check.
+
+    Both in the artifact's own dtypes (int8/uint8 for a model with quantized I/O), keyed by
+    its input and output names.
+    """
     arrays: dict[str, Array] = {}
-    for index, feed in enumerate(dataset.feeds[:GOLDEN_SAMPLES]):
+    for index, real_feed in enumerate(dataset.feeds[:GOLDEN_SAMPLES]):
+        feed = _model_feed(runtime, real_feed)
         for name, value in feed.items():
             arrays[f"inputs/{index}/{name}"] = value
         for name, value in runtime.run(feed).items():
@@ -671,7 +1008,28 @@ def reference_stats(dataset: Dataset, inputs: Sequence[TensorSpec]) -> dict[str,
 
 
 def _sha256(path: Path) -> str:
+    if path.is_dir():  # a SavedModel: its graph and weights
+        digest = hashlib.sha256()
+        for part in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(part.relative_to(path).as_posix().encode() + b"\0")
+            digest.update(hash_file(part)[1].encode())
+        return digest.hexdigest()
     return hash_file(path)[1]
+
+
+def _source_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(part.stat().st_size for part in path.rglob("*") if part.is_file())
+    return file_size(path)
+
+
+def _host_engines(profile: Profile, artifact_runtime: Runtime) -> dict[str, str]:
+    engines = {artifact_runtime.engine: artifact_runtime.version}
+    if profile.target_format == "tflite":
+        import tensorflow
+
+        engines["tensorflow"] = str(tensorflow.__version__)
+    return engines
 
 
 def _report(
@@ -688,10 +1046,9 @@ def _report(
     candidates: Sequence[CandidateReport],
     winner: CandidateReport,
     artifact: Path,
+    artifact_runtime: Runtime,
     threads: int,
 ) -> dict[str, Any]:
-    import onnxruntime
-
     validated = validation_set.kind == "file"
     fp32 = next((row for row in candidates if row.name == "fp32" and row.usable), None)
     summary: dict[str, Any] = {}
@@ -707,7 +1064,7 @@ def _report(
         "source": {
             "path": str(model),
             "sha256": _sha256(model),
-            "size_bytes": file_size(model),
+            "size_bytes": _source_size(model),
             **load_result.details,
             "notes": list(load_result.notes),
         },
@@ -728,7 +1085,7 @@ def _report(
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "threads": threads,
-            "onnxruntime": onnxruntime.__version__,
+            **_host_engines(profile, artifact_runtime),
             "note": "latency and memory are measured on this host, not on the device",
         },
         "signature": {
@@ -747,10 +1104,17 @@ def _report(
         "chosen": winner.name,
         "summary": summary,
         "artifact": {
-            "path": "model.onnx",
+            "path": artifact.name,
             "sha256": _sha256(artifact),
             "size_bytes": file_size(artifact),
             "compressed_size_bytes": winner.compressed_size_bytes,
+            "inputs": [spec.to_dict() for spec in artifact_runtime.inputs],
+            "outputs": [spec.to_dict() for spec in artifact_runtime.outputs],
             **winner.details.get("compat", {}),
+            **(
+                {"op_versions": winner.details["op_versions"]}
+                if "op_versions" in winner.details
+                else {}
+            ),
         },
     }

@@ -156,7 +156,7 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     "output_dir",
     type=click.Path(path_type=Path),
     required=True,
-    help="Folder for model.onnx, report.json, golden.npz, reference_stats.json.",
+    help="Folder for model.onnx or model.tflite, report.json, golden.npz, reference_stats.json.",
 )
 @click.option(
     "--calibration",
@@ -199,6 +199,13 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     show_default=True,
     help="Bundle security epoch (devices refuse bundles below their floor).",
 )
+@click.option(
+    "--verify-runtime",
+    "verify_runtimes",
+    is_flag=True,
+    help="Then load the artifact in the profile's oldest and newest runtime versions (cached "
+    "venvs, see `edgekit verify-runtime`) and replay golden.npz; refuse to sign if one fails.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(
     model: Path,
@@ -212,9 +219,14 @@ def convert(
     bundle_name: str | None,
     bundle_version: str,
     security_epoch: int,
+    verify_runtimes: bool,
     as_json: bool,
 ) -> None:
-    """Convert MODEL (.onnx) into the fastest artifact that meets the profile's tolerance."""
+    """Convert MODEL into the fastest artifact that meets the profile's tolerance.
+
+    MODEL is an ONNX file, a Keras `.keras` file or a TensorFlow SavedModel folder; the profile
+    decides the output (`model.onnx` or `model.tflite`).
+    """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
     from edgekit.converters import convert as run_convert
@@ -246,6 +258,29 @@ def convert(
             progress=on_step,
             keep_candidates=keep_candidates,
         )
+    runtime_report = None
+    if verify_runtimes:
+        # Before signing: a bundle the profile's runtimes cannot load is never signed.
+        from edgekit.cli_runtime import print_verify_report, run_with_progress
+        from edgekit.verify_runtime import RuntimeConformanceError
+
+        runtime_report = run_with_progress(result.artifact, profile, cache_dir=None)
+        for check in runtime_report.not_installed:
+            click.echo(f"warning: not verified on {check.runtime}: {check.install_error}", err=True)
+        if not runtime_report.passed:
+            if as_json:
+                click.echo(
+                    json.dumps({**result.report, "verify_runtime": runtime_report.to_dict()})
+                )
+            else:
+                print_report(result.report, output_dir)
+                print_verify_report(runtime_report, stdout)
+            raise RuntimeConformanceError(
+                ("no bundle signed: " if signers else "")
+                + f"{result.artifact.name} for profile {profile.name} fails on its runtimes: "
+                + "; ".join(runtime_report.problems())
+                + f" (the converted files stay in {output_dir}; see docs/verify-runtime.md)"
+            )
     bundle_path = None
     if signers:
         from edgekit.bundle import sign_and_build_bundle
@@ -263,9 +298,13 @@ def convert(
         report = dict(result.report)
         if bundle_path is not None:
             report["bundle"] = str(bundle_path)
+        if runtime_report is not None:
+            report["verify_runtime"] = runtime_report.to_dict()
         click.echo(json.dumps(report, indent=2))
         return
     print_report(result.report, output_dir)
+    if runtime_report is not None:
+        print_verify_report(runtime_report, stdout)
     if bundle_path is not None:
         stdout.print(f"signed bundle: {bundle_path}", soft_wrap=True)
 
@@ -346,11 +385,19 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
             f"{summary['size_ratio_vs_fp32']:.2f}x fp32 size)"
         )
     stdout.print(line, soft_wrap=True)
-    stdout.print(
-        f"IR {artifact.get('ir_version')} opset {artifact.get('opset')} "
-        f"(loads on {artifact.get('runtime')}); report: {output_dir / 'report.json'}",
-        soft_wrap=True,
-    )
+    ops = artifact.get("op_versions")
+    if isinstance(ops, dict):
+        where = (
+            f"op versions checked against {ops.get('oldest_runtime')}"
+            if ops.get("checked")
+            else "op versions not checked"
+        )
+    else:
+        where = (
+            f"IR {artifact.get('ir_version')} opset {artifact.get('opset')} "
+            f"(loads on {artifact.get('runtime')})"
+        )
+    stdout.print(f"{where}; report: {output_dir / 'report.json'}", soft_wrap=True)
 
 
 main.add_command(keys_group, "keys")

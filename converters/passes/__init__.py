@@ -1,6 +1,7 @@
 """Conversion passes, registered by name (see `base.Pass`)."""
 
 from edgekit.converters.passes import onnx_passes as onnx_passes
+from edgekit.converters.passes import tflite_passes as tflite_passes
 from edgekit.converters.passes.base import (
     Pass,
     PassContext,
@@ -9,4 +10,12 @@ from edgekit.converters.passes.base import (
     registered_passes,
 )
 
-__all__ = ["Pass", "PassContext", "PassResult", "get_pass", "onnx_passes", "registered_passes"]
+__all__ = [
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "get_pass",
+    "onnx_passes",
+    "registered_passes",
+    "tflite_passes",
+]

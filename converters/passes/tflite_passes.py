@@ -1,0 +1,581 @@
+"""The TensorFlow passes: read a Keras/SavedModel source, convert it to TFLite, export ONNX.
+
+`tf_load` turns a `.keras` file or a SavedModel folder into a SavedModel with one serving
+signature whose inputs and outputs carry the model's own names; every TFLite candidate is
+converted from it by `tflite_convert` (TFLiteConverter: float32, float16, dynamic-range int8,
+full int8 with a representative dataset and int8/uint8/float32 I/O). `rank_tflite_layers` asks
+TensorFlow's quantization debugger which layers lose the most to int8, for the accuracy
+fallback. `tf2onnx` exports the SavedModel as ONNX for onnx profiles.
+
+TensorFlow is imported inside each pass, never at module import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from edgekit.converters.passes.base import Pass, PassContext, PassResult
+
+from edgekit.errors import ConversionError, first_line
+from edgekit.runtimes import Feeds, Runtime, TensorSpec
+
+__all__ = [
+    "LITERT_QUANTIZER_RECIPES",
+    "SIGNATURE_KEY",
+    "LiteRtQuantizeConfig",
+    "LiteRtQuantizePass",
+    "SourceKind",
+    "TensorFlowModel",
+    "Tf2OnnxConfig",
+    "Tf2OnnxPass",
+    "TfLoadConfig",
+    "TfLoadPass",
+    "TfliteConvertConfig",
+    "TfliteConvertPass",
+    "TfliteKind",
+    "litert_quantizer_available",
+    "rank_tflite_layers",
+    "source_kind",
+]
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_KEY = "serving_default"
+SourceKind = Literal["onnx", "saved_model", "keras"]
+TfliteKind = Literal["fp32", "fp16", "dynamic_int8", "full_int8"]
+Array = npt.NDArray[Any]
+
+# How many calibration samples the representative dataset and the debugger see.
+_CALIBRATION_SAMPLES = 128
+_DEBUG_SAMPLES = 32
+
+
+def source_kind(path: Path) -> SourceKind:
+    """What kind of model `path` holds: an ONNX file, a Keras `.keras` file or a SavedModel."""
+    if not path.exists():
+        raise ConversionError(f"model {path} does not exist; check the path")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+            return "saved_model"
+        raise ConversionError(
+            f"{path} is a folder without saved_model.pb; expected a TensorFlow SavedModel "
+            "folder, a Keras .keras file or an .onnx file"
+        )
+    if path.suffix == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ConversionError(
+                f"{path} is not a Keras .keras file (not a zip archive); re-save the model "
+                "with model.save('model.keras')"
+            )
+        return "keras"
+    if path.suffix in (".h5", ".hdf5"):
+        raise ConversionError(
+            f"{path}: legacy Keras HDF5 files are not read; re-save the model with "
+            "model.save('model.keras') or model.export('saved_model_dir')"
+        )
+    return "onnx"
+
+
+def _tf() -> Any:
+    if "tensorflow" not in sys.modules:
+        # TensorFlow's C++ INFO/WARNING lines would bury the converter's own output.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ConversionError(
+            "TFLite conversion needs TensorFlow: pip install 'edgekit[tflite]'"
+        ) from e
+    return tf
+
+
+@dataclass(frozen=True)
+class TfLoadConfig:
+    """Which kind of source to read (see `source_kind`)."""
+
+    kind: Literal["saved_model", "keras"]
+
+
+class TfLoadPass(Pass):
+    """Read a Keras file or SavedModel; write a SavedModel with one named serving signature."""
+
+    name = "tf_load"
+
+    def __init__(self, config: TfLoadConfig) -> None:
+        self.config = config
+
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        tf = _tf()
+        if self.config.kind == "keras":
+            _export_keras(source, destination)
+        else:
+            try:
+                loaded = tf.saved_model.load(str(source))
+            except Exception as e:  # TF raises OSError/ValueError/its own errors, undocumented
+                raise ConversionError(
+                    f"{source}: TensorFlow cannot load the SavedModel: {first_line(e)}; "
+                    "re-export it with tf.saved_model.save or model.export"
+                ) from e
+            signatures = dict(loaded.signatures)
+            if SIGNATURE_KEY not in signatures:
+                found = ", ".join(sorted(signatures)) or "none"
+                raise ConversionError(
+                    f"{source}: the SavedModel has no {SIGNATURE_KEY!r} signature (found: "
+                    f"{found}); export it with signatures={{'{SIGNATURE_KEY}': fn}}"
+                )
+            shutil.copytree(source, destination)
+        model = TensorFlowModel(destination)
+        return PassResult(
+            details={
+                "format": self.config.kind,
+                "tensorflow": str(tf.__version__),
+                "signature": SIGNATURE_KEY,
+                "inputs": [spec.to_dict() for spec in model.inputs],
+                "outputs": [spec.to_dict() for spec in model.outputs],
+            }
+        )
+
+
+def _export_keras(source: Path, destination: Path) -> None:
+    """A Keras model as a SavedModel whose signature names its outputs after the output layers."""
+    tf = _tf()
+    keras = tf.keras  # Keras 3 under TensorFlow 2.21
+
+    try:
+        model = keras.models.load_model(str(source), compile=False)
+    except Exception as e:  # keras raises ValueError/OSError/zipfile errors, undocumented
+        raise ConversionError(
+            f"{source}: Keras cannot load the model: {first_line(e)}; re-save it with "
+            "model.save('model.keras')"
+        ) from e
+    inputs = list(model.inputs)
+    output_names = _keras_output_names(model)
+    specs = [
+        tf.TensorSpec(tensor.shape, tensor.dtype, name=_clean_name(tensor.name, f"input_{i}"))
+        for i, tensor in enumerate(inputs)
+    ]
+
+    def serve(*args: Any) -> dict[str, Any]:
+        result = model(list(args) if len(args) > 1 else args[0], training=False)
+        values = list(result) if isinstance(result, (list, tuple)) else [result]
+        if isinstance(result, dict):
+            values = [result[key] for key in result]
+        return dict(zip(output_names, values, strict=True))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name=SIGNATURE_KEY, fn=serve, input_signature=specs)
+    try:
+        archive.write_out(str(destination), verbose=False)
+    except TypeError:  # older Keras without `verbose`
+        archive.write_out(str(destination))
+
+
+def _keras_output_names(model: Any) -> list[str]:
+    names = []
+    for index, tensor in enumerate(model.outputs):
+        history = getattr(tensor, "_keras_history", None)
+        operation = getattr(history, "operation", None) if history is not None else None
+        name = getattr(operation, "name", None) or f"output_{index}"
+        names.append(_clean_name(str(name), f"output_{index}"))
+    if len(set(names)) != len(names):
+        names = [f"output_{index}" for index in range(len(names))]
+    return names
+
+
+def _clean_name(name: str, fallback: str) -> str:
+    cleaned = "".join(
+        ch if ch.isalnum() or ch == "_" else "_" for ch in name.split(":", maxsplit=1)[0]
+    )
+    return cleaned or fallback
+
+
+class TensorFlowModel(Runtime):
+    """The source model itself, run by TensorFlow through its serving signature.
+
+    The reference every TFLite candidate is validated against.
+    """
+
+    engine = "tensorflow"
+
+    def __init__(self, saved_model: Path) -> None:
+        tf = _tf()
+        self.version = str(tf.__version__)
+        self._module = tf.saved_model.load(str(saved_model))
+        self._function = self._module.signatures[SIGNATURE_KEY]
+        _, keyword_specs = self._function.structured_input_signature
+        self._inputs = tuple(
+            TensorSpec(
+                name=name,
+                dtype=spec.dtype.name,
+                shape=tuple(spec.shape.as_list()) if spec.shape.rank is not None else (),
+            )
+            for name, spec in keyword_specs.items()
+        )
+        outputs = self._function.structured_outputs
+        self._outputs = tuple(
+            TensorSpec(
+                name=name,
+                dtype=tensor.dtype.name,
+                shape=tuple(tensor.shape.as_list()) if tensor.shape.rank is not None else (),
+            )
+            for name, tensor in outputs.items()
+        )
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self._outputs
+
+    def run(self, feeds: Feeds) -> dict[str, Array]:
+        tf = _tf()
+        values = self._function(**{name: tf.constant(value) for name, value in feeds.items()})
+        return {spec.name: np.asarray(values[spec.name].numpy()) for spec in self._outputs}
+
+
+@dataclass(frozen=True)
+class TfliteConvertConfig:
+    """One TFLiteConverter run: the kind of candidate and, for full int8, its I/O type."""
+
+    kind: TfliteKind
+    io_type: Literal["float32", "int8", "uint8"] = "float32"
+    # Output tensor names of layers kept in float (quantization debugger's denylist).
+    float_layers: tuple[str, ...] = ()
+    calibration_samples: int = _CALIBRATION_SAMPLES
+    # Extra TFLiteConverter attributes (e.g. `tflite_compat.downgrade_options` for old runtimes).
+    converter_options: tuple[tuple[str, object], ...] = ()
+
+
+class TfliteConvertPass(Pass):
+    """TFLiteConverter from the SavedModel: fp32, fp16, dynamic-range int8 or full int8."""
+
+    name = "tflite_convert"
+
+    def __init__(self, config: TfliteConvertConfig) -> None:
+        self.config = config
+
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        tf = _tf()
+        config = self.config
+        notes: list[str] = []
+        try:
+            with _quiet_converter():
+                if config.kind == "full_int8" and config.float_layers:
+                    content = _quantize_with_float_layers(source, context, config)
+                    notes.append(f"{len(config.float_layers)} layer(s) kept in float")
+                else:
+                    converter = make_converter(source, config.kind, context, config=config)
+                    content = converter.convert()
+        except ConversionError:
+            raise
+        except Exception as e:  # TFLiteConverter raises ConverterError/ValueError/...
+            raise ConversionError(
+                f"TFLiteConverter cannot build {config.kind}: {first_line(e)}"
+            ) from e
+        destination.write_bytes(content)
+        return PassResult(
+            notes=tuple(notes),
+            details={
+                "converter": f"TFLiteConverter (tensorflow {tf.__version__})",
+                "kind": config.kind,
+                "io_type": config.io_type if config.kind == "full_int8" else "float32",
+                "float_layers": list(config.float_layers),
+                "converter_options": dict(config.converter_options),
+            },
+        )
+
+
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """TFLiteConverter calibrates with tf.lite.Interpreter, which warns it is deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow\.lite\..*")
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*tf.lite.Interpreter.*")
+        yield
+
+
+def _tf_dtype(name: str) -> Any:
+    tf = _tf()
+    return {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[name]
+
+
+def representative_feeds(context: PassContext, limit: int) -> list[dict[str, Array]]:
+    """Up to `limit` calibration feeds (batch 1 each), for the representative dataset."""
+    dataset = context.calibration
+    if dataset is None:
+        raise ConversionError("full int8 needs calibration data; give --calibration")
+    feeds: list[dict[str, Array]] = list(dataset.head_samples(limit).feeds)
+    return feeds[:limit]
+
+
+def make_converter(
+    saved_model: Path,
+    kind: TfliteKind,
+    context: PassContext,
+    *,
+    config: TfliteConvertConfig | None = None,
+) -> Any:
+    """A TFLiteConverter set up for one candidate kind (not yet run)."""
+    tf = _tf()
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model), signature_keys=[SIGNATURE_KEY]
+    )
+    for attribute, value in config.converter_options if config else ():
+        setattr(converter, attribute, value)
+    if kind == "fp32":
+        return converter
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif kind == "full_int8":
+        samples = config.calibration_samples if config else _CALIBRATION_SAMPLES
+        feeds = representative_feeds(context, samples)
+
+        def representative() -> Iterator[dict[str, Array]]:
+            yield from feeds
+
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = config.io_type if config else "float32"
+        converter.inference_input_type = _tf_dtype(io_type)
+        converter.inference_output_type = _tf_dtype(io_type)
+    return converter
+
+
+def _debug_dataset(
+    context: PassContext, input_order: Sequence[str], limit: int
+) -> Callable[[], Iterator[list[Array]]]:
+    feeds = representative_feeds(context, limit)
+
+    def dataset() -> Iterator[list[Array]]:
+        for feed in feeds:
+            yield [feed[name] for name in input_order]
+
+    return dataset
+
+
+def _input_order(saved_model: Path, context: PassContext) -> list[str]:
+    """The interpreter's input order (the debugger feeds inputs by position)."""
+    from edgekit.runtimes import LiteRtBackend
+
+    content = make_converter(saved_model, "fp32", context).convert()
+    return [spec.name for spec in LiteRtBackend(content).inputs]
+
+
+def _debugger(
+    saved_model: Path,
+    context: PassContext,
+    config: TfliteConvertConfig,
+    float_layers: Sequence[str],
+) -> Any:
+    tf = _tf()
+    converter = make_converter(
+        saved_model,
+        "full_int8",
+        context,
+        config=replace(config, float_layers=()),
+    )
+    # The debugger quantizes with float I/O itself; the I/O type is applied afterwards.
+    converter.inference_input_type = tf.float32
+    converter.inference_output_type = tf.float32
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_nodes=list(float_layers) or None
+    )
+    order = _input_order(saved_model, context)
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=converter,
+        debug_dataset=_debug_dataset(context, order, _DEBUG_SAMPLES),
+        debug_options=options,
+    )
+
+
+def _quantize_with_float_layers(
+    saved_model: Path, context: PassContext, config: TfliteConvertConfig
+) -> bytes:
+    """Full int8 with `config.float_layers` left in float (selective quantization)."""
+    from tensorflow.lite.python.util import modify_model_io_type
+
+    debugger = _debugger(saved_model, context, config, config.float_layers)
+    content: bytes = debugger.get_nondebug_quantized_model()
+    if config.io_type != "float32":
+        # Inputs/outputs next to a float layer stay float: TF keeps their original type.
+        io_type = _tf_dtype(config.io_type)
+        content = modify_model_io_type(content, io_type, io_type)
+    return content
+
+
+def rank_tflite_layers(
+    saved_model: Path, context: PassContext, config: TfliteConvertConfig
+) -> list[tuple[str, float]]:
+    """Layers of the full-int8 model by quantization error, worst first: (tensor, rmse/scale).
+
+    From TensorFlow's quantization debugger: the root mean squared difference between each
+    layer's float and dequantized int8 output, in units of the layer's quantization step (1 is
+    one step; above ~0.7 the layer loses more than rounding alone explains).
+    """
+    with _quiet_converter():
+        debugger = _debugger(saved_model, context, config, ())
+        debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    ranked = []
+    for row in csv.DictReader(io.StringIO(dump.getvalue())):
+        try:
+            scale = float(row["scale"])
+            mse = float(row["mean_squared_error"])
+        except (KeyError, ValueError):
+            continue
+        if not scale or not np.isfinite(mse):
+            continue
+        ranked.append((row["tensor_name"], float(np.sqrt(mse) / scale)))
+    ranked.sort(key=lambda item: item[1], reverse=True)
+    return ranked
+
+
+# Candidate kind -> the ai-edge-quantizer recipe that builds it, and the I/O type it gives.
+LITERT_QUANTIZER_RECIPES: dict[str, tuple[str, str]] = {
+    "dynamic_int8": ("dynamic_wi8_afp32", "float32"),
+    "full_int8": ("static_wi8_ai8", "int8"),
+}
+
+
+def litert_quantizer_available() -> bool:
+    """Whether ai-edge-quantizer (the LiteRT quantizer) is installed."""
+    return importlib.util.find_spec("ai_edge_quantizer") is not None
+
+
+@dataclass(frozen=True)
+class LiteRtQuantizeConfig:
+    """One ai-edge-quantizer run (see `LITERT_QUANTIZER_RECIPES`)."""
+
+    kind: Literal["dynamic_int8", "full_int8"]
+    calibration_samples: int = _CALIBRATION_SAMPLES
+
+
+class LiteRtQuantizePass(Pass):
+    """The LiteRT quantizer (ai-edge-quantizer) on the float32 TFLite model of the SavedModel.
+
+    A second source for the int8 candidates besides TFLiteConverter; validation and the
+    benchmark decide which one ships.
+    """
+
+    name = "litert_quantize"
+
+    def __init__(self, config: LiteRtQuantizeConfig) -> None:
+        self.config = config
+
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        try:
+            quantizer = importlib.import_module("ai_edge_quantizer.quantizer")
+            recipe = importlib.import_module("ai_edge_quantizer.recipe")
+        except ImportError as e:
+            raise ConversionError(
+                "the LiteRT quantizer is not installed: pip install ai-edge-quantizer"
+            ) from e
+        from importlib import metadata
+
+        recipe_name, io_type = LITERT_QUANTIZER_RECIPES[self.config.kind]
+        try:
+            with _quiet_converter():
+                float_model = make_converter(source, "fp32", context).convert()
+            engine = quantizer.Quantizer(bytes(float_model))
+            engine.load_quantization_recipe(getattr(recipe, recipe_name)())
+            calibration = None
+            if self.config.kind == "full_int8":
+                feeds = representative_feeds(context, self.config.calibration_samples)
+                calibration = engine.calibrate(
+                    {SIGNATURE_KEY: feeds}, num_threads=max(1, context.threads)
+                )
+            result = engine.quantize(
+                calibration, enable_progress_bar=False, enable_progress_report=False
+            )
+        except ConversionError:
+            raise
+        except Exception as e:  # the quantizer raises ValueError/RuntimeError, undocumented
+            raise ConversionError(
+                f"ai-edge-quantizer cannot build {self.config.kind}: {first_line(e)}"
+            ) from e
+        if result.quantized_model is None:
+            raise ConversionError(f"ai-edge-quantizer built no model for {self.config.kind}")
+        destination.write_bytes(bytes(result.quantized_model))
+        return PassResult(
+            details={
+                "converter": f"ai-edge-quantizer {metadata.version('ai-edge-quantizer')}",
+                "recipe": recipe_name,
+                "kind": self.config.kind,
+                "io_type": io_type,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Tf2OnnxConfig:
+    """ONNX opset for the export (the compat pass lowers it further when a profile needs)."""
+
+    opset: int = 17
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Tf2OnnxPass(Pass):
+    """Export the SavedModel's serving signature as ONNX with tf2onnx."""
+
+    name = "tf2onnx"
+
+    def __init__(self, config: Tf2OnnxConfig | None = None) -> None:
+        self.config = config or Tf2OnnxConfig()
+
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        _tf()
+        try:
+            import tf2onnx
+        except ImportError as e:
+            raise ConversionError(
+                "converting a TensorFlow model for an onnx profile needs tf2onnx: "
+                "pip install 'edgekit[tflite]'"
+            ) from e
+        from tf2onnx import tf_loader
+
+        try:
+            graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
+                str(source),
+                None,
+                None,
+                tag="serve",
+                signatures=[SIGNATURE_KEY],
+                return_tensors_to_rename=True,
+            )
+            # Inputs and outputs keep the signature's names (pixels, logits).
+            tf2onnx.convert.from_graph_def(
+                graph_def,
+                input_names=inputs,
+                output_names=outputs,
+                opset=self.config.opset,
+                tensors_to_rename=renames,
+                output_path=str(destination),
+            )
+        except Exception as e:  # tf2onnx raises whatever TF or its handlers raise
+            raise ConversionError(
+                f"tf2onnx cannot export the model: {first_line(e)}; try a tflite profile"
+            ) from e
+        return PassResult(
+            details={"converter": f"tf2onnx {tf2onnx.__version__}", "opset": self.config.opset}
+        )
