@@ -23,7 +23,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import TransportError
 from edgekit.topics import BundleMeta, MessageError, Topics
 
 if TYPE_CHECKING:
@@ -33,7 +33,9 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ChunkAssembler",
     "MqttBundleFetcher",
+    "TransferCancelledError",
     "TransferError",
+    "TransferTimeoutError",
     "enable_nodelay",
     "publish_bundle",
     "unpublish_bundle",
@@ -49,8 +51,16 @@ Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
 
 
-class TransferError(EdgekitError):
+class TransferError(TransportError):
     """A bundle could not be moved over MQTT: broker refused, timed out, or bytes do not match."""
+
+
+class TransferTimeoutError(TransferError):
+    """The fetch's time ran out; what arrived is kept and a later fetch resumes from it."""
+
+
+class TransferCancelledError(TransferError):
+    """`MqttBundleFetcher.cancel()` stopped the fetch; what arrived is kept for a resume."""
 
 
 def enable_nodelay(client: mqtt.Client) -> None:
@@ -335,6 +345,13 @@ class MqttBundleFetcher:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._error: TransferError | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Stop a running `fetch` from another thread (it raises `TransferCancelledError`)."""
+        with self._lock:
+            self._cancelled = True
+            self._changed.notify_all()
 
     @property
     def _meta_topic(self) -> str:
@@ -410,11 +427,15 @@ class MqttBundleFetcher:
                 while True:
                     if self._error is not None:
                         raise self._error
+                    if self._cancelled:
+                        raise TransferCancelledError(
+                            f"fetch of bundle {self.sha256[:12]} cancelled; a later fetch resumes"
+                        )
                     now = time.monotonic()
                     if now > deadline:
                         held = self.assembler.held if self.assembler else 0
                         total = self.assembler.meta.chunks if self.assembler else "?"
-                        raise TransferError(
+                        raise TransferTimeoutError(
                             f"timed out after {timeout_s:.0f} s fetching bundle "
                             f"{self.sha256[:12]} over MQTT ({held}/{total} chunks)"
                         )

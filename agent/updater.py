@@ -1,0 +1,841 @@
+"""The update state machine (DESIGN.md "Agent state machine").
+
+    idle -> downloading -> verifying -> installing -> checking -> activating -> probation
+         -> committed,   or -> rolled_back from any step (pointer back, bundle marked bad)
+
+Every transition is written to the journal (fsync'd) before it takes effect and then
+reported (a `state` event and a retained status). `Updater.start` recovers from whatever the
+journal says: steps before activation are redone (each is idempotent), an interrupted
+activation is finished, a probation is restarted once and rolled back if the agent dies in
+it again, an interrupted rollback is finished. The model that serves meanwhile is always a
+verified slot (re-hashed at start).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgekit.agent.config import AgentConfig
+from edgekit.agent.download import Fetcher
+from edgekit.agent.health import HealthReport, run_health_check
+from edgekit.agent.journal import Journal, JournalRecord, StorageError, fault_point
+from edgekit.agent.serving import ModelHost, ModelInfo, read_golden_tolerance
+from edgekit.agent.store import Pointer, SlotInfo, Store
+
+from edgekit import __version__
+from edgekit.bundle import Limits, verify_bundle
+from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
+from edgekit.profiles import Budgets, Profile
+from edgekit.runtimes import Runtime, open_runtime
+from edgekit.topics import ActiveBundle, Event, Status
+from edgekit.trust import (
+    BundleRef,
+    Directive,
+    DirectiveFloor,
+    ReplayError,
+    TrustStore,
+    VerifiedDirective,
+    next_floor,
+    parse_envelope,
+    verify_directive,
+)
+
+__all__ = ["AGENT_VERSION", "Reporter", "UpdateFailed", "Updater", "effective_budgets"]
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = __version__
+_MAX_PROBATION_RESTARTS = 1
+_DOWNLOAD_ATTEMPTS = 5
+
+
+class Reporter(Protocol):
+    """Where the updater's events and status go (the MQTT session, or a test's list)."""
+
+    def event(self, event: Event) -> None: ...
+
+    def status(self, status: Status) -> None: ...
+
+
+class UpdateFailed(EdgekitError):  # noqa: N818 - reads as the outcome it names
+    """An update step failed; the update is rolled back with this reason."""
+
+    def __init__(self, reason: str, *, refused: bool = False, mark_bad: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.refused = refused  # the bundle itself is untrusted or broken (bundle_refused)
+        self.mark_bad = mark_bad
+
+
+def effective_budgets(profile: Profile, config: AgentConfig) -> Budgets:
+    """The profile's budgets with the config's overrides applied."""
+    base, over = profile.budgets, config.budgets
+    return Budgets(
+        max_model_bytes=over.max_model_bytes or base.max_model_bytes,
+        max_ram_bytes=over.max_ram_bytes or base.max_ram_bytes,
+        max_latency_ms=over.max_latency_ms or base.max_latency_ms,
+    )
+
+
+@dataclass
+class _Candidate:
+    """The model being rolled out, once it is loaded."""
+
+    slot: SlotInfo
+    runtime: Runtime
+
+
+class Updater:
+    """Applies directives to the device's slots; thread-safe entry points are `submit`,
+    `status` and `snapshot`. Run `start()` once, then `run(stop)` in a worker thread."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        profile: Profile,
+        store: Store,
+        trust: TrustStore,
+        host: ModelHost,
+        fetcher: Fetcher,
+        reporter: Reporter,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.store = store
+        self.journal = Journal(store.journal_path)
+        self.trust = trust
+        self.host = host
+        self.fetcher = fetcher
+        self.reporter = reporter
+        self.clock = clock
+        self.budgets = effective_budgets(profile, config)
+        self.record = JournalRecord()
+        self._pending: collections.deque[bytes] = collections.deque(maxlen=16)
+        self._wake = threading.Condition()
+        self._previous_runtime: Runtime | None = None  # kept during probation: fast rollback
+        self._serving: Runtime | None = None
+        self._busy = False
+        self._resume = False
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _bundle_of(self, slot: str | None) -> ActiveBundle | None:
+        if slot is None:
+            return None
+        try:
+            info = self.store.slot_info(slot)
+        except EdgekitError:
+            return None
+        return info.bundle if info else None
+
+    def status(self, *, online: bool = True) -> Status:
+        """The device's status as the retained `status` message carries it."""
+        try:
+            pointer = self.store.pointer()
+            floor, _ = self.store.floor()
+            last_sequence = floor.last_sequence
+        except EdgekitError:
+            pointer, last_sequence = Pointer(), self.record.sequence
+        return Status(
+            fleet=self.config.fleet,
+            device=self.config.device_id,
+            online=online,
+            state=self.record.state,
+            profile=self.profile.name,
+            group=self.config.group,
+            tags=dict(self.config.tags),
+            active=self._bundle_of(pointer.active),
+            previous=self._bundle_of(pointer.previous),
+            rollout_id=self.record.rollout_id,
+            last_sequence=last_sequence,
+            agent_version=AGENT_VERSION,
+            ts=time.time(),
+        )
+
+    def emit_event(self, kind: str, **fields: Any) -> None:
+        """Report an event (`edgekit.topics.EVENT_KINDS`) about the current update."""
+        fields.setdefault("rollout_id", self.record.rollout_id)
+        fields.setdefault("bundle", self.record.bundle)
+        event = Event(
+            fleet=self.config.fleet,
+            device=self.config.device_id,
+            kind=kind,
+            ts=time.time(),
+            **fields,
+        )
+        try:
+            self.reporter.event(event)
+        except (EdgekitError, OSError, ValueError) as e:
+            log.error("cannot report %s event: %s", kind, first_line(e))
+
+    def _publish_status(self) -> None:
+        try:
+            self.reporter.status(self.status())
+        except (EdgekitError, OSError, ValueError) as e:
+            log.error("cannot publish status: %s", first_line(e))
+
+    def report_error(self, message: str, **details: Any) -> None:
+        """Log and report a problem the agent survives (disk full, corrupt journal)."""
+        log.error("%s", message)
+        self.emit_event("error", reason=message, details=details, bundle=None)
+
+    def _enter(self, state: str, **changes: Any) -> None:
+        """Journal the transition (durably), then report it."""
+        record = self.record.advance(state, **changes)
+        self.journal.write(record)
+        self.record = record
+        fault_point(f"{state}/journaled")
+        log.info(
+            "state %s (sequence %d, %s)",
+            state,
+            record.sequence,
+            f"{record.bundle.name} {record.bundle.version}" if record.bundle else "no bundle",
+        )
+        self.emit_event("state", state=state, sequence=record.sequence, reason=record.reason)
+        self._publish_status()
+
+    # -- start and recovery --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from the journal and load the active slot into the host (no network)."""
+        try:
+            self.store.ensure_layout()
+        except StorageError as e:
+            self.report_error(str(e))
+        try:
+            self.record = self.journal.read()
+        except StorageError as e:
+            self.record = JournalRecord(state="idle")
+            self.report_error(f"{e}; continuing with the last good model", file="journal")
+        self._recover_pointer()
+        self._load_active()
+        if self.host.info is None and self.config.initial_bundle is not None:
+            self._install_initial(self.config.initial_bundle)
+        self._publish_status()
+
+    def _recover_pointer(self) -> None:
+        record = self.record
+        state = record.state
+        try:
+            self._recover_floor(record)
+            pointer = self.store.pointer()
+            if state == "activating" and record.slot is not None:
+                # The candidate passed its checks before "activating" was journaled: finish.
+                if pointer.active != record.slot:
+                    self.store.set_pointer(Pointer(record.slot, record.previous_slot))
+                self._resume = True
+            elif state == "probation":
+                if record.probation_restarts >= _MAX_PROBATION_RESTARTS:
+                    self._rollback_on_disk("the agent restarted during probation again")
+                else:
+                    # Count the restart, so that dying in probation again rolls back.
+                    self.record = record.advance(
+                        "probation", probation_restarts=record.probation_restarts + 1
+                    )
+                    self.journal.write(self.record)
+                    self._resume = True
+            elif state == "rolled_back":
+                self._rollback_on_disk(record.reason or "rolled back")
+            elif state in ("downloading", "verifying", "installing", "checking"):
+                if record.slot is not None and pointer.active == record.slot:
+                    # Never install over the serving slot (a journal from an older pointer).
+                    self._fail_journal("the slot to install into is serving; update abandoned")
+                else:
+                    self._resume = True
+        except StorageError as e:
+            self.report_error(f"cannot recover the update journal: {e}")
+            self._resume = False
+
+    def _recover_floor(self, record: JournalRecord) -> None:
+        """The floor is written right after the journal accepts a directive: redo it."""
+        if not record.directive:
+            return
+        floor, _ = self.store.floor()
+        if floor.last_sequence >= record.sequence:
+            return
+        try:
+            directive = Directive.from_payload(parse_envelope(record.directive).payload)
+        except BundleError as e:
+            log.warning("journaled directive is unreadable: %s", first_line(e))
+            return
+        recovered = DirectiveFloor(
+            max(floor.last_sequence, directive.sequence),
+            max(floor.min_security_epoch, directive.min_security_epoch),
+        )
+        self.store.set_floor(recovered, directive=record.directive)
+
+    def _fail_journal(self, reason: str) -> None:
+        self.record = self.record.advance("rolled_back", reason=reason)
+        self.journal.write(self.record)
+
+    def _rollback_on_disk(self, reason: str) -> None:
+        """Finish a rollback: pointer back to the previous slot, bundle marked bad."""
+        record = self.record
+        if record.bundle is not None:
+            self.store.mark_bad(record.bundle.sha256, sequence=record.sequence, reason=reason)
+        if record.state != "rolled_back":
+            self.record = record.advance("rolled_back", reason=reason)
+            self.journal.write(self.record)
+        pointer = self.store.pointer()
+        if record.slot is not None and pointer.active == record.slot:
+            self.store.set_pointer(Pointer(record.previous_slot, record.slot))
+
+    def _load_active(self) -> None:
+        """Serve the pointer's slot after re-hashing it; fall back to the other slot."""
+        try:
+            pointer = self.store.pointer()
+        except StorageError as e:
+            self.report_error(str(e))
+            return
+        for slot in (pointer.active, pointer.previous):
+            if slot is None:
+                continue
+            try:
+                info = self.store.verify_slot(slot)
+                runtime = open_runtime(info.model_path, threads=self.config.update.threads)
+            except EdgekitError as e:
+                self.report_error(f"slot {slot} cannot serve: {first_line(e)}", slot=slot)
+                continue
+            self._activate_host(info, runtime)
+            if slot != pointer.active:
+                try:
+                    if self.record.state in ("activating", "probation"):
+                        # The new slot is damaged: this is a rollback, with its reason.
+                        self._rollback_on_disk(f"slot {pointer.active} failed verification")
+                    else:
+                        self.store.set_pointer(Pointer(slot, None))
+                except StorageError as e:
+                    self.report_error(str(e))
+                self._resume = False
+            return
+
+    def _activate_host(self, info: SlotInfo, runtime: Runtime) -> None:
+        golden = info.path_of("golden")
+        stats_path = info.path_of("reference_stats")
+        reference: dict[str, Any] | None = None
+        if stats_path is not None:
+            try:
+                loaded = json.loads(stats_path.read_text())
+                reference = loaded if isinstance(loaded, dict) else None
+            except (OSError, ValueError) as e:
+                log.warning("ignoring %s: %s", stats_path, first_line(e))
+        model_info = ModelInfo(
+            info.name,
+            info.version,
+            info.sha256,
+            tolerance=read_golden_tolerance(golden) if golden else None,
+        )
+        self.host.activate(runtime, model_info, reference_stats=reference)
+        self._serving = runtime
+
+    def _install_initial(self, path: Path) -> None:
+        """First boot: install, check and activate the factory bundle from the config."""
+        slot = self.store.idle_slot()
+        try:
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            floor, _ = self.store.floor()
+            info = self.store.install(
+                slot,
+                path,
+                trust=self.trust,
+                min_security_epoch=floor.min_security_epoch,
+                expected_sha256=sha,
+                limits=self._limits(),
+            )
+            self._check_profile(info)
+            report = self._health(info)
+            if not report.ok or report.runtime is None:
+                raise UpdateFailed(f"health check failed: {report.reason}")
+            self.record = JournalRecord(
+                state="committed", bundle=info.bundle, bundle_size=info.size_bytes, slot=slot
+            )
+            self.journal.write(self.record)
+            self.store.set_pointer(Pointer(slot, None))
+            self._activate_host(info, report.runtime)
+            log.info("installed the initial bundle %s %s", info.name, info.version)
+        except (EdgekitError, OSError) as e:
+            self.store.clear_slot(slot)
+            self.report_error(f"cannot install the initial bundle {path}: {first_line(e)}")
+
+    # -- directives ----------------------------------------------------------------------
+
+    def submit(self, envelope: bytes) -> None:
+        """Queue a directive envelope (from the MQTT thread); the worker verifies it."""
+        if not envelope:
+            return
+        with self._wake:
+            self._pending.append(bytes(envelope))
+            self._wake.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """True while a directive is being processed or waits."""
+        return self._busy or bool(self._pending)
+
+    def run(self, stop: threading.Event) -> None:
+        """The worker loop: finish a recovered update, then apply directives as they come."""
+        if self._resume:
+            self._resume = False
+            self._busy = True
+            try:
+                self._continue(stop)
+            finally:
+                self._busy = False
+        while not stop.is_set():
+            with self._wake:
+                while not self._pending and not stop.is_set():
+                    self._wake.wait(timeout=0.5)
+                if stop.is_set():
+                    return
+                envelope = self._pending.popleft()
+                self._busy = True
+            try:
+                self.process(envelope, stop=stop)
+            except Exception as e:
+                log.exception("processing a directive failed")
+                self.report_error(f"processing a directive failed: {first_line(e)}")
+            finally:
+                self._busy = False
+
+    def process(self, envelope: bytes, *, stop: threading.Event | None = None) -> None:
+        """Verify a directive and, if accepted, run the update to committed or rolled back."""
+        stop = stop or threading.Event()
+        try:
+            floor, last_digest = self.store.floor()
+        except StorageError as e:
+            self.report_error(f"cannot read the directive floor: {e}")
+            return
+        try:
+            verified = verify_directive(
+                envelope,
+                truststore=self.trust,
+                fleet=self.config.fleet,
+                device=self.config.device_id,
+                floor=floor,
+                now=self.clock(),
+            )
+        except BundleError as e:
+            digest = hashlib.sha256(envelope).hexdigest()
+            if (
+                isinstance(e, ReplayError)
+                and e.found == floor.last_sequence
+                and (digest == last_digest)
+            ):
+                log.debug("ignoring the directive already accepted (sequence %d)", e.found)
+                return
+            sequence = _unverified_sequence(envelope)
+            log.warning("refused directive (sequence %s): %s", sequence, first_line(e))
+            self.emit_event(
+                "directive_refused",
+                reason=first_line(e),
+                sequence=sequence,
+                rollout_id=None,
+                bundle=None,
+                details={"rule": type(e).__name__},
+            )
+            return
+        self._accept(verified, envelope, floor=floor, stop=stop)
+
+    def _accept(
+        self,
+        verified: VerifiedDirective,
+        envelope: bytes,
+        *,
+        floor: DirectiveFloor,
+        stop: threading.Event,
+    ) -> None:
+        directive = verified.directive
+        ref = directive.bundle
+        pointer = self.store.pointer()
+        active = self._slot(pointer.active)
+        target = ActiveBundle(ref.name, ref.version, ref.sha256)
+        base = JournalRecord(
+            state="idle",
+            sequence=directive.sequence,
+            rollout_id=directive.rollout_id,
+            bundle=target,
+            bundle_size=ref.size_bytes,
+            directive=envelope,
+            previous_slot=pointer.active,
+        )
+        try:
+            if active is not None and active.sha256 == ref.sha256:
+                # Already running it (e.g. a re-issued directive): accept and report committed.
+                self.record = base.advance("committed", slot=pointer.active)
+                self.journal.write(self.record)
+                self.store.set_floor(next_floor(floor, verified), directive=envelope)
+                self.emit_event("directive_accepted", sequence=directive.sequence)
+                self.emit_event("committed", ok=True, sequence=directive.sequence)
+                self.emit_event("state", state="committed", sequence=directive.sequence)
+                self._publish_status()
+                return
+            slot = self.store.idle_slot()
+            idle = self._slot(slot)
+            first = "checking" if idle is not None and idle.sha256 == ref.sha256 else "downloading"
+            self.record = base.advance(first, slot=slot)
+            self.journal.write(self.record)
+            fault_point(f"{first}/journaled")
+            self.store.set_floor(next_floor(floor, verified), directive=envelope)
+        except StorageError as e:
+            self.report_error(f"cannot start the update: {e}; still serving the current model")
+            return
+        log.info(
+            "accepted directive %d: %s %s (%s)",
+            directive.sequence,
+            ref.name,
+            ref.version,
+            ref.sha256[:12],
+        )
+        self.emit_event("directive_accepted", sequence=directive.sequence)
+        self.emit_event("state", state=first, sequence=directive.sequence)
+        self._publish_status()
+        self._continue(stop)
+
+    def _slot(self, slot: str | None) -> SlotInfo | None:
+        if slot is None:
+            return None
+        try:
+            return self.store.slot_info(slot)
+        except EdgekitError:
+            return None
+
+    # -- the pipeline --------------------------------------------------------------------
+
+    def _directive(self) -> Directive:
+        return Directive.from_payload(parse_envelope(self.record.directive).payload)
+
+    def _limits(self) -> Limits:
+        cap = self.config.update.max_bundle_bytes
+        return Limits(max_file_bytes=cap, max_total_bytes=cap)
+
+    def _continue(self, stop: threading.Event) -> None:
+        """Drive the journaled update from its current state to committed or rolled back."""
+        candidate: _Candidate | None = None
+        try:
+            directive = self._directive() if self.record.directive else None
+            while True:
+                state = self.record.state
+                if state == "downloading":
+                    if directive is None:
+                        raise UpdateFailed("journal has no directive to download", mark_bad=False)
+                    self._download(directive.bundle, stop)
+                    fault_point("downloading/done")
+                    self._enter("verifying")
+                elif state == "verifying":
+                    if directive is None:
+                        raise UpdateFailed("journal has no directive to verify", mark_bad=False)
+                    if not self.store.download_path(directive.bundle.sha256).exists():
+                        self._enter("downloading")  # the download vanished: fetch it again
+                        continue
+                    self._verify(directive.bundle)
+                    fault_point("verifying/done")
+                    self._enter("installing")
+                elif state == "installing":
+                    if directive is None:
+                        raise UpdateFailed("journal has no directive to install", mark_bad=False)
+                    if not self.store.download_path(directive.bundle.sha256).exists():
+                        self._enter("downloading")
+                        continue
+                    self._install(directive.bundle)
+                    fault_point("installing/done")
+                    self._enter("checking")
+                elif state == "checking":
+                    candidate = self._check()
+                    fault_point("checking/done")
+                    self._enter("activating")
+                elif state == "activating":
+                    candidate = self._activate(candidate)
+                    fault_point("activating/done")
+                    restarts = self.record.probation_restarts
+                    self._enter("probation", probation_restarts=restarts)
+                elif state == "probation":
+                    self._probation(stop)
+                    fault_point("probation/done")
+                    self._commit()
+                    return
+                else:
+                    return
+                if stop.is_set():
+                    return  # resumed from the journal on the next start
+        except _Interrupted:
+            log.info("stopping mid-update in state %s; the next start resumes", self.record.state)
+        except UpdateFailed as e:
+            self._fail(e)
+        except StorageError as e:
+            self.report_error(f"update interrupted: {e}; still serving the current model")
+            self._fail(UpdateFailed(f"storage: {first_line(e)}", mark_bad=False))
+        except BundleError as e:
+            self._fail(UpdateFailed(f"bundle refused: {first_line(e)}", refused=True))
+        except Exception as e:
+            log.exception("unexpected error in state %s", self.record.state)
+            self._fail(UpdateFailed(f"internal error: {first_line(e)}", mark_bad=False))
+        finally:
+            self.host.set_shadow(None)
+            self._previous_runtime = None
+
+    def _download(self, ref: BundleRef, stop: threading.Event) -> Path:
+        if ref.size_bytes > self.config.update.max_bundle_bytes:
+            raise UpdateFailed(
+                f"bundle is {ref.size_bytes} bytes; this device accepts at most "
+                f"{self.config.update.max_bundle_bytes} (update.max_bundle_bytes)",
+                refused=True,
+            )
+        destination = self.store.download_path(ref.sha256)
+        delay = 1.0
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            try:
+                path = self.fetcher.fetch(ref, destination)
+            except OSError as e:
+                raise StorageError(
+                    f"cannot store the download in {destination.parent}: {e.strerror or e} "
+                    "(free space on the data disk?)"
+                ) from e
+            except TransportError as e:
+                if stop.is_set():
+                    raise _Interrupted() from e
+                if attempt == _DOWNLOAD_ATTEMPTS:
+                    raise UpdateFailed(
+                        f"download failed after {attempt} attempts: {first_line(e)}",
+                        mark_bad=False,
+                    ) from e
+                log.warning("download attempt %d failed: %s", attempt, first_line(e))
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            stats = self.fetcher.last
+            if stats.source != "local" and (stats.resumed_chunks or stats.resumed_bytes):
+                self.emit_event(
+                    "download_resumed",
+                    sequence=self.record.sequence,
+                    details=asdict(stats),
+                )
+            return path
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _verify(self, ref: BundleRef) -> None:
+        floor, _ = self.store.floor()
+        with self.store.download_path(ref.sha256).open("rb") as source:
+            verified = verify_bundle(
+                source,
+                trust=self.trust,
+                min_security_epoch=floor.min_security_epoch,
+                limits=self._limits(),
+                expected_sha256=ref.sha256,
+            )
+        if verified.size_bytes != ref.size_bytes:
+            raise UpdateFailed(
+                f"bundle is {verified.size_bytes} bytes; the directive pins {ref.size_bytes}",
+                refused=True,
+            )
+        manifest = verified.manifest
+        if manifest.profile != self.profile.name:
+            raise UpdateFailed(
+                f"bundle is built for profile {manifest.profile!r}; this device runs "
+                f"{self.profile.name!r}",
+                refused=True,
+            )
+        if (manifest.name, manifest.version) != (ref.name, ref.version):
+            raise UpdateFailed(
+                f"bundle is {manifest.name} {manifest.version}; the directive names "
+                f"{ref.name} {ref.version}",
+                refused=True,
+            )
+
+    def _install(self, ref: BundleRef) -> None:
+        slot = self.record.slot
+        if slot is None:
+            raise UpdateFailed("journal names no slot to install into", mark_bad=False)
+        floor, _ = self.store.floor()
+        self.store.install(
+            slot,
+            self.store.download_path(ref.sha256),
+            trust=self.trust,
+            min_security_epoch=floor.min_security_epoch,
+            expected_sha256=ref.sha256,
+            limits=self._limits(),
+        )
+
+    def _check_profile(self, info: SlotInfo) -> None:
+        if info.profile != self.profile.name:
+            raise UpdateFailed(
+                f"bundle is built for profile {info.profile!r}; this device runs "
+                f"{self.profile.name!r}",
+                refused=True,
+            )
+
+    def _health(self, info: SlotInfo) -> HealthReport:
+        return run_health_check(
+            info,
+            budgets=self.budgets,
+            tolerance=self.profile.health_check,
+            latency_runs=self.config.update.latency_runs,
+            threads=self.config.update.threads,
+        )
+
+    def _check(self) -> _Candidate:
+        slot = self.record.slot
+        if slot is None:
+            raise UpdateFailed("journal names no slot to check", mark_bad=False)
+        info = self.store.verify_slot(slot)
+        self._check_profile(info)
+        if self.record.bundle is not None and info.sha256 != self.record.bundle.sha256:
+            raise UpdateFailed(f"slot {slot} holds another bundle than the directive names")
+        report = self._health(info)
+        self.emit_event(
+            "health_check",
+            ok=report.ok,
+            reason=report.reason or None,
+            sequence=self.record.sequence,
+            details=report.details(),
+        )
+        if not report.ok or report.runtime is None:
+            raise UpdateFailed(f"health check failed: {report.reason}")
+        return _Candidate(info, report.runtime)
+
+    def _activate(self, candidate: _Candidate | None) -> _Candidate:
+        slot = self.record.slot
+        if slot is None:
+            raise UpdateFailed("journal names no slot to activate", mark_bad=False)
+        if candidate is None:  # resumed after a restart: load the checked slot again
+            info = self.store.verify_slot(slot)
+            try:
+                candidate = _Candidate(info, open_runtime(info.model_path))
+            except EdgekitError as e:
+                raise UpdateFailed(f"cannot load the new model: {first_line(e)}") from e
+        pointer = self.store.pointer()
+        if pointer.active != slot:
+            self.store.set_pointer(Pointer(slot, pointer.active))
+        fault_point("activating/pointer")
+        active = self.host.info
+        if active is None or active.sha256 != candidate.slot.sha256:
+            self._previous_runtime = self._serving
+            self._activate_host(candidate.slot, candidate.runtime)
+        return candidate
+
+    def _probation(self, stop: threading.Event) -> None:
+        settings = self.config.update
+        if settings.shadow and self._previous_runtime is not None:
+            previous = self.host.previous_info
+            self.host.set_shadow(self._previous_runtime, previous)
+        deadline = time.monotonic() + settings.probation_s
+        while time.monotonic() < deadline:
+            if stop.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+                raise _Interrupted()
+            self._judge(final=False)
+        if settings.shadow:
+            self.host.wait_shadow_idle(timeout_s=5.0)
+        self._judge(final=True)
+
+    def _judge(self, *, final: bool) -> None:
+        settings = self.config.update
+        snapshot = self.host.since_activation()
+        enough = snapshot.requests >= max(1, settings.min_probation_requests)
+        if enough and snapshot.error_ratio > settings.max_error_ratio:
+            raise UpdateFailed(
+                f"runtime error ratio {snapshot.error_ratio:.3f} over {snapshot.requests} "
+                f"requests exceeds {settings.max_error_ratio:g}"
+            )
+        if not final:
+            return
+        baseline = self.host.previous_snapshot()
+        if (
+            enough
+            and baseline is not None
+            and baseline.requests >= max(1, settings.min_probation_requests)
+            and baseline.p95_ms
+            and snapshot.p95_ms
+        ):
+            ratio = snapshot.p95_ms / baseline.p95_ms
+            if ratio > settings.max_latency_regression:
+                raise UpdateFailed(
+                    f"p95 latency {snapshot.p95_ms:.2f} ms is {ratio:.2f}x the previous "
+                    f"model's {baseline.p95_ms:.2f} ms (limit {settings.max_latency_regression:g}x)"
+                )
+        report = self.host.shadow_report() if settings.shadow else None
+        if report is not None and report.compared >= max(1, settings.min_probation_requests):
+            agreement = report.agreement_ratio or 0.0
+            if agreement < settings.shadow_agreement:
+                raise UpdateFailed(
+                    f"shadow agreement {agreement:.3f} over {report.compared} requests is below "
+                    f"{settings.shadow_agreement:g}"
+                )
+
+    def _commit(self) -> None:
+        self._enter("committed", reason=None)
+        self.emit_event("committed", ok=True, sequence=self.record.sequence)
+        bundle = self.record.bundle
+        try:
+            self.store.clean_downloads(keep=None)
+        except OSError as e:
+            log.warning("cannot clean downloads: %s", first_line(e))
+        log.info("committed %s", f"{bundle.name} {bundle.version}" if bundle else "")
+
+    def _fail(self, failure: UpdateFailed) -> None:
+        """Roll back: journal, pointer back, host back to the previous model, mark bad."""
+        record = self.record
+        reason = failure.reason
+        log.error("update to sequence %d failed: %s", record.sequence, reason)
+        if failure.refused:
+            self.emit_event("bundle_refused", reason=reason, sequence=record.sequence, ok=False)
+        try:
+            if failure.mark_bad and record.bundle is not None:
+                self.store.mark_bad(record.bundle.sha256, sequence=record.sequence, reason=reason)
+            self._enter("rolled_back", reason=reason)
+            pointer = self.store.pointer()
+            if record.slot is not None and pointer.active == record.slot:
+                self.store.set_pointer(Pointer(record.previous_slot, record.slot))
+            fault_point("rolled_back/pointer")
+        except StorageError as e:
+            self.report_error(f"cannot journal the rollback: {e}")
+        self._restore_host(record)
+        if record.slot is not None and failure.refused:
+            self.store.clear_slot(record.slot)
+        self.emit_event(
+            "rolled_back", ok=False, reason=reason, sequence=record.sequence, state="rolled_back"
+        )
+        self._publish_status()
+
+    def _restore_host(self, record: JournalRecord) -> None:
+        previous = record.previous_slot
+        info = self.host.info
+        if record.bundle is None or info is None or info.sha256 != record.bundle.sha256:
+            return  # the failed bundle never served
+        runtime = self._previous_runtime
+        slot = self._slot(previous)
+        if slot is None:
+            log.error("no previous model to roll back to; the failed model keeps serving")
+            return
+        if runtime is None:
+            try:
+                runtime = open_runtime(slot.model_path, threads=self.config.update.threads)
+            except EdgekitError as e:
+                self.report_error(f"cannot reload the previous model: {first_line(e)}")
+                return
+        self._activate_host(slot, runtime)
+
+
+class _Interrupted(UpdateFailed):
+    """The agent is stopping: leave the journal as it is, the next start resumes."""
+
+    def __init__(self) -> None:
+        super().__init__("agent stopping", mark_bad=False)
+
+
+def _unverified_sequence(envelope: bytes) -> int | None:
+    """The sequence a refused directive claims (unverified: for the event only)."""
+    try:
+        return Directive.from_payload(parse_envelope(envelope).payload).sequence
+    except (EdgekitError, ValueError):
+        return None

@@ -1,0 +1,1008 @@
+"""`edgekit fleet ...` and `edgekit monitor`: thin click commands over `edgekit.fleet`.
+
+Errors are not caught here: an `EdgekitError` reaches the main CLI, which prints one line and
+exits with code 2. `edgekit fleet rollout` (and `rollout resume`, `resume`, `rollback`) exit
+with a code that says how the rollout ended:
+
+    0  completed: every wave passed its gates
+    2  error: bad input, unreachable broker, unknown rollout (nothing was changed, or the
+       rollout stays resumable)
+    3  halted: a gate failed; updated devices were reverted (unless --no-revert)
+    4  aborted by the operator (`edgekit fleet abort`)
+    5  halted or aborted, and some devices could not be reverted (see `edgekit fleet status`)
+    130 interrupted (Ctrl-C): the rollout stays recorded; `edgekit fleet rollout resume ID`
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgekit.errors import EdgekitError
+from edgekit.fleet.cohorts import STRATEGIES, parse_percent
+from edgekit.fleet.registry import (
+    BrokerSettings,
+    DeviceRecord,
+    DeviceSelector,
+    FleetConnection,
+    load_registry,
+    parse_tag,
+)
+from edgekit.fleet.rollout import (
+    RolloutController,
+    RolloutOptions,
+    RolloutProgress,
+    RolloutResult,
+    load_release,
+    progress_of,
+    publish_release,
+)
+from edgekit.fleet.store import RolloutStore, default_db_path
+from edgekit.topics import Topics
+from edgekit.trust.keys import PASSPHRASE_ENV, Signer, load_private_key
+
+__all__ = [
+    "EXIT_ABORTED",
+    "EXIT_COMPLETED",
+    "EXIT_HALTED",
+    "EXIT_INTERRUPTED",
+    "EXIT_REVERT_INCOMPLETE",
+    "fleet_group",
+    "monitor_command",
+]
+
+EXIT_COMPLETED = 0
+EXIT_HALTED = 3
+EXIT_ABORTED = 4
+EXIT_REVERT_INCOMPLETE = 5
+EXIT_INTERRUPTED = 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Console:
+    # Created per command so CliRunner's captured stdout is the one rich writes to.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+# -- option groups -------------------------------------------------------------------------------
+
+
+def _broker_options(function: F) -> F:
+    """Add --broker/--username/--password/--ca; the command receives `settings`."""
+
+    @functools.wraps(function)
+    def wrapper(
+        *args: Any,
+        broker: str,
+        username: str | None,
+        password: str | None,
+        ca: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        settings = BrokerSettings(url=broker, username=username, password=password, ca=ca)
+        return function(*args, settings=settings, **kwargs)
+
+    options = [
+        click.option(
+            "--broker",
+            envvar="EDGEKIT_BROKER_URL",
+            default="mqtt://127.0.0.1:1883",
+            show_default=True,
+            help="Broker URL, mqtt://host:port or mqtts://host:port [env EDGEKIT_BROKER_URL].",
+        ),
+        click.option(
+            "--username", envvar="EDGEKIT_BROKER_USERNAME", help="[env EDGEKIT_BROKER_USERNAME]"
+        ),
+        click.option(
+            "--password", envvar="EDGEKIT_BROKER_PASSWORD", help="[env EDGEKIT_BROKER_PASSWORD]"
+        ),
+        click.option(
+            "--ca",
+            envvar="EDGEKIT_BROKER_CA",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="CA bundle (PEM) that signed the broker's certificate [env EDGEKIT_BROKER_CA].",
+        ),
+    ]
+    decorated: Any = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
+
+
+def _db_option(function: F) -> F:
+    return click.option(
+        "--db",
+        "db_path",
+        envvar="EDGEKIT_FLEET_DB",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Rollout database [env EDGEKIT_FLEET_DB; default $EDGEKIT_HOME/fleet.db].",
+    )(function)
+
+
+def _fleet_option(*, required: bool) -> Callable[[F], F]:
+    return click.option(
+        "--fleet",
+        envvar="EDGEKIT_FLEET",
+        required=required,
+        help="Fleet id (topic level under edgekit/v1/) [env EDGEKIT_FLEET].",
+    )
+
+
+def _key_option(function: F) -> F:
+    return click.option(
+        "--key",
+        "key_name",
+        envvar="EDGEKIT_DIRECTIVE_KEY",
+        help="Keyring key that signs directives (a key of the trust store's directives role) "
+        "[env EDGEKIT_DIRECTIVE_KEY]. Passphrase from EDGEKIT_KEY_PASSPHRASE or a prompt.",
+    )(function)
+
+
+def _selector_options(function: F) -> F:
+    options = [
+        click.option("--group", help="Only devices of this group."),
+        click.option("--tag", "tags", multiple=True, metavar="K=V", help="Only devices tagged so."),
+        click.option("--profile", "profiles", multiple=True, help="Only devices of this profile."),
+        click.option("--device", "devices", multiple=True, help="Only this device (repeatable)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _selector(
+    group: str | None, tags: Sequence[str], profiles: Sequence[str], devices: Sequence[str]
+) -> DeviceSelector:
+    return DeviceSelector(
+        group=group,
+        tags=dict(parse_tag(tag) for tag in tags),
+        profiles=tuple(profiles),
+        devices=tuple(devices),
+    )
+
+
+def _store(db_path: Path | None, *, create: bool = False) -> RolloutStore:
+    path = db_path or default_db_path()
+    if not create and not path.exists():
+        raise EdgekitError(
+            f"no rollout database at {path}: run a rollout first, or point --db "
+            "(EDGEKIT_FLEET_DB) at the controller's database"
+        )
+    return RolloutStore(path)
+
+
+def _signers(key_name: str | None) -> list[Signer]:
+    if not key_name:
+        raise click.UsageError(
+            "--key NAME is required: the keyring key that signs directives (env "
+            "EDGEKIT_DIRECTIVE_KEY)"
+        )
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase is None:
+        passphrase = click.prompt(f"Passphrase for key {key_name!r}", hide_input=True)
+    return [load_private_key(key_name, passphrase)]
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str, *, what: str) -> float:
+    """`"10m"` -> 600.0; a bare number is seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise click.BadParameter(f"{what} {text!r} is not a duration: write e.g. 30s, 10m or 1h")
+    return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+
+
+def _ratio(text: str | None, *, what: str) -> float | None:
+    if text is None:
+        return None
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise click.BadParameter(f"{what} {text!r} is not a percentage (e.g. 20%)") from None
+    if value < 0:
+        raise click.BadParameter(f"{what} must be >= 0")
+    return value
+
+
+# -- the group -----------------------------------------------------------------------------------
+
+
+@click.group("fleet")
+def fleet_group() -> None:
+    """Operate a fleet over its MQTT broker: devices, bundles, rollouts.
+
+    Rollout state lives in a SQLite file ($EDGEKIT_HOME/fleet.db or --db), so a controller
+    that stops can be resumed, and status/pause/abort work from another terminal.
+    """
+
+
+# -- devices -------------------------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+@fleet_group.command("devices")
+@_fleet_option(required=True)
+@_selector_options
+@click.option("--online", "only_online", is_flag=True, help="Only devices that are online.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_broker_options
+def devices_command(
+    *,
+    fleet: str,
+    group: str | None,
+    tags: tuple[str, ...],
+    profiles: tuple[str, ...],
+    devices: tuple[str, ...],
+    only_online: bool,
+    as_json: bool,
+    settings: BrokerSettings,
+) -> None:
+    """List the fleet's devices from their retained status messages."""
+    selector = _selector(group, tags, profiles, devices)
+    topics = Topics(fleet)
+    with FleetConnection(settings) as connection:
+        registry = load_registry(connection, topics)
+    records = [r for r in registry.devices(selector) if r.online or not only_online]
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in records], indent=2, sort_keys=True))
+        return
+    _print_devices(records, fleet)
+
+
+def _print_devices(records: Sequence[DeviceRecord], fleet: str) -> None:
+    console = _stdout()
+    if not records:
+        console.print(f"no matching devices in fleet {fleet!r}")
+        return
+    table = Table(title=f"fleet {fleet}: {len(records)} devices")
+    for column in ("device", "online", "profile", "group", "tags", "version", "state", "seen"):
+        table.add_column(column, no_wrap=column != "tags")
+    now = time.time()
+    for r in records:
+        table.add_row(
+            r.device,
+            "[green]yes[/]" if r.online else "[red]no[/]",
+            r.profile,
+            r.group,
+            ",".join(f"{k}={v}" for k, v in sorted(r.tags.items())),
+            f"{r.active.name} {r.active.version}" if r.active else "-",
+            f"[red]{r.state}[/]" if r.state == "rolled_back" else r.state,
+            _age(max(0.0, now - r.last_seen)),
+        )
+    console.print(table)
+    online = sum(1 for r in records if r.online)
+    console.print(f"{online} online, {len(records) - online} offline")
+
+
+# -- publish -------------------------------------------------------------------------------------
+
+
+@fleet_group.command("publish")
+@click.argument(
+    "bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@_fleet_option(required=True)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1024),
+    default=None,
+    help="Bytes per retained chunk (default 128 KiB).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_db_option
+@_broker_options
+def publish_command(
+    *,
+    bundles: tuple[Path, ...],
+    fleet: str,
+    chunk_size: int | None,
+    as_json: bool,
+    db_path: Path | None,
+    settings: BrokerSettings,
+) -> None:
+    """Publish BUNDLES on the broker as retained chunks (MQTT transport) and record them."""
+    release = load_release(list(bundles))
+    topics = Topics(fleet)
+    published = []
+    with (
+        _store(db_path, create=True) as store,
+        FleetConnection(settings) as connection,
+    ):
+        for bundle in release.bundles:
+            meta = publish_release(connection, store, topics, bundle, chunk_size=chunk_size)
+            published.append(
+                {
+                    "path": str(bundle.path),
+                    "name": bundle.name,
+                    "version": bundle.version,
+                    "profile": bundle.profile,
+                    "sha256": bundle.sha256,
+                    "size": bundle.size_bytes,
+                    "chunks": meta.chunks,
+                    "topic_prefix": topics.bundle_prefix(bundle.sha256),
+                }
+            )
+    if as_json:
+        click.echo(json.dumps(published, indent=2))
+        return
+    for entry in published:
+        _stdout().print(
+            f"published {entry['name']} {entry['version']} ({entry['profile']}, "
+            f"{entry['size']} bytes in {entry['chunks']} chunks) under {entry['topic_prefix']}"
+        )
+
+
+# -- rollout -------------------------------------------------------------------------------------
+
+
+class _ProgressView:
+    """A live progress bar and wave table on stderr (a line per change when not a terminal)."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.console = _stderr()
+        self.enabled = enabled
+        self.live_mode = enabled and self.console.is_terminal
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self._task = self._bar.add_task("rollout", total=None)
+        self._live: Live | None = None
+        self._last_lines: dict[int, str] = {}
+        self._last_state = ""
+
+    def __enter__(self) -> _ProgressView:
+        if self.live_mode:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+
+    def update(self, progress: RolloutProgress) -> None:
+        if not self.enabled:
+            return
+        self._bar.update(
+            self._task,
+            description=f"{progress.rollout_id} [{progress.state}]",
+            total=progress.total or None,
+            completed=progress.reported,
+        )
+        if self._live is not None:
+            self._live.update(Group(self._bar, _wave_table(progress)))
+            return
+        for wave in progress.waves:
+            line = (
+                f"wave {wave.index}: {wave.state} {wave.succeeded} ok, {wave.failed} failed, "
+                f"{wave.pending} pending of {wave.devices}"
+            )
+            if wave.state != "planned" and self._last_lines.get(wave.index) != line:
+                self._last_lines[wave.index] = line
+                self.console.print(f"{progress.rollout_id} {line}")
+        if progress.state != self._last_state:
+            self._last_state = progress.state
+            self.console.print(f"{progress.rollout_id} {progress.state}")
+
+
+def _wave_table(progress: RolloutProgress) -> Table:
+    table = Table(title=f"rollout {progress.rollout_id} ({progress.fleet}): {progress.state}")
+    for column in ("wave", "share", "devices", "ok", "failed", "pending", "state", "gates"):
+        table.add_column(column, no_wrap=column != "gates")
+    styles = {"passed": "green", "failed": "red", "active": "yellow"}
+    for wave in progress.waves:
+        style = styles.get(wave.state, "")
+        table.add_row(
+            str(wave.index),
+            f"{wave.fraction:.0%}",
+            str(wave.devices),
+            str(wave.succeeded),
+            str(wave.failed),
+            str(wave.pending),
+            f"[{style}]{wave.state}[/]" if style else wave.state,
+            wave.detail,
+        )
+    return table
+
+
+def _exit_code(result: RolloutResult) -> int:
+    if result.state == "completed":
+        return EXIT_COMPLETED
+    if result.revert_incomplete:
+        return EXIT_REVERT_INCOMPLETE
+    if result.state == "aborted":
+        return EXIT_ABORTED
+    return EXIT_HALTED
+
+
+def _drive(
+    controller: RolloutController,
+    rollout_id: str,
+    *,
+    as_json: bool,
+    request: str | None = None,
+) -> None:
+    """Run the controller with a live view, print the outcome, exit with its code."""
+    store = controller.store
+    if request is not None:
+        store.request(rollout_id, request)  # type: ignore[arg-type]
+    view = _ProgressView(enabled=not as_json or _stderr().is_terminal)
+    controller.on_progress = view.update
+    try:
+        with view:
+            result = controller.run(rollout_id)
+    except KeyboardInterrupt:
+        _stderr().print(
+            f"interrupted: rollout {rollout_id} is recorded; continue it with "
+            f"`edgekit fleet rollout resume {rollout_id}`"
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    _report(result.progress, as_json=as_json)
+    code = _exit_code(result)
+    if code:
+        raise SystemExit(code)
+
+
+def _report(progress: RolloutProgress, *, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(progress.to_json(), indent=2, sort_keys=True))
+        return
+    console = _stdout()
+    console.print(_wave_table(progress))
+    counts = ", ".join(f"{count} {name}" for name, count in sorted(progress.counts.items()))
+    console.print(f"rollout {progress.rollout_id}: [bold]{progress.state}[/] ({counts})")
+    if progress.reason:
+        console.print(f"  {progress.reason}")
+
+
+def _connect_controller(
+    *,
+    fleet: str,
+    store: RolloutStore,
+    settings: BrokerSettings,
+    signers: Sequence[Signer],
+) -> tuple[FleetConnection, RolloutController]:
+    connection = FleetConnection(settings).connect()
+    return connection, RolloutController(
+        connection=connection, store=store, fleet=fleet, signers=signers
+    )
+
+
+def _resume(
+    rollout_id: str,
+    *,
+    db_path: Path | None,
+    key_name: str | None,
+    as_json: bool,
+    settings: BrokerSettings,
+    request: str | None = None,
+) -> None:
+    with _store(db_path) as store:
+        record = store.rollout(rollout_id)
+        if record.terminal:
+            _report(progress_of(store, rollout_id), as_json=as_json)
+            code = _exit_code(RolloutResult(progress_of(store, rollout_id)))
+            if code:
+                raise SystemExit(code)
+            return
+        signers = _signers(key_name)
+        connection, controller = _connect_controller(
+            fleet=record.fleet,
+            store=store,
+            settings=settings,
+            signers=signers,
+        )
+        try:
+            _drive(controller, rollout_id, as_json=as_json, request=request)
+        finally:
+            connection.close()
+
+
+@fleet_group.command("rollout")
+@click.argument("release", nargs=-1, required=True)
+@_fleet_option(required=False)
+@_selector_options
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="canary", show_default=True)
+@click.option(
+    "--canary", default="5%", show_default=True, help="First wave's share (canary and exponential)."
+)
+@click.option(
+    "--waves",
+    "waves_text",
+    default="10%,50%,100%",
+    show_default=True,
+    help="Cumulative shares for --strategy waves.",
+)
+@click.option(
+    "--growth",
+    type=click.FloatRange(min=1.01),
+    default=2.0,
+    show_default=True,
+    help="Factor between waves for --strategy exponential.",
+)
+@click.option(
+    "--max-failure",
+    default="2%",
+    show_default=True,
+    help="Halt when more than this share of a wave fails.",
+)
+@click.option(
+    "--max-latency-regression",
+    default=None,
+    help="Halt when updated devices' p95 latency is this much above the old version's.",
+)
+@click.option(
+    "--max-drift",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Halt when the updated devices' median drift (PSI) exceeds this.",
+)
+@click.option(
+    "--soak",
+    default="10m",
+    show_default=True,
+    help="How long a wave runs after its last device reported before the next.",
+)
+@click.option(
+    "--report-timeout",
+    default="15m",
+    show_default=True,
+    help="Halt when a wave's devices have not all reported in this time.",
+)
+@click.option(
+    "--revert-on-halt/--no-revert",
+    default=True,
+    show_default=True,
+    help="Revert updated devices to their previous bundle when a gate fails.",
+)
+@click.option(
+    "--include-offline",
+    is_flag=True,
+    help="Also target devices that are offline now (they must report in time).",
+)
+@click.option(
+    "--bundle-url",
+    "bundle_urls",
+    multiple=True,
+    metavar="TEMPLATE",
+    help="Also offer the bundle over HTTPS, e.g. https://cdn.example/{filename} "
+    "(fields: sha256, name, version, profile, filename).",
+)
+@click.option(
+    "--mqtt/--no-mqtt",
+    "publish_mqtt",
+    default=True,
+    show_default=True,
+    help="Publish the bundles on the broker as retained chunks.",
+)
+@click.option(
+    "--truststore",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Verify the bundles and the directive key against the devices' trust store.",
+)
+@click.option("--id", "rollout_id", default=None, help="Rollout id (default: generated).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_key_option
+@_db_option
+@_broker_options
+def rollout_command(
+    *,
+    release: tuple[str, ...],
+    fleet: str | None,
+    group: str | None,
+    tags: tuple[str, ...],
+    profiles: tuple[str, ...],
+    devices: tuple[str, ...],
+    strategy: str,
+    canary: str,
+    waves_text: str,
+    growth: float,
+    max_failure: str,
+    max_latency_regression: str | None,
+    max_drift: float | None,
+    soak: str,
+    report_timeout: str,
+    revert_on_halt: bool,
+    include_offline: bool,
+    bundle_urls: tuple[str, ...],
+    publish_mqtt: bool,
+    truststore: Path | None,
+    rollout_id: str | None,
+    as_json: bool,
+    key_name: str | None,
+    db_path: Path | None,
+    settings: BrokerSettings,
+) -> None:
+    """Roll RELEASE (signed bundles, one per profile) out to the selected devices in waves.
+
+    `edgekit fleet rollout resume ID` continues a rollout whose controller stopped.
+    Exit codes: 0 completed, 2 error, 3 halted, 4 aborted, 5 revert incomplete.
+    """
+    if release[0] == "resume":
+        if len(release) != 2:
+            raise click.UsageError("usage: edgekit fleet rollout resume ID")
+        _resume(
+            release[1],
+            db_path=db_path,
+            key_name=key_name,
+            as_json=as_json,
+            settings=settings,
+        )
+        return
+    if fleet is None:
+        raise click.UsageError("--fleet is required (or set EDGEKIT_FLEET)")
+    paths = [Path(p) for p in release]
+    for path in paths:
+        if not path.is_file():
+            raise click.BadParameter(f"{path} is not a bundle file", param_hint="RELEASE")
+    options = RolloutOptions(
+        strategy=strategy,  # type: ignore[arg-type]
+        canary=parse_percent(canary, what="--canary"),
+        waves=tuple(parse_percent(p, what="--waves") for p in waves_text.split(",") if p.strip()),
+        growth=growth,
+        max_failure=_ratio(max_failure, what="--max-failure") or 0.0,
+        max_latency_regression=_ratio(max_latency_regression, what="--max-latency-regression"),
+        max_drift=max_drift,
+        soak_s=_duration(soak, what="--soak"),
+        report_timeout_s=_duration(report_timeout, what="--report-timeout"),
+        revert_on_halt=revert_on_halt,
+        include_offline=include_offline,
+        publish_mqtt=publish_mqtt,
+        bundle_urls=bundle_urls,
+        selector=_selector(group, tags, profiles, devices),
+    )
+    # Bad strategy, shares or limits fail before anything is loaded.
+    options.fractions()
+    options.gates()
+    trust = None
+    if truststore is not None:
+        from edgekit.trust import load_truststore
+
+        trust = load_truststore(truststore.read_bytes())
+    loaded = load_release(paths, truststore=trust)
+    signers = _signers(key_name)
+    if trust is not None:
+        trusted = trust.policy("directives").keys
+        for signer in signers:
+            if signer.keyid not in trusted:
+                raise EdgekitError(
+                    f"key {key_name!r} ({signer.keyid[:16]}) is not in the trust store's "
+                    "directives role: devices would refuse every directive; use a directives "
+                    "key or update the trust store"
+                )
+    with _store(db_path, create=True) as store:
+        connection, controller = _connect_controller(
+            fleet=fleet,
+            store=store,
+            settings=settings,
+            signers=signers,
+        )
+        try:
+            new_id = controller.plan(loaded, options, rollout_id=rollout_id)
+            waves = store.waves(new_id)
+            _stderr().print(
+                f"rollout {new_id}: {loaded.label} to "
+                f"{sum(1 for t in store.targets(new_id) if t.outcome == 'planned')} devices of "
+                f"fleet {fleet} in {len(waves)} waves"
+            )
+            _drive(controller, new_id, as_json=as_json)
+        finally:
+            connection.close()
+
+
+@fleet_group.command("resume")
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_key_option
+@_db_option
+@_broker_options
+def resume_command(
+    *,
+    rollout_id: str,
+    as_json: bool,
+    key_name: str | None,
+    db_path: Path | None,
+    settings: BrokerSettings,
+) -> None:
+    """Resume a paused rollout; with no controller running, drive it here."""
+    with _store(db_path) as store:
+        if store.controller_alive(rollout_id):
+            store.request(rollout_id, "resume")
+            _stderr().print(f"asked the controller of {rollout_id} to resume")
+            return
+        record = store.rollout(rollout_id)
+        request = "resume" if record.state == "paused" else None
+    _resume(
+        rollout_id,
+        db_path=db_path,
+        key_name=key_name,
+        as_json=as_json,
+        settings=settings,
+        request=request,
+    )
+
+
+@fleet_group.command("pause")
+@click.argument("rollout_id")
+@_db_option
+def pause_command(*, rollout_id: str, db_path: Path | None) -> None:
+    """Stop starting new waves (devices already sent a directive carry on)."""
+    with _store(db_path) as store:
+        if store.controller_alive(rollout_id):
+            store.request(rollout_id, "pause")
+            _stderr().print(f"asked the controller of {rollout_id} to pause")
+        else:
+            record = store.rollout(rollout_id)
+            if record.terminal:
+                raise EdgekitError(f"rollout {rollout_id} already {record.state}")
+            store.set_state(rollout_id, "paused", reason="paused by the operator")
+            _stderr().print(f"paused {rollout_id} (no controller running)")
+
+
+@fleet_group.command("abort")
+@click.argument("rollout_id")
+@click.option("--revert", is_flag=True, help="Also revert the devices already updated.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_key_option
+@_db_option
+@_broker_options
+def abort_command(
+    *,
+    rollout_id: str,
+    revert: bool,
+    as_json: bool,
+    key_name: str | None,
+    db_path: Path | None,
+    settings: BrokerSettings,
+) -> None:
+    """Stop a rollout for good (devices keep what they run unless --revert)."""
+    request = "abort_revert" if revert else "abort"
+    with _store(db_path) as store:
+        if store.controller_alive(rollout_id):
+            store.request(rollout_id, request)  # type: ignore[arg-type]
+            _stderr().print(f"asked the controller of {rollout_id} to {request.replace('_', ' ')}")
+            return
+        if not revert:
+            record = store.rollout(rollout_id)
+            if record.terminal:
+                raise EdgekitError(f"rollout {rollout_id} already {record.state}")
+            store.set_state(rollout_id, "aborted", reason="aborted by the operator")
+            _report(progress_of(store, rollout_id), as_json=as_json)
+            return
+    _resume(
+        rollout_id,
+        db_path=db_path,
+        key_name=key_name,
+        as_json=as_json,
+        settings=settings,
+        request=request,
+    )
+
+
+@fleet_group.command("rollback")
+@click.option("--to", "version", required=True, help="The bundle version to go back to.")
+@click.option("--name", "bundle_name", default=None, help="Bundle name, if versions are shared.")
+@_fleet_option(required=True)
+@_selector_options
+@click.option("--report-timeout", default="15m", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_key_option
+@_db_option
+@_broker_options
+def rollback_command(
+    *,
+    version: str,
+    bundle_name: str | None,
+    fleet: str,
+    group: str | None,
+    tags: tuple[str, ...],
+    profiles: tuple[str, ...],
+    devices: tuple[str, ...],
+    report_timeout: str,
+    as_json: bool,
+    key_name: str | None,
+    db_path: Path | None,
+    settings: BrokerSettings,
+) -> None:
+    """Send every selected device back to VERSION (a new, higher-sequence directive)."""
+    signers = _signers(key_name)
+    with _store(db_path, create=True) as store:
+        connection, controller = _connect_controller(
+            fleet=fleet,
+            store=store,
+            settings=settings,
+            signers=signers,
+        )
+        try:
+            new_id = controller.plan_rollback(
+                version,
+                name=bundle_name,
+                selector=_selector(group, tags, profiles, devices),
+                report_timeout_s=_duration(report_timeout, what="--report-timeout"),
+            )
+            _drive(controller, new_id, as_json=as_json)
+        finally:
+            connection.close()
+
+
+# -- status / history ----------------------------------------------------------------------------
+
+
+@fleet_group.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--fleet", envvar="EDGEKIT_FLEET", default=None, help="Latest rollout of this fleet.")
+@click.option("--devices", "show_devices", is_flag=True, help="Also list every target device.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_db_option
+def status_command(
+    *,
+    rollout_id: str | None,
+    fleet: str | None,
+    show_devices: bool,
+    as_json: bool,
+    db_path: Path | None,
+) -> None:
+    """Show a rollout (default: the latest) from the rollout database."""
+    with _store(db_path) as store:
+        if rollout_id is None:
+            latest = store.latest_rollout(fleet=fleet)
+            if latest is None:
+                raise EdgekitError(f"no rollouts recorded in {store.path}")
+            rollout_id = latest.id
+        progress = progress_of(store, rollout_id)
+        record = store.rollout(rollout_id)
+        targets = store.targets(rollout_id)
+        alive = store.controller_alive(rollout_id)
+    if as_json:
+        document = progress.to_json()
+        document["kind"] = record.kind
+        document["controller_running"] = alive
+        document["created_at"] = record.created_at
+        document["finished_at"] = record.finished_at
+        document["options"] = record.spec.get("options")
+        if show_devices:
+            document["devices"] = [
+                {
+                    "device": t.device,
+                    "profile": t.profile,
+                    "wave": t.wave,
+                    "outcome": t.outcome,
+                    "sequence": t.sequence,
+                    "revert_sequence": t.revert_sequence,
+                    "detail": t.detail,
+                }
+                for t in targets
+            ]
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+        return
+    _report(progress, as_json=False)
+    console = _stdout()
+    console.print(
+        f"  kind {record.kind}; controller {'running' if alive else 'not running'}"
+        + (
+            ""
+            if alive or record.terminal
+            else f" (continue: edgekit fleet rollout resume {rollout_id})"
+        )
+    )
+    if show_devices:
+        table = Table("device", "profile", "wave", "outcome", "detail")
+        for t in targets:
+            table.add_row(t.device, t.profile, str(t.wave), t.outcome, t.detail or "")
+        console.print(table)
+
+
+@fleet_group.command("history")
+@click.option("--fleet", envvar="EDGEKIT_FLEET", default=None, help="Only this fleet.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_db_option
+def history_command(*, fleet: str | None, limit: int, as_json: bool, db_path: Path | None) -> None:
+    """List recorded rollouts, newest first."""
+    with _store(db_path) as store:
+        rows = []
+        for record in store.rollouts(fleet=fleet, limit=limit):
+            progress = progress_of(store, record.id)
+            label = ", ".join(
+                sorted({f"{b['name']} {b['version']}" for b in record.spec.get("release", [])})
+            )
+            rows.append((record, progress, label))
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "rollout_id": r.id,
+                        "fleet": r.fleet,
+                        "kind": r.kind,
+                        "state": r.state,
+                        "release": label,
+                        "created_at": r.created_at,
+                        "finished_at": r.finished_at,
+                        "reason": r.reason,
+                        "counts": dict(p.counts),
+                    }
+                    for r, p, label in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    console = _stdout()
+    if not rows:
+        console.print("no rollouts recorded")
+        return
+    table = Table("rollout", "fleet", "kind", "release", "started", "state", "devices", "reason")
+    for record, progress, label in rows:
+        table.add_row(
+            record.id,
+            record.fleet,
+            record.kind,
+            label,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)),
+            record.state,
+            str(progress.total),
+            record.reason or "",
+        )
+    console.print(table)
+
+
+# -- tools from the fleet tools module (simulate, broker-config, monitor) -----------------------
+
+
+def _attach_tools() -> click.Command | None:
+    """Add `simulate` and `broker-config` to the group; return `monitor` (None if absent)."""
+    try:
+        from edgekit.fleet import cli_tools
+    except ModuleNotFoundError as error:  # pragma: no cover - a partial build
+        if error.name != "edgekit.fleet.cli_tools":
+            raise
+        return None
+    for name, attribute in (
+        ("simulate", "simulate_command"),
+        ("broker-config", "broker_config_command"),
+    ):
+        command = getattr(cli_tools, attribute, None)
+        if isinstance(command, click.Command):
+            fleet_group.add_command(command, name)
+    monitor = getattr(cli_tools, "monitor_command", None)
+    return monitor if isinstance(monitor, click.Command) else None
+
+
+monitor_command = _attach_tools()

@@ -1,0 +1,296 @@
+"""Rollout gates: when a wave may advance, must wait, or must halt the rollout.
+
+A gate is a small object with one method, `evaluate(observation) -> GateResult`, whose
+verdict is `pass`, `wait` (not decided yet) or `fail` (halt). Gates compose with `all_of`
+(fails as soon as one member fails, passes when every member passes) and `any_of`; an empty
+composite is an error, never "always pass". Pure module: the controller builds a
+`WaveObservation` from what devices reported and asks the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from edgekit.errors import EdgekitError
+
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "DevicesReported",
+    "DriftLimit",
+    "FailureRatio",
+    "GateError",
+    "GateResult",
+    "LatencyRegression",
+    "RolloutGate",
+    "SoakTime",
+    "Verdict",
+    "WaveObservation",
+    "all_of",
+    "any_of",
+    "standard_gates",
+]
+
+Verdict = Literal["pass", "wait", "fail"]
+
+
+class GateError(EdgekitError):
+    """A gate policy that cannot be evaluated (empty composite, out-of-range limit)."""
+
+
+@dataclass(frozen=True)
+class WaveObservation:
+    """What the controller knows about one wave when it asks the gates.
+
+    `elapsed_s` counts from the moment the wave's directives were published; `settled_s`
+    from the moment the last of its devices reported an outcome (None while any is pending).
+    Latencies are per-device p95 milliseconds from telemetry; `baseline_p95_ms` comes from
+    devices of the same selection running the version the rollout replaces.
+    """
+
+    targeted: int
+    succeeded: int
+    failed: int
+    elapsed_s: float
+    settled_s: float | None = None
+    new_p95_ms: Sequence[float] = field(default_factory=tuple)
+    baseline_p95_ms: Sequence[float] = field(default_factory=tuple)
+    drift_psi: Sequence[float] = field(default_factory=tuple)
+
+    @property
+    def reported(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.targeted - self.reported)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict and a line saying why (shown in `edgekit fleet status`)."""
+
+    gate: str
+    verdict: Verdict
+    detail: str
+    members: tuple[GateResult, ...] = ()
+
+    @property
+    def failures(self) -> tuple[GateResult, ...]:
+        """The leaf results that failed (for a composite, its failing members)."""
+        if not self.members:
+            return (self,) if self.verdict == "fail" else ()
+        return tuple(leaf for member in self.members for leaf in member.failures)
+
+
+class RolloutGate(Protocol):
+    """Decides whether a wave may advance."""
+
+    @property
+    def name(self) -> str: ...
+
+    def evaluate(self, observation: WaveObservation) -> GateResult: ...
+
+
+def _fraction(value: float, *, what: str) -> float:
+    if not 0 <= value <= 1 or math.isnan(value):
+        raise GateError(f"{what} must be between 0% and 100%; found {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class DevicesReported:
+    """Enough of the wave's devices reported an outcome; fails after `timeout_s` without."""
+
+    min_ratio: float = 1.0
+    timeout_s: float = 600.0
+    name: str = "devices_reported"
+
+    def __post_init__(self) -> None:
+        _fraction(self.min_ratio, what="min reported ratio")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        needed = math.ceil(self.min_ratio * observation.targeted - 1e-9)
+        detail = f"{observation.reported}/{observation.targeted} reported (need {needed})"
+        if observation.reported >= needed:
+            return GateResult(self.name, "pass", detail)
+        if observation.elapsed_s >= self.timeout_s:
+            return GateResult(
+                self.name,
+                "fail",
+                f"{detail} after {observation.elapsed_s:.0f} s (timeout {self.timeout_s:.0f} s):"
+                " check that the devices are online",
+            )
+        return GateResult(self.name, "wait", detail)
+
+
+@dataclass(frozen=True)
+class FailureRatio:
+    """At most `max_ratio` of the wave's devices failed (fails early once exceeded)."""
+
+    max_ratio: float
+    name: str = "failure_ratio"
+
+    def __post_init__(self) -> None:
+        _fraction(self.max_ratio, what="max failure ratio")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        ratio = observation.failed / observation.targeted if observation.targeted else 0.0
+        detail = (
+            f"{observation.failed}/{observation.targeted} failed ({ratio:.1%}, "
+            f"max {self.max_ratio:.1%})"
+        )
+        return GateResult(self.name, "fail" if ratio > self.max_ratio + 1e-12 else "pass", detail)
+
+
+@dataclass(frozen=True)
+class LatencyRegression:
+    """The median per-device p95 on the new version is at most `max_ratio` above the baseline's.
+
+    Without baseline or new telemetry there is nothing to compare: the gate passes and says so
+    (the soak gate is what gives telemetry time to arrive).
+    """
+
+    max_ratio: float
+    name: str = "latency_regression"
+
+    def __post_init__(self) -> None:
+        if self.max_ratio < 0 or math.isnan(self.max_ratio):
+            raise GateError(f"max latency regression must be >= 0; found {self.max_ratio}")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        if not observation.baseline_p95_ms:
+            return GateResult(self.name, "pass", "no baseline telemetry to compare with")
+        if not observation.new_p95_ms:
+            return GateResult(self.name, "pass", "no telemetry from updated devices yet")
+        baseline = statistics.median(observation.baseline_p95_ms)
+        new = statistics.median(observation.new_p95_ms)
+        regression = (new / baseline - 1.0) if baseline > 0 else 0.0
+        detail = (
+            f"p95 {new:.2f} ms vs {baseline:.2f} ms ({regression:+.1%}, max +{self.max_ratio:.1%})"
+        )
+        return GateResult(
+            self.name, "fail" if regression > self.max_ratio + 1e-12 else "pass", detail
+        )
+
+
+@dataclass(frozen=True)
+class DriftLimit:
+    """The median drift score (PSI) of the updated devices is at most `max_psi`."""
+
+    max_psi: float
+    name: str = "drift"
+
+    def __post_init__(self) -> None:
+        if self.max_psi < 0 or math.isnan(self.max_psi):
+            raise GateError(f"max drift must be >= 0; found {self.max_psi}")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        if not observation.drift_psi:
+            return GateResult(self.name, "pass", "no drift scores reported yet")
+        psi = statistics.median(observation.drift_psi)
+        detail = f"median psi {psi:.3f} (max {self.max_psi:.3f})"
+        return GateResult(self.name, "fail" if psi > self.max_psi else "pass", detail)
+
+
+@dataclass(frozen=True)
+class SoakTime:
+    """The wave soaked `seconds` after its last device reported."""
+
+    seconds: float
+    name: str = "soak"
+
+    def __post_init__(self) -> None:
+        if self.seconds < 0 or math.isnan(self.seconds):
+            raise GateError(f"soak time must be >= 0 s; found {self.seconds}")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        if observation.settled_s is None:
+            return GateResult(self.name, "wait", f"soak {self.seconds:g} s starts once all report")
+        if observation.settled_s >= self.seconds:
+            return GateResult(self.name, "pass", f"soaked {self.seconds:g} s")
+        return GateResult(
+            self.name, "wait", f"soaking {observation.settled_s:.0f}/{self.seconds:g} s"
+        )
+
+
+def _check_members(gates: Sequence[RolloutGate], kind: str) -> tuple[RolloutGate, ...]:
+    if not gates:
+        raise GateError(f"{kind} needs at least one gate: an empty policy would pass anything")
+    return tuple(gates)
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """Fails if any member fails, waits if any waits, passes when all pass."""
+
+    gates: tuple[RolloutGate, ...]
+    name: str = "all_of"
+
+    def __post_init__(self) -> None:
+        _check_members(self.gates, "all_of")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        results = tuple(gate.evaluate(observation) for gate in self.gates)
+        verdicts = {result.verdict for result in results}
+        verdict: Verdict = (
+            "fail" if "fail" in verdicts else "wait" if "wait" in verdicts else "pass"
+        )
+        detail = "; ".join(f"{r.gate}: {r.detail}" for r in results if r.verdict == verdict)
+        return GateResult(self.name, verdict, detail, results)
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Passes if any member passes, waits if any waits, fails when all fail."""
+
+    gates: tuple[RolloutGate, ...]
+    name: str = "any_of"
+
+    def __post_init__(self) -> None:
+        _check_members(self.gates, "any_of")
+
+    def evaluate(self, observation: WaveObservation) -> GateResult:
+        results = tuple(gate.evaluate(observation) for gate in self.gates)
+        verdicts = {result.verdict for result in results}
+        verdict: Verdict = (
+            "pass" if "pass" in verdicts else "wait" if "wait" in verdicts else "fail"
+        )
+        detail = "; ".join(f"{r.gate}: {r.detail}" for r in results if r.verdict == verdict)
+        return GateResult(self.name, verdict, detail, results)
+
+
+def all_of(*gates: RolloutGate) -> AllOf:
+    """Every gate must pass."""
+    return AllOf(_check_members(gates, "all_of"))
+
+
+def any_of(*gates: RolloutGate) -> AnyOf:
+    """One passing gate is enough."""
+    return AnyOf(_check_members(gates, "any_of"))
+
+
+def standard_gates(
+    *,
+    max_failure: float,
+    soak_s: float,
+    report_timeout_s: float,
+    max_latency_regression: float | None = None,
+    max_drift: float | None = None,
+    min_reported: float = 1.0,
+) -> AllOf:
+    """The gates `edgekit fleet rollout` applies to every wave, from its options."""
+    gates: list[RolloutGate] = [
+        DevicesReported(min_reported, report_timeout_s),
+        FailureRatio(max_failure),
+        SoakTime(soak_s),
+    ]
+    if max_latency_regression is not None:
+        gates.append(LatencyRegression(max_latency_regression))
+    if max_drift is not None:
+        gates.append(DriftLimit(max_drift))
+    return all_of(*gates)

@@ -1,0 +1,1118 @@
+"""The fleet controller: waves of signed directives, gated on what devices report.
+
+`RolloutController.plan` selects devices from the registry (group, tags, profile), picks the
+release's bundle variant for each device's profile, splits them into waves
+(`edgekit.fleet.cohorts`) and records everything in the store. `RolloutController.run`
+drives a recorded rollout to its end: it publishes the bundles (MQTT chunks), signs one
+directive per device of the current wave with the operator's directive key, publishes them
+retained (QoS 1), and reads outcomes from the retained status messages and events as the
+directive-outcome contract in `edgekit.topics` says. A wave advances when its gates pass
+(`edgekit.fleet.gates`); a failing gate halts the rollout and, unless told otherwise,
+reverts the devices already updated with a new directive (higher sequence) naming each
+device's previous bundle.
+
+Crash safety: every directive is signed and committed to the store before it is published,
+and a wave's directives are recorded in the same transaction that starts the wave. A
+controller killed at any instant resumes (`run` again) by comparing the recorded envelopes
+with the retained `desired` messages and publishing only those the broker does not hold, so
+no device ever receives two directives for one step of a rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from edgekit.bundle import inspect_bundle, verify_bundle
+from edgekit.errors import EdgekitError
+from edgekit.fleet.cohorts import Strategy, assign_waves, wave_fractions
+from edgekit.fleet.gates import AllOf, GateResult, WaveObservation, standard_gates
+from edgekit.fleet.registry import (
+    DeviceRegistry,
+    DeviceSelector,
+    FleetConnection,
+    Message,
+)
+from edgekit.fleet.store import (
+    BundleRecord,
+    RolloutRecord,
+    RolloutState,
+    RolloutStore,
+    TargetRecord,
+)
+from edgekit.topics import (
+    ActiveBundle,
+    BundleMeta,
+    Event,
+    MessageError,
+    Telemetry,
+    Topics,
+    parse_device_topic,
+)
+from edgekit.trust import (
+    BundleRef,
+    BundleSource,
+    Signer,
+    TrustStore,
+    build_directive,
+    parse_envelope,
+    sign_directive,
+)
+
+__all__ = [
+    "FAILURE_EVENT_KINDS",
+    "Release",
+    "ReleaseBundle",
+    "RolloutController",
+    "RolloutError",
+    "RolloutOptions",
+    "RolloutProgress",
+    "RolloutResult",
+    "WaveProgress",
+    "load_release",
+    "new_rollout_id",
+    "publish_release",
+]
+
+logger = logging.getLogger(__name__)
+
+FAILURE_EVENT_KINDS = frozenset({"rolled_back", "bundle_refused", "directive_refused"})
+"""Events that, carrying a directive's sequence, mean the device did not take it."""
+
+_HEARTBEAT_S = 2.0
+
+
+class RolloutError(EdgekitError):
+    """A rollout cannot be planned or driven as asked."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Release: the signed bundles a rollout ships, one per profile.
+
+
+@dataclass(frozen=True)
+class ReleaseBundle:
+    """One bundle of a release: where it is, what its manifest says, its pin."""
+
+    path: Path | None
+    sha256: str
+    size_bytes: int
+    name: str
+    version: str
+    profile: str
+    security_epoch: int
+
+    @property
+    def active(self) -> ActiveBundle:
+        return ActiveBundle(self.name, self.version, self.sha256)
+
+    def to_record(self, sources: Sequence[BundleSource]) -> BundleRecord:
+        """What the store keeps to name this bundle in a directive again."""
+        return BundleRecord(
+            sha256=self.sha256,
+            name=self.name,
+            version=self.version,
+            profile=self.profile,
+            size_bytes=self.size_bytes,
+            security_epoch=self.security_epoch,
+            sources=tuple(source.to_json() for source in sources),
+            path=str(self.path) if self.path else None,
+        )
+
+
+@dataclass(frozen=True)
+class Release:
+    """Bundles for one release, at most one per profile."""
+
+    bundles: tuple[ReleaseBundle, ...]
+
+    def __post_init__(self) -> None:
+        if not self.bundles:
+            raise RolloutError("a release needs at least one bundle")
+        seen: dict[str, ReleaseBundle] = {}
+        for bundle in self.bundles:
+            if bundle.profile in seen:
+                raise RolloutError(
+                    f"two bundles of the release are built for profile {bundle.profile!r} "
+                    f"({seen[bundle.profile].version} and {bundle.version}): give one per profile"
+                )
+            seen[bundle.profile] = bundle
+
+    def for_profile(self, profile: str) -> ReleaseBundle | None:
+        return next((b for b in self.bundles if b.profile == profile), None)
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        return tuple(b.profile for b in self.bundles)
+
+    @property
+    def label(self) -> str:
+        names = sorted({f"{b.name} {b.version}" for b in self.bundles})
+        return ", ".join(names)
+
+
+def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None) -> Release:
+    """Read each bundle's manifest; with `truststore`, verify its signatures as devices will.
+
+    Without a trust store, the layout and hashes are still checked and the bundle must carry
+    at least one signature.
+    """
+    from edgekit.bundle import hash_file
+
+    bundles = []
+    for path in paths:
+        try:
+            with path.open("rb") as handle:
+                if truststore is not None:
+                    manifest = verify_bundle(handle, trust=truststore).manifest
+                else:
+                    inspection = inspect_bundle(handle)
+                    manifest = inspection.manifest
+                    if not inspection.signatures:
+                        raise RolloutError(
+                            f"bundle {path} is unsigned: devices refuse it; sign it with "
+                            "`edgekit bundle sign`"
+                        )
+        except OSError as e:
+            raise RolloutError(f"cannot read bundle {path}: {e.strerror or e}") from e
+        size, sha256 = hash_file(path)
+        bundles.append(
+            ReleaseBundle(
+                path=path.resolve(),
+                sha256=sha256,
+                size_bytes=size,
+                name=manifest.name,
+                version=manifest.version,
+                profile=manifest.profile,
+                security_epoch=manifest.security_epoch,
+            )
+        )
+    return Release(tuple(bundles))
+
+
+def _release_from_store(records: Sequence[BundleRecord]) -> Release:
+    return Release(
+        tuple(
+            ReleaseBundle(
+                path=Path(r.path) if r.path else None,
+                sha256=r.sha256,
+                size_bytes=r.size_bytes,
+                name=r.name,
+                version=r.version,
+                profile=r.profile,
+                security_epoch=r.security_epoch,
+            )
+            for r in records
+        )
+    )
+
+
+def _sources(
+    bundle: ReleaseBundle, topics: Topics, *, mqtt: bool, url_templates: Sequence[str]
+) -> tuple[BundleSource, ...]:
+    sources: list[BundleSource] = []
+    if mqtt:
+        sources.append(BundleSource("mqtt", topics.bundle_prefix(bundle.sha256)))
+    for template in url_templates:
+        try:
+            url = template.format(
+                sha256=bundle.sha256,
+                name=bundle.name,
+                version=bundle.version,
+                profile=bundle.profile,
+                filename=bundle.path.name if bundle.path else f"{bundle.sha256}.ekb",
+            )
+        except (KeyError, IndexError) as e:
+            raise RolloutError(
+                f"bundle URL template {template!r} uses an unknown field {e}: use {{sha256}}, "
+                "{name}, {version}, {profile} or {filename}"
+            ) from e
+        if not url.startswith("https://"):
+            raise RolloutError(f"bundle URL {url!r} must start with https://")
+        sources.append(BundleSource("https", url))
+    if not sources:
+        raise RolloutError(
+            "devices would have nowhere to fetch the bundle: publish it over MQTT or give "
+            "--bundle-url"
+        )
+    return tuple(sources)
+
+
+def _source(entry: Mapping[str, str]) -> BundleSource:
+    """A source as the store keeps it (`BundleSource.to_json`), back to a `BundleSource`."""
+    if entry.get("kind") == "mqtt":
+        return BundleSource("mqtt", entry["topic_prefix"])
+    return BundleSource("https", entry["url"])
+
+
+def publish_release(
+    connection: FleetConnection,
+    store: RolloutStore,
+    topics: Topics,
+    bundle: ReleaseBundle,
+    *,
+    chunk_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BundleMeta:
+    """Publish `bundle` as retained MQTT chunks (meta last) and remember it in the store."""
+    from edgekit.transfer import DEFAULT_CHUNK_BYTES, publish_bundle
+
+    if bundle.path is None or not bundle.path.is_file():
+        raise RolloutError(
+            f"bundle {bundle.name} {bundle.version} for {bundle.profile} must be published but "
+            f"its file {bundle.path} is gone: pass it again or publish it with `edgekit fleet "
+            "publish`"
+        )
+    meta = publish_bundle(
+        connection.paho_client,
+        topics,
+        bundle.path,
+        chunk_size=chunk_size or DEFAULT_CHUNK_BYTES,
+        name=bundle.name,
+        version=bundle.version,
+        progress=progress,
+    )
+    if meta.sha256 != bundle.sha256:
+        raise RolloutError(f"bundle {bundle.path} changed while it was being published")
+    mqtt = BundleSource("mqtt", topics.bundle_prefix(meta.sha256))
+    known = store.bundle(bundle.sha256)
+    sources = [] if known is None else [_source(entry) for entry in known.sources]
+    store.record_bundle(bundle.to_record([*sources, *([] if mqtt in sources else [mqtt])]))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Options, progress, result.
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How a rollout proceeds; stored with it, so a resumed controller behaves the same."""
+
+    strategy: Strategy = "canary"
+    canary: float = 0.05
+    waves: tuple[float, ...] = (0.1, 0.5, 1.0)
+    growth: float = 2.0
+    max_failure: float = 0.02
+    max_latency_regression: float | None = None
+    max_drift: float | None = None
+    soak_s: float = 600.0
+    report_timeout_s: float = 900.0
+    revert_on_halt: bool = True
+    include_offline: bool = False
+    publish_mqtt: bool = True
+    bundle_urls: tuple[str, ...] = ()
+    directive_ttl_s: float = 7 * 24 * 3600.0
+    chunk_size: int | None = None
+    selector: DeviceSelector = field(default_factory=DeviceSelector)
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["selector"] = self.selector.to_json()
+        document["waves"] = list(self.waves)
+        document["bundle_urls"] = list(self.bundle_urls)
+        return document
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> RolloutOptions:
+        values = dict(document)
+        values["selector"] = DeviceSelector.from_json(values.get("selector") or {})
+        values["waves"] = tuple(values.get("waves") or ())
+        values["bundle_urls"] = tuple(values.get("bundle_urls") or ())
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def gates(self) -> AllOf:
+        """The gates every wave must pass (raises `GateError` for out-of-range limits)."""
+        return standard_gates(
+            max_failure=self.max_failure,
+            soak_s=self.soak_s,
+            report_timeout_s=self.report_timeout_s,
+            max_latency_regression=self.max_latency_regression,
+            max_drift=self.max_drift,
+        )
+
+    def fractions(self) -> tuple[float, ...]:
+        return wave_fractions(
+            self.strategy, canary=self.canary, waves=self.waves, growth=self.growth
+        )
+
+
+@dataclass(frozen=True)
+class WaveProgress:
+    index: int
+    fraction: float
+    state: str
+    devices: int
+    succeeded: int
+    failed: int
+    pending: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class RolloutProgress:
+    """A snapshot for progress bars and `--json`."""
+
+    rollout_id: str
+    fleet: str
+    state: str
+    reason: str | None
+    current_wave: int
+    waves: tuple[WaveProgress, ...]
+    counts: Mapping[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(w.devices for w in self.waves)
+
+    @property
+    def reported(self) -> int:
+        return sum(w.succeeded + w.failed for w in self.waves)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rollout_id": self.rollout_id,
+            "fleet": self.fleet,
+            "state": self.state,
+            "reason": self.reason,
+            "current_wave": self.current_wave,
+            "waves": [asdict(w) for w in self.waves],
+            "counts": dict(self.counts),
+        }
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """How `run` ended: the rollout's final state and a final progress snapshot."""
+
+    progress: RolloutProgress
+
+    @property
+    def state(self) -> str:
+        return self.progress.state
+
+    @property
+    def revert_incomplete(self) -> bool:
+        return self.progress.counts.get("revert_failed", 0) > 0
+
+
+def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
+    """The stored state of a rollout, as a progress snapshot."""
+    record = store.rollout(rollout_id)
+    targets = store.targets(rollout_id)
+    counts: dict[str, int] = {}
+    for target in targets:
+        counts[target.outcome] = counts.get(target.outcome, 0) + 1
+    waves = []
+    for wave in store.waves(rollout_id):
+        members = [t for t in targets if t.wave == wave.wave and t.outcome != "skipped"]
+        succeeded = sum(
+            1
+            for t in members
+            if t.outcome in ("succeeded", "reverting", "reverted", "revert_failed")
+        )
+        failed = sum(1 for t in members if t.outcome == "failed")
+        waves.append(
+            WaveProgress(
+                index=wave.wave,
+                fraction=wave.fraction,
+                state=wave.state,
+                devices=len(members),
+                succeeded=succeeded,
+                failed=failed,
+                pending=len(members) - succeeded - failed,
+                detail=wave.detail or "",
+            )
+        )
+    return RolloutProgress(
+        rollout_id=record.id,
+        fleet=record.fleet,
+        state=record.state,
+        reason=record.reason,
+        current_wave=record.current_wave,
+        waves=tuple(waves),
+        counts=counts,
+    )
+
+
+def new_rollout_id() -> str:
+    """`r-<UTC time>-<random>`: sortable, unique, a valid id."""
+    return f"r-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _bundle_json(bundle: ActiveBundle) -> dict[str, str]:
+    return {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256}
+
+
+def _unverified_sequence(envelope: bytes) -> int:
+    """The sequence a retained directive claims (0 if unreadable): only to stay above it."""
+    try:
+        document = json.loads(parse_envelope(envelope).payload)
+    except (EdgekitError, ValueError, UnicodeDecodeError):
+        return 0
+    value = document.get("sequence") if isinstance(document, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller.
+
+
+@dataclass
+class _Observed:
+    """What the controller heard from devices, beyond their retained statuses."""
+
+    failed_events: dict[tuple[str, int], str] = field(default_factory=dict)
+    desired: dict[str, bytes] = field(default_factory=dict)
+    p95_ms: dict[str, tuple[str, float]] = field(default_factory=dict)  # device -> (sha, p95)
+    baseline_p95_ms: dict[str, float] = field(default_factory=dict)  # device -> p95 on old
+    drift: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+
+class RolloutController:
+    """Plans and drives rollouts for one fleet over one broker connection."""
+
+    def __init__(
+        self,
+        *,
+        connection: FleetConnection,
+        store: RolloutStore,
+        fleet: str,
+        signers: Sequence[Signer] = (),
+        poll_s: float = 0.2,
+        on_progress: Callable[[RolloutProgress], None] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.store = store
+        self.topics = Topics(fleet)
+        self.fleet = fleet
+        self.signers = tuple(signers)
+        self.poll_s = poll_s
+        self.on_progress = on_progress
+        self.registry = DeviceRegistry(self.topics)
+        self._observed = _Observed()
+        self._listening = False
+        self._previous_sha: dict[str, str] = {}  # device -> sha it ran before the rollout
+        self._revert_started = 0.0
+
+    # -- listening ---------------------------------------------------------------------------
+
+    def listen(self, *, quiet_s: float = 0.4) -> DeviceRegistry:
+        """Subscribe to the fleet's status, desired, events and telemetry (once)."""
+        if not self._listening:
+            topics = [
+                self.topics.all_devices("status"),
+                self.topics.all_devices("desired"),
+                self.topics.all_devices("events"),
+                self.topics.all_devices("telemetry"),
+            ]
+            messages = self.connection.collect_retained(topics, quiet_s=quiet_s)
+            self._listening = True
+            self._handle(messages)
+        return self.registry
+
+    def _handle(self, messages: Sequence[Message]) -> None:
+        observed = self._observed
+        for message in messages:
+            try:
+                fleet, device, leaf = parse_device_topic(message.topic)
+            except MessageError:
+                continue
+            if fleet != self.fleet:
+                continue
+            if leaf == "status":
+                self.registry.handle(message)
+            elif leaf == "desired":
+                if message.payload:
+                    observed.desired[device] = message.payload
+                else:
+                    observed.desired.pop(device, None)
+            elif leaf == "events":
+                try:
+                    event = Event.from_json(message.payload)
+                except MessageError:
+                    continue
+                if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
+                    observed.failed_events[(device, event.sequence)] = (
+                        f"{event.kind}: {event.reason or 'no reason given'}"
+                    )
+            elif leaf == "telemetry":
+                try:
+                    telemetry = Telemetry.from_json(message.payload)
+                except MessageError:
+                    continue
+                sha = telemetry.bundle.sha256 if telemetry.bundle else ""
+                p95 = telemetry.latency_ms.get("p95")
+                if p95 is not None and telemetry.requests > 0:
+                    observed.p95_ms[device] = (sha, p95)
+                if telemetry.drift_psi is not None:
+                    observed.drift[device] = (sha, telemetry.drift_psi)
+
+    def _pump(self, timeout_s: float) -> None:
+        self._handle(self.connection.drain(timeout_s=timeout_s))
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def plan(
+        self,
+        release: Release,
+        options: RolloutOptions,
+        *,
+        rollout_id: str | None = None,
+        kind: str = "rollout",
+        recorded_sources: bool = False,
+    ) -> str:
+        """Select devices and record a new rollout (nothing is published yet); returns its id.
+
+        With `recorded_sources`, the release's bundles are already in the store (rollback)
+        and keep the sources recorded there.
+        """
+        options.gates()  # out-of-range limits fail before anything is recorded
+        registry = self.listen()
+        selected = [
+            record
+            for record in registry.devices(options.selector)
+            if record.online or options.include_offline
+        ]
+        if not selected:
+            known = len(registry)
+            raise RolloutError(
+                f"no {'' if options.include_offline else 'online '}device of fleet "
+                f"{self.fleet!r} matches the selection ({known} known): check --group/--tag/"
+                "--profile and `edgekit fleet devices`"
+            )
+        missing: dict[str, int] = {}
+        for record in selected:
+            if release.for_profile(record.profile) is None:
+                missing[record.profile or "(none)"] = missing.get(record.profile or "(none)", 0) + 1
+        if missing:
+            listed = ", ".join(f"{count} x {profile}" for profile, count in sorted(missing.items()))
+            raise RolloutError(
+                f"the release ({', '.join(release.profiles)}) has no bundle for selected devices' "
+                f"profiles: {listed}; add a bundle per profile or narrow the selection with "
+                "--profile"
+            )
+        fractions = options.fractions()
+        to_update = {
+            r.device: r.profile
+            for r in selected
+            if r.active is None or r.active.sha256 != release.for_profile(r.profile).sha256  # type: ignore[union-attr]
+        }
+        waves = assign_waves(to_update, fractions) if to_update else []
+        wave_of = {device: index for index, wave in enumerate(waves) for device in wave}
+        targets = []
+        for record in selected:
+            bundle = release.for_profile(record.profile)
+            assert bundle is not None  # checked above
+            previous = _bundle_json(record.active) if record.active else None
+            if record.device in wave_of:
+                targets.append(
+                    (
+                        record.device,
+                        record.profile,
+                        wave_of[record.device],
+                        bundle.sha256,
+                        previous,
+                        "planned",
+                    )
+                )
+            else:
+                targets.append(
+                    (record.device, record.profile, -1, bundle.sha256, previous, "skipped")
+                )
+        # The fraction shown per wave: the cumulative share its last device reaches.
+        wave_rows = []
+        done = 0
+        for wave in waves:
+            done += len(wave)
+            wave_rows.append((done / len(to_update), wave))
+        for bundle in () if recorded_sources else release.bundles:
+            sources = _sources(
+                bundle, self.topics, mqtt=options.publish_mqtt, url_templates=options.bundle_urls
+            )
+            self.store.record_bundle(bundle.to_record(sources))
+        rollout_id = rollout_id or new_rollout_id()
+        spec = {
+            "options": options.to_json(),
+            "release": [
+                {**asdict(b), "path": str(b.path) if b.path else None} for b in release.bundles
+            ],
+        }
+        self.store.create_rollout(
+            rollout_id=rollout_id,
+            fleet=self.fleet,
+            kind=kind,
+            spec=spec,
+            waves=wave_rows,
+            targets=targets,
+        )
+        if not waves:
+            self.store.set_state(
+                rollout_id, "completed", reason="every selected device already runs the release"
+            )
+        logger.info(
+            "planned rollout %s: %d devices in %d waves", rollout_id, len(to_update), len(waves)
+        )
+        return rollout_id
+
+    # -- driving -----------------------------------------------------------------------------
+
+    def run(self, rollout_id: str, *, stop_when: Callable[[], bool] | None = None) -> RolloutResult:
+        """Drive `rollout_id` until it completes, halts or is aborted (or `stop_when()`)."""
+        record = self.store.rollout(rollout_id)
+        if record.fleet != self.fleet:
+            raise RolloutError(f"rollout {rollout_id} belongs to fleet {record.fleet!r}")
+        if record.terminal:
+            return RolloutResult(progress_of(self.store, rollout_id))
+        self.store.claim(rollout_id)
+        try:
+            return self._drive(record, stop_when)
+        finally:
+            self.store.release(rollout_id)
+
+    def _options(self, record: RolloutRecord) -> RolloutOptions:
+        return RolloutOptions.from_json(record.spec["options"])
+
+    def _drive(self, record: RolloutRecord, stop_when: Callable[[], bool] | None) -> RolloutResult:
+        rollout_id = record.id
+        options = self._options(record)
+        gates = options.gates()
+        self.listen()
+        self._previous_sha = {
+            t.device: (t.previous or {}).get("sha256", "") for t in self.store.targets(rollout_id)
+        }
+        self._observed.baseline_p95_ms.clear()
+        self._revert_started = 0.0
+        self._publish_bundles(record, options)
+        self._republish_missing(rollout_id)
+        last_heartbeat = 0.0
+        while True:
+            record = self.store.rollout(rollout_id)
+            self._apply_request(record)
+            record = self.store.rollout(rollout_id)
+            if record.terminal:
+                break
+            if record.state == "running":
+                self._step_wave(record, options, gates)
+            elif record.state == "reverting":
+                self._step_revert(record, options)
+            elif record.state == "paused":
+                self._update_outcomes(rollout_id, self.store.targets(rollout_id))
+            if self.on_progress is not None:
+                self.on_progress(progress_of(self.store, rollout_id))
+            if stop_when is not None and stop_when():
+                break
+            now = time.monotonic()
+            if now - last_heartbeat > _HEARTBEAT_S:
+                self.store.heartbeat(rollout_id)
+                last_heartbeat = now
+            self._pump(self.poll_s)
+        final = progress_of(self.store, rollout_id)
+        if self.on_progress is not None:
+            self.on_progress(final)
+        return RolloutResult(final)
+
+    def _publish_bundles(self, record: RolloutRecord, options: RolloutOptions) -> None:
+        if not options.publish_mqtt:
+            return
+        shas = {t.bundle_sha256 for t in self.store.targets(record.id) if t.outcome == "planned"}
+        for entry in record.spec["release"]:
+            if entry["sha256"] not in shas or self._meta_on_broker(entry["sha256"]) is not None:
+                continue  # retained on the broker already (a resumed rollout, `fleet publish`)
+            bundle = ReleaseBundle(
+                **{**entry, "path": Path(entry["path"]) if entry["path"] else None}
+            )
+            logger.info("publishing bundle %s (%d bytes)", bundle.sha256[:12], bundle.size_bytes)
+            publish_release(
+                self.connection, self.store, self.topics, bundle, chunk_size=options.chunk_size
+            )
+
+    def _republish_missing(self, rollout_id: str) -> None:
+        """After a restart: publish recorded directives the broker does not hold (yet)."""
+        handles = []
+        for target in self.store.targets(rollout_id):
+            for envelope, active in (
+                (target.envelope, target.outcome in ("sent",)),
+                (target.revert_envelope, target.outcome == "reverting"),
+            ):
+                if envelope is None or not active:
+                    continue
+                retained = self._observed.desired.get(target.device)
+                if retained is None or _unverified_sequence(retained) < _unverified_sequence(
+                    envelope
+                ):
+                    logger.info("re-publishing the recorded directive for %s", target.device)
+                    handles.append(
+                        self.connection.publish(
+                            self.topics.desired(target.device), envelope, qos=1, retain=True
+                        )
+                    )
+        self.connection.wait_published(handles)
+
+    def _apply_request(self, record: RolloutRecord) -> None:
+        request = self.store.take_request(record.id)
+        if request is None:
+            return
+        if request == "pause" and record.state == "running":
+            self.store.set_state(record.id, "paused", reason="paused by the operator")
+        elif request == "resume" and record.state == "paused":
+            self.store.set_state(record.id, "running", reason="resumed by the operator")
+        elif request == "abort":
+            self.store.set_state(record.id, "aborted", reason="aborted by the operator")
+        elif request == "abort_revert":
+            self._start_revert(record, reason="aborted by the operator; reverting", then="aborted")
+
+    def _sign(
+        self,
+        *,
+        rollout_id: str,
+        device: str,
+        sequence: int,
+        bundle: BundleRecord,
+        min_security_epoch: int,
+        ttl_s: float,
+    ) -> bytes:
+        if not self.signers:
+            raise RolloutError("no directive key: pass --key NAME (a key of the directives role)")
+        directive = build_directive(
+            fleet=self.fleet,
+            device=device,
+            rollout_id=rollout_id,
+            sequence=sequence,
+            bundle=BundleRef(
+                sha256=bundle.sha256,
+                size_bytes=bundle.size_bytes,
+                name=bundle.name,
+                version=bundle.version,
+                sources=tuple(_source(entry) for entry in bundle.sources),
+            ),
+            min_security_epoch=min_security_epoch,
+            issued_at=datetime.now(timezone.utc),
+            ttl_s=ttl_s,
+        )
+        return sign_directive(directive, self.signers)
+
+    def _highest_seen_sequence(self) -> int:
+        seen = [r.last_sequence for r in self.registry.devices()]
+        seen += [_unverified_sequence(e) for e in self._observed.desired.values()]
+        return max(seen, default=0)
+
+    def _bundle(self, sha256: str) -> BundleRecord:
+        found = self.store.bundle(sha256)
+        if found is None:
+            raise RolloutError(f"bundle {sha256[:12]} is not recorded in {self.store.path}")
+        return found
+
+    def _publish_directives(self, directives: Sequence[tuple[str, int, bytes]]) -> None:
+        handles = [
+            self.connection.publish(self.topics.desired(device), envelope, qos=1, retain=True)
+            for device, _, envelope in directives
+        ]
+        self.connection.wait_published(handles)
+        for device, _, envelope in directives:
+            self._observed.desired[device] = envelope
+
+    def _prepare_wave(
+        self, record: RolloutRecord, options: RolloutOptions, wave: int
+    ) -> list[tuple[str, int, bytes]]:
+        """Sign the wave's directives and record them (the wave starts); nothing published."""
+        targets = [t for t in self.store.targets(record.id, wave=wave) if t.outcome == "planned"]
+        if not targets:
+            self.store.update_wave(record.id, wave, state="active", started_at=time.time())
+            return []
+        first = self.store.allocate_sequences(
+            self.fleet, len(targets), at_least=self._highest_seen_sequence()
+        )
+        directives = []
+        for offset, target in enumerate(targets):
+            bundle = self._bundle(target.bundle_sha256)
+            directives.append(
+                (
+                    target.device,
+                    first + offset,
+                    self._sign(
+                        rollout_id=record.id,
+                        device=target.device,
+                        sequence=first + offset,
+                        bundle=bundle,
+                        min_security_epoch=bundle.security_epoch,
+                        ttl_s=options.directive_ttl_s,
+                    ),
+                )
+            )
+        self.store.record_directives(record.id, directives, start_wave=wave)
+        return directives
+
+    def _start_wave(self, record: RolloutRecord, options: RolloutOptions, wave: int) -> None:
+        directives = self._prepare_wave(record, options, wave)
+        logger.info("rollout %s: wave %d to %d devices", record.id, wave, len(directives))
+        self._publish_directives(directives)
+
+    def _outcome(self, target: TargetRecord, *, revert: bool) -> tuple[str, str | None] | None:
+        """(`succeeded`|`failed`, detail) once the device reported on its directive."""
+        sequence = target.revert_sequence if revert else target.sequence
+        if sequence is None:
+            return None
+        wanted = (target.previous or {}).get("sha256") if revert else target.bundle_sha256
+        failed = self._observed.failed_events.get((target.device, sequence))
+        if failed is not None:
+            return "failed", failed
+        status = self.registry.get(target.device)
+        if status is None or status.last_sequence < sequence:
+            return None
+        if status.state == "committed" and status.active and status.active.sha256 == wanted:
+            return "succeeded", None
+        if status.state == "rolled_back":
+            return "failed", "rolled_back"
+        return None
+
+    def _update_outcomes(self, rollout_id: str, targets: Sequence[TargetRecord]) -> None:
+        changes = []
+        for target in targets:
+            if target.outcome == "sent":
+                found = self._outcome(target, revert=False)
+                if found is not None:
+                    changes.append((target.device, found[0], found[1]))
+            elif target.outcome == "reverting":
+                found = self._outcome(target, revert=True)
+                if found is not None:
+                    outcome = "reverted" if found[0] == "succeeded" else "revert_failed"
+                    changes.append((target.device, outcome, found[1]))
+        self.store.set_outcomes(rollout_id, changes)
+
+    def _observation(
+        self, targets: Sequence[TargetRecord], started_at: float, settled_at: float | None
+    ) -> WaveObservation:
+        now = time.time()
+        succeeded = sum(1 for t in targets if t.outcome == "succeeded")
+        failed = sum(1 for t in targets if t.outcome == "failed")
+        wave_devices = {t.device: t.bundle_sha256 for t in targets}
+        new_p95 = [
+            p95
+            for device, (sha, p95) in self._observed.p95_ms.items()
+            if wave_devices.get(device) == sha
+        ]
+        for device, (sha, p95) in self._observed.p95_ms.items():
+            previous = self._previous_sha.get(device)
+            if previous and sha == previous:
+                self._observed.baseline_p95_ms[device] = p95
+        drift = [
+            psi
+            for device, (sha, psi) in self._observed.drift.items()
+            if wave_devices.get(device) == sha
+        ]
+        return WaveObservation(
+            targeted=len(targets),
+            succeeded=succeeded,
+            failed=failed,
+            elapsed_s=now - started_at,
+            settled_s=None if settled_at is None else now - settled_at,
+            new_p95_ms=tuple(new_p95),
+            baseline_p95_ms=tuple(self._observed.baseline_p95_ms.values()),
+            drift_psi=tuple(drift),
+        )
+
+    def _step_wave(self, record: RolloutRecord, options: RolloutOptions, gates: AllOf) -> None:
+        waves = self.store.waves(record.id)
+        if record.current_wave >= len(waves):
+            self.store.set_state(record.id, "completed", reason="every wave passed its gates")
+            return
+        wave = waves[record.current_wave]
+        if wave.state == "planned":
+            self._start_wave(record, options, wave.wave)
+            return
+        targets = self.store.targets(record.id, wave=wave.wave)
+        self._update_outcomes(record.id, targets)
+        targets = self.store.targets(record.id, wave=wave.wave)
+        settled_at = wave.settled_at
+        if settled_at is None and all(t.outcome in ("succeeded", "failed") for t in targets):
+            settled_at = time.time()
+            self.store.update_wave(record.id, wave.wave, state="active", settled_at=settled_at)
+        result: GateResult = gates.evaluate(
+            self._observation(targets, wave.started_at or time.time(), settled_at)
+        )
+        if result.verdict == "wait":
+            self.store.update_wave(record.id, wave.wave, state="active", detail=result.detail)
+            return
+        if result.verdict == "pass":
+            self.store.update_wave(
+                record.id, wave.wave, state="passed", finished_at=time.time(), detail=result.detail
+            )
+            next_wave = wave.wave + 1
+            if next_wave >= len(waves):
+                self.store.set_state(
+                    record.id,
+                    "completed",
+                    reason="every wave passed its gates",
+                    current_wave=next_wave,
+                )
+            else:
+                self.store.set_state(record.id, "running", current_wave=next_wave)
+            return
+        reason = f"wave {wave.wave} halted: " + "; ".join(
+            f"{leaf.gate}: {leaf.detail}" for leaf in result.failures
+        )
+        self.store.update_wave(
+            record.id, wave.wave, state="failed", finished_at=time.time(), detail=result.detail
+        )
+        logger.warning("rollout %s: %s", record.id, reason)
+        if options.revert_on_halt:
+            self._start_revert(record, reason=reason, then="halted")
+        else:
+            self.store.set_state(record.id, "halted", reason=reason)
+
+    def _start_revert(
+        self, record: RolloutRecord, *, reason: str, then: Literal["halted", "aborted"]
+    ) -> None:
+        """Sign and publish a directive naming each updated device's previous bundle."""
+        options = self._options(record)
+        targets = [t for t in self.store.targets(record.id) if t.outcome in ("sent", "succeeded")]
+        directives: list[tuple[str, int, bytes]] = []
+        unrevertable: list[tuple[str, str]] = []
+        candidates = [t for t in targets if t.previous is not None]
+        first = (
+            self.store.allocate_sequences(
+                self.fleet, len(candidates), at_least=self._highest_seen_sequence()
+            )
+            if candidates
+            else 0
+        )
+        for offset, target in enumerate(candidates):
+            assert target.previous is not None
+            bundle = self._previous_bundle(target.previous)
+            if bundle is None:
+                unrevertable.append(
+                    (
+                        target.device,
+                        f"previous bundle {target.previous['sha256'][:12]} is unknown here and not "
+                        "published on the broker",
+                    )
+                )
+                continue
+            current = self._bundle(target.bundle_sha256)
+            sequence = first + offset
+            directives.append(
+                (
+                    target.device,
+                    sequence,
+                    self._sign(
+                        rollout_id=record.id,
+                        device=target.device,
+                        sequence=sequence,
+                        bundle=bundle,
+                        min_security_epoch=min(bundle.security_epoch, current.security_epoch),
+                        ttl_s=options.directive_ttl_s,
+                    ),
+                )
+            )
+        unrevertable += [
+            (t.device, "the device ran no bundle before this rollout")
+            for t in targets
+            if t.previous is None
+        ]
+        self.store.begin_revert(
+            record.id, reason=reason, then=then, directives=directives, unrevertable=unrevertable
+        )
+        if directives:
+            logger.info("rollout %s: reverting %d devices", record.id, len(directives))
+            self._publish_directives(directives)
+        self._revert_started = time.time()
+
+    def _meta_on_broker(self, sha256: str) -> BundleMeta | None:
+        """The bundle's retained meta, if the broker holds one."""
+        topic = self.topics.bundle_meta(sha256)
+        try:
+            messages = self.connection.collect_retained([topic], quiet_s=0.3, timeout_s=3)
+        finally:
+            self.connection.unsubscribe([topic])
+        # Device messages that arrived meanwhile still count.
+        self._handle([m for m in messages if m.topic != topic])
+        for message in messages:
+            if message.topic == topic and message.payload:
+                try:
+                    return BundleMeta.from_json(message.payload)
+                except MessageError:
+                    return None
+        return None
+
+    def _previous_bundle(self, previous: Mapping[str, str]) -> BundleRecord | None:
+        known = self.store.bundle(previous["sha256"])
+        if known is not None:
+            return known
+        meta = self._meta_on_broker(previous["sha256"])  # published by someone else
+        if meta is None:
+            return None
+        return BundleRecord(
+            sha256=meta.sha256,
+            name=previous["name"],
+            version=previous["version"],
+            profile="",
+            size_bytes=meta.size,
+            security_epoch=0,
+            sources=(BundleSource("mqtt", self.topics.bundle_prefix(meta.sha256)).to_json(),),
+        )
+
+    def _step_revert(self, record: RolloutRecord, options: RolloutOptions) -> None:
+        targets = self.store.targets(record.id)
+        self._update_outcomes(record.id, targets)
+        targets = self.store.targets(record.id)
+        pending = [t for t in targets if t.outcome == "reverting"]
+        # Devices whose forward directive is still in flight may finish it first; their revert
+        # directive (a higher sequence) then follows.
+        if not self._revert_started:
+            self._revert_started = record.updated_at
+        timed_out = time.time() - self._revert_started > options.report_timeout_s
+        if pending and not timed_out:
+            return
+        if pending:
+            self.store.set_outcomes(
+                record.id,
+                [
+                    (t.device, "revert_failed", "did not report on the revert in time")
+                    for t in pending
+                ],
+            )
+        then: RolloutState = "aborted" if record.after_revert == "aborted" else "halted"
+        self.store.set_state(record.id, then)
+
+    # -- rollback --to VERSION ---------------------------------------------------------------
+
+    def plan_rollback(
+        self,
+        version: str,
+        *,
+        selector: DeviceSelector,
+        name: str | None = None,
+        report_timeout_s: float = 900.0,
+    ) -> str:
+        """A rollout (kind `rollback`, strategy `all`) to the recorded bundles of `version`."""
+        records = self.store.bundles_by_version(version, name=name)
+        if not records:
+            raise RolloutError(
+                f"no bundle of version {version} is recorded in {self.store.path}: roll back to "
+                "a version a rollout or `edgekit fleet publish` used, or run a rollout with its "
+                "bundles"
+            )
+        profiles: dict[str, BundleRecord] = {}
+        for record in records:
+            profiles.setdefault(record.profile, record)
+        release = _release_from_store(list(profiles.values()))
+        options = RolloutOptions(
+            strategy="all",
+            max_failure=1.0,
+            soak_s=0.0,
+            report_timeout_s=report_timeout_s,
+            revert_on_halt=False,
+            publish_mqtt=any(s.get("kind") == "mqtt" for r in profiles.values() for s in r.sources),
+            bundle_urls=(),
+            selector=selector,
+        )
+        return self.plan(release, options, kind="rollback", recorded_sources=True)

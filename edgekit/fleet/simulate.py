@@ -1,0 +1,1236 @@
+"""Simulated devices: real MQTT 5 clients that follow the agent's directive contract.
+
+`SimulatedFleet` runs N lightweight agents against a real broker, for demos, tests and scale
+benchmarks. Each device is one paho-mqtt client (its own connection, client id and user name
+= device id) with a retained status and a last will, subscribed to its own `desired`. A
+directive is verified for real (`verify_directive`: the trust store's `directives` role,
+sequence floor, expiry, target), the bundle is fetched over MQTT chunks
+(`edgekit.transfer.MqttBundleFetcher`) and verified for real (`verify_bundle` with the
+directive's sha256 pin), then a simulated health check decides commit or rollback, following
+the directive-outcome contract in `edgekit.topics` exactly. Devices send `Telemetry` from a
+latency/error model every interval and count everything they send, so a test can compare.
+
+Scale: clients do not get a thread each. A few `_NetworkLoop` threads drive every socket with
+one `selectors` loop each (paho's external-loop API: `loop_read`/`loop_write`/`loop_misc`),
+and a small worker pool runs the blocking steps of directives (fetch, verify). A thousand
+devices fit on two cores.
+
+Faults are chosen by stable hash of (seed, device id, fault), so a test knows which devices
+fail: exactly `round(fraction * N)` devices get each fault (the lowest hashes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import selectors
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgekit import __version__
+from edgekit.bundle import verify_bundle
+from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
+from edgekit.topics import ActiveBundle, Event, Status, Telemetry, Topics, check_identifier
+from edgekit.transfer import MqttBundleFetcher
+from edgekit.trust import (
+    DirectiveFloor,
+    TrustStore,
+    VerifiedDirective,
+    next_floor,
+    parse_envelope,
+    verify_directive,
+)
+from edgekit.trust.errors import ReplayError
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "BrokerAddress",
+    "DeviceSpec",
+    "Faults",
+    "SentCounts",
+    "SimulatedDevice",
+    "SimulatedFleet",
+    "SimulationError",
+    "fault_devices",
+    "make_device_specs",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = "x86-64"
+AGENT_VERSION = f"edgekit-sim/{__version__}"
+
+# Base p50 inference latency (ms) per shipped profile; unknown profiles get the default.
+_BASE_LATENCY_MS = {
+    "x86-64": 2.5,
+    "jetson-orin": 3.0,
+    "raspberrypi": 12.0,
+    "raspberrypi-tflite": 10.0,
+    "raspberrypi-zero2": 45.0,
+    "coral-edgetpu": 4.0,
+    "android-arm64": 8.0,
+    "cortex-m": 80.0,
+}
+_DEFAULT_LATENCY_MS = 10.0
+_TICK_S = 0.1  # how often the network loops run timers (keepalive, telemetry, reconnect)
+_RETRY_MIN_S, _RETRY_MAX_S = 0.5, 15.0  # reconnect backoff bounds
+_CONNECT_TIMEOUT_S = 30.0  # no CONNACK after this long: try again
+_MAX_READS_PER_EVENT = 64  # packets read per readiness event before serving other devices
+_MAX_TELEMETRY_BURST = 50  # telemetry messages one device sends per tick, at most
+
+
+class SimulationError(EdgekitError):
+    """The simulated fleet cannot start as asked (bad broker URL, ids, options)."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens, and how to log in: parsed from `mqtt[s]://[user:pass@]host:port`."""
+
+    host: str
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+
+    @classmethod
+    def parse(cls, url: str, *, ca_file: Path | None = None) -> BrokerAddress:
+        """Parse `mqtt://host:port` or `mqtts://host:port` (default ports 1883 and 8883)."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise SimulationError(
+                f"broker {url!r} is not a broker URL: use mqtt://HOST:PORT or mqtts://HOST:PORT"
+            )
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise SimulationError(f"broker {url!r} has an invalid port") from None
+        return cls(parts.hostname, port, tls, parts.username, parts.password, ca_file)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def as_broker_address(broker: BrokerAddress | str) -> BrokerAddress:
+    return broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One simulated device: id (also its MQTT user name), profile, group, tags, password."""
+
+    device_id: str
+    profile: str = DEFAULT_PROFILE
+    group: str = "sim"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier(self.device_id, what="device")
+
+
+def make_device_specs(
+    count: int,
+    *,
+    profiles: Sequence[str] = (DEFAULT_PROFILE,),
+    prefix: str = "sim",
+    group: str = "sim",
+) -> list[DeviceSpec]:
+    """`count` devices `<prefix>-0000`, ... cycling through `profiles`, tagged by site."""
+    if count < 1:
+        raise SimulationError(f"a simulated fleet needs at least one device; got {count}")
+    if not profiles:
+        raise SimulationError("give at least one profile for the simulated devices")
+    width = max(4, len(str(count - 1)))
+    return [
+        DeviceSpec(
+            device_id=f"{prefix}-{index:0{width}d}",
+            profile=profiles[index % len(profiles)],
+            group=group,
+            tags={"site": f"site-{'ab'[index % 2]}"},
+        )
+        for index in range(count)
+    ]
+
+
+def _unit_hash(*parts: object) -> float:
+    """A stable number in [0, 1) from `parts` (same inputs, same number, any machine)."""
+    digest = hashlib.sha256("\x00".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def fault_devices(device_ids: Iterable[str], fraction: float, *, seed: int, fault: str) -> set[str]:
+    """The `round(fraction * N)` devices with the lowest stable hash for this fault and seed."""
+    ids = sorted(set(device_ids))
+    count = round(max(0.0, min(1.0, fraction)) * len(ids))
+    return set(sorted(ids, key=lambda device: _unit_hash(seed, fault, device))[:count])
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Injectable faults, as fractions of the fleet (0..1).
+
+    `fail_health`: the health check of a new bundle fails (the device rolls back).
+    `slow`: latency multiplied by `slow_factor` while running a new bundle.
+    `drift`: drift PSI `drift_psi` (instead of ~0.03) while running a new bundle.
+    `offline`: the device connects once (retained status), then drops off with its last will
+    (`offline_mode="drop"`) or never connects at all (`"never"`).
+    A "new bundle" is any bundle other than the fleet's initial one, or only the `versions`
+    listed. `*_devices` name devices that get the fault in addition to the chosen fraction.
+    """
+
+    fail_health: float = 0.0
+    slow: float = 0.0
+    offline: float = 0.0
+    drift: float = 0.0
+    seed: int = 0
+    slow_factor: float = 3.0
+    drift_psi: float = 0.45
+    offline_mode: Literal["drop", "never"] = "drop"
+    versions: frozenset[str] = frozenset()
+    fail_health_devices: frozenset[str] = frozenset()
+    slow_devices: frozenset[str] = frozenset()
+    offline_devices: frozenset[str] = frozenset()
+    drift_devices: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for name in ("fail_health", "slow", "offline", "drift"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SimulationError(f"fault {name} must be a fraction 0..1; got {value}")
+        if self.slow_factor <= 0:
+            raise SimulationError(f"slow_factor must be > 0; got {self.slow_factor}")
+
+    def assign(self, device_ids: Sequence[str]) -> dict[str, set[str]]:
+        """fault name -> devices that have it (deterministic)."""
+        return {
+            name: fault_devices(device_ids, getattr(self, name), seed=self.seed, fault=name)
+            | set(getattr(self, f"{name}_devices"))
+            for name in ("fail_health", "slow", "offline", "drift")
+        }
+
+
+@dataclass
+class SentCounts:
+    """What a device (or the fleet) sent, counted when handed to the MQTT client."""
+
+    telemetry: int = 0
+    requests: int = 0
+    errors: int = 0
+    status: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    dropped: int = 0
+
+    def add(self, other: SentCounts) -> None:
+        self.telemetry += other.telemetry
+        self.requests += other.requests
+        self.errors += other.errors
+        self.status += other.status
+        self.events.update(other.events)
+        self.dropped += other.dropped
+
+    def copy(self) -> SentCounts:
+        return SentCounts(
+            self.telemetry, self.requests, self.errors, self.status, Counter(self.events)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "telemetry": self.telemetry,
+            "requests": self.requests,
+            "errors": self.errors,
+            "status": self.status,
+            "events": dict(sorted(self.events.items())),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Network loops: a few threads drive every client's socket with one selector each.
+
+
+class _NetworkLoop(threading.Thread):
+    """Drives many paho clients with paho's external-loop API on one selector.
+
+    Selector changes happen only on this thread: other threads (the directive workers that
+    publish events) post them through `call_soon`, which wakes the selector.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._calls: deque[Callable[[], None]] = deque()
+        self._stopping = threading.Event()
+        self._ticks: list[Callable[[float], None]] = []
+        self._woken = False
+        self._lock = threading.Lock()
+
+    # Called on any thread.
+    def call_soon(self, call: Callable[[], None]) -> None:
+        self._calls.append(call)
+        if threading.current_thread() is not self:
+            with self._lock:
+                if self._woken:
+                    return
+                self._woken = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wake_w.send(b"\0")
+
+    def add_tick(self, tick: Callable[[float], None]) -> None:
+        self._ticks.append(tick)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.call_soon(lambda: None)
+
+    # paho socket callbacks (registered on each client).
+    def on_socket_open(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self.call_soon(lambda: self._register(sock, client, selectors.EVENT_READ))
+
+    def on_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self.call_soon(lambda: self._unregister(sock))
+
+    def on_socket_register_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self.call_soon(
+            lambda: self._register(sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        )
+
+    def on_socket_unregister_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self.call_soon(lambda: self._register(sock, client, selectors.EVENT_READ))
+
+    def _register(self, sock: Any, client: mqtt.Client, events: int) -> None:
+        current: Any = client.socket()
+        if current is None or current is not sock or current.fileno() < 0:
+            return
+        try:
+            self._selector.modify(sock, events, client)
+        except KeyError:
+            self._selector.register(sock, events, client)
+        except (ValueError, OSError):
+            return
+        if events & selectors.EVENT_WRITE:
+            client.loop_write()
+
+    def _unregister(self, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(sock)
+
+    def run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stopping.is_set():
+            timeout = max(0.0, min(2 * _TICK_S, next_tick - time.monotonic()))
+            for key, mask in self._selector.select(timeout=timeout):
+                client = key.data
+                if client is None:
+                    with self._lock:
+                        self._woken = False
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                if client.socket() is not key.fileobj:
+                    self._unregister(key.fileobj)
+                    continue
+                try:
+                    if mask & selectors.EVENT_READ:
+                        self._read(client, key.fileobj)
+                    if mask & selectors.EVENT_WRITE and client.socket() is key.fileobj:
+                        client.loop_write()
+                except Exception:  # a broken client must not stop every other device
+                    log.exception("simulated device network error")
+            self._run_calls()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + _TICK_S
+                for tick in self._ticks:
+                    try:
+                        tick(now)
+                    except Exception:
+                        log.exception("simulated device timer failed")
+                self._run_calls()
+        self._run_calls()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @staticmethod
+    def _read(client: mqtt.Client, sock: Any) -> None:
+        """Read what arrived; TLS may hold decrypted bytes the selector cannot see."""
+        for _ in range(_MAX_READS_PER_EVENT):
+            client.loop_read()
+            pending = getattr(sock, "pending", None)
+            if client.socket() is not sock or pending is None or not pending():
+                return
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            call = self._calls.popleft()
+            try:
+                call()
+            except Exception:
+                log.exception("simulated device callback failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# One device.
+
+
+def _latency_base_ms(profile: str) -> float:
+    return _BASE_LATENCY_MS.get(profile, _DEFAULT_LATENCY_MS)
+
+
+def _unverified_sequence(payload: bytes) -> int | None:
+    """The sequence a (possibly forged) directive claims, for the refusal event only."""
+    try:
+        document = json.loads(parse_envelope(payload).payload)
+        value = document.get("sequence") if isinstance(document, dict) else None
+    except (EdgekitError, ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class SimulatedDevice:
+    """One simulated agent. Created and driven by `SimulatedFleet`; read-only for callers."""
+
+    def __init__(
+        self,
+        spec: DeviceSpec,
+        *,
+        fleet: SimulatedFleet,
+        loop: _NetworkLoop,
+        faults: set[str],
+        initial_bundle: ActiveBundle | None,
+    ) -> None:
+        self.spec = spec
+        self.device_id = spec.device_id
+        self.faults = frozenset(faults)
+        self._fleet = fleet
+        self._loop = loop
+        self._topics = fleet.topics
+        self._lock = threading.RLock()
+        self.state = "committed" if initial_bundle else "idle"
+        self.active = initial_bundle
+        self.previous: ActiveBundle | None = None
+        self.rollout_id: str | None = None
+        self.floor = DirectiveFloor()
+        self.accepted_sha256: str | None = None
+        self.sent = SentCounts()
+        self.history: list[tuple[int, str, str]] = []  # (sequence, sha256, outcome)
+        self.connected = False
+        self.connects = 0
+        self._want_online = "offline" not in self.faults or fleet.faults.offline_mode == "drop"
+        self._drop_after_connect = "offline" in self.faults
+        self._next_retry = 0.0
+        self._retry_delay_s = _RETRY_MIN_S
+        self._connecting_since: float | None = None
+        self._jitter = random.Random(spec.device_id)
+        self._next_telemetry = time.monotonic() + fleet.telemetry_interval_s * _unit_hash(
+            spec.device_id
+        )
+        self._telemetry_seq = 0
+        self._random = random.Random(f"{fleet.faults.seed}:{spec.device_id}")
+        self._pending: deque[bytes] = deque()
+        self._busy = False
+        self._published = 0
+        self._acknowledged = 0
+        # (sequence, target, rollout id) of the directive being applied; persisted, so a
+        # simulator killed mid-update reports it rolled back when it comes back.
+        self._in_progress: tuple[int, ActiveBundle, str] | None = None
+        self._interrupted: tuple[int, ActiveBundle, str] | None = None
+        if fleet.keep_state:
+            self._load_state()
+        self.client = self._make_client()
+
+    # -- persistence (only with a work directory the caller keeps)
+
+    @property
+    def _state_path(self) -> Path:
+        return self._fleet.workdir / "devices" / self.device_id / "state.json"
+
+    def _load_state(self) -> None:
+        path = self._state_path
+        if not path.exists():
+            return
+        try:
+            document = json.loads(path.read_text())
+            self.floor = DirectiveFloor(
+                int(document["last_sequence"]), int(document["min_security_epoch"])
+            )
+            self.active = ActiveBundle.from_json(document.get("active"))
+            self.previous = ActiveBundle.from_json(document.get("previous"))
+            self.state = str(document.get("state") or self.state)
+            self.rollout_id = document.get("rollout_id")
+            self.accepted_sha256 = document.get("accepted_sha256")
+            interrupted = document.get("in_progress")
+            if interrupted is not None:
+                target = ActiveBundle.from_json(interrupted["bundle"])
+                if target is not None:
+                    self._interrupted = (
+                        int(interrupted["sequence"]),
+                        target,
+                        str(interrupted["rollout_id"]),
+                    )
+                    self.state = "rolled_back"
+        except (OSError, ValueError, KeyError, TypeError, EdgekitError):
+            log.warning("ignoring unreadable simulator state %s", path)
+
+    def _save_state(self) -> None:
+        path = self._state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        temp.write_text(
+            json.dumps(
+                {
+                    "last_sequence": self.floor.last_sequence,
+                    "min_security_epoch": self.floor.min_security_epoch,
+                    "active": None if self.active is None else vars(self.active),
+                    "previous": None if self.previous is None else vars(self.previous),
+                    "state": self.state,
+                    "rollout_id": self.rollout_id,
+                    "accepted_sha256": self.accepted_sha256,
+                    "in_progress": None
+                    if self._in_progress is None
+                    else {
+                        "sequence": self._in_progress[0],
+                        "bundle": vars(self._in_progress[1]),
+                        "rollout_id": self._in_progress[2],
+                    },
+                }
+            )
+        )
+        os.replace(temp, path)
+
+    # -- MQTT
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=mqtt.MQTTv5,
+        )
+        broker = self._fleet.broker
+        password = self.spec.password
+        if password is None and self._fleet.passwords is not None:
+            password = self._fleet.passwords.get(self.device_id)
+        if password is not None:
+            client.username_pw_set(self.device_id, password)
+        if broker.tls:
+            client.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None)
+        client.max_inflight_messages_set(64)
+        client.will_set(
+            self._topics.status(self.device_id),
+            self._status(online=False).to_json(),
+            qos=1,
+            retain=True,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._loop.on_socket_open
+        client.on_socket_close = self._loop.on_socket_close
+        client.on_socket_register_write = self._loop.on_socket_register_write
+        client.on_socket_unregister_write = self._loop.on_socket_unregister_write
+        return client
+
+    def _connect(self) -> None:
+        """On the loop thread: open the connection (TCP connect on loopback is quick)."""
+        if self.connected or not self._want_online or self._fleet.stopping:
+            return
+        self._connecting_since = time.monotonic()
+        broker = self._fleet.broker
+        try:
+            if self.connects == 0 and not self.client.is_connected():
+                self.client.connect(broker.host, broker.port, keepalive=30, clean_start=True)
+            else:
+                self.client.reconnect()
+        except OSError as error:
+            log.debug("device %s cannot connect: %s", self.device_id, error)
+            self._connecting_since = None
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        """Back off exponentially with jitter, so a thousand devices do not reconnect at once."""
+        delay = self._retry_delay_s * (0.5 + self._jitter.random())
+        self._next_retry = time.monotonic() + delay
+        self._retry_delay_s = min(_RETRY_MAX_S, self._retry_delay_s * 2)
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("device %s: broker refused the connection: %s", self.device_id, reason)
+            self._want_online = False  # wrong credentials do not get better by retrying
+            self._connecting_since = None
+            self._fleet._note_refused(self.device_id, str(reason))
+            return
+        self.connected = True
+        self._connecting_since = None
+        self._retry_delay_s = _RETRY_MIN_S
+        self.connects += 1
+        client.subscribe(self._topics.desired(self.device_id), qos=1)
+        self.publish_status()
+        if self.connects == 1:
+            self._event("agent_started", details={"simulated": True})
+            if self._interrupted is not None:
+                sequence, target, rollout_id = self._interrupted
+                self._interrupted = None
+                self._event(
+                    "rolled_back",
+                    reason="the agent restarted during the update and undid it",
+                    bundle=target,
+                    sequence=sequence,
+                    rollout_id=rollout_id,
+                )
+                self._finish(sequence, target, "rolled_back")
+        if self._drop_after_connect:
+            # Gone for good, the way a device loses power: the broker publishes the will.
+            self._want_online = False
+            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, _reason: Any, _props: Any
+    ) -> None:
+        self.connected = False
+        self._connecting_since = None
+        self._schedule_retry()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic != self._topics.desired(self.device_id) or not message.payload:
+            return
+        with self._lock:
+            self._pending.append(bytes(message.payload))
+            if self._busy:
+                return
+            self._busy = True
+        try:
+            self._fleet._workers.submit(self._drain_directives)
+        except RuntimeError:  # stopping: the pool is shut down
+            self._busy = False
+
+    def tick(self, now: float) -> None:
+        """On the loop thread: reconnect, keepalive and telemetry."""
+        if self._fleet.stopping:
+            return
+        if not self.connected:
+            connecting = self._connecting_since
+            if connecting is not None and now - connecting < _CONNECT_TIMEOUT_S:
+                return  # waiting for CONNACK: a busy broker must not get a reconnect storm
+            if self._want_online and now >= self._next_retry:
+                self._connect()
+            return
+        self.client.loop_misc()
+        interval = self._fleet.telemetry_interval_s
+        if interval > 0 and now >= self._next_telemetry:
+            # Short intervals (load tests) send several per tick, up to a bound; a loop that
+            # stalled longer does not catch up.
+            due = min(_MAX_TELEMETRY_BURST, max(1, round(_TICK_S / interval)))
+            self._next_telemetry += due * interval
+            if self._next_telemetry < now:
+                self._next_telemetry = now + due * interval
+            for _ in range(due):
+                self._send_telemetry(interval)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        # Counted before the call: the PUBACK can arrive (on the loop thread) before it returns.
+        with self._lock:
+            self._published += 1
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            with self._lock:
+                self._published -= 1
+            log.warning("device %s: publish to %s failed (rc %s)", self.device_id, topic, info.rc)
+
+    def _on_publish(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, _reason: Any, _props: Any
+    ) -> None:
+        with self._lock:
+            self._acknowledged += 1
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 messages handed to the client that the broker has not acknowledged yet."""
+        with self._lock:
+            return self._published - self._acknowledged
+
+    # -- messages
+
+    def _status(self, *, online: bool) -> Status:
+        return Status(
+            fleet=self._fleet.fleet,
+            device=self.device_id,
+            online=online,
+            state=self.state,
+            profile=self.spec.profile,
+            group=self.spec.group,
+            tags=dict(self.spec.tags),
+            active=self.active,
+            previous=self.previous,
+            rollout_id=self.rollout_id,
+            last_sequence=self.floor.last_sequence,
+            agent_version=AGENT_VERSION,
+            ts=time.time(),
+        )
+
+    def publish_status(self) -> None:
+        with self._lock:
+            payload = self._status(online=True).to_json()
+            self.sent.status += 1
+        self._publish(self._topics.status(self.device_id), payload, retain=True)
+
+    def _event(
+        self,
+        kind: str,
+        *,
+        state: str | None = None,
+        ok: bool | None = None,
+        reason: str | None = None,
+        bundle: ActiveBundle | None = None,
+        sequence: int | None = None,
+        rollout_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        event = Event(
+            fleet=self._fleet.fleet,
+            device=self.device_id,
+            kind=kind,
+            state=state,
+            ok=ok,
+            reason=reason,
+            bundle=bundle,
+            rollout_id=rollout_id,
+            sequence=sequence,
+            details=dict(details or {}),
+            ts=time.time(),
+        )
+        with self._lock:
+            self.sent.events[kind] += 1
+        self._publish(self._topics.events(self.device_id), event.to_json())
+
+    def _faulted(self, fault: str, bundle: ActiveBundle | None) -> bool:
+        """Whether `fault` applies to this device while it runs `bundle`."""
+        if fault not in self.faults or bundle is None:
+            return False
+        versions = self._fleet.faults.versions
+        if versions:
+            return bundle.version in versions
+        initial = self._fleet.initial_bundle
+        return initial is None or bundle.sha256 != initial.sha256
+
+    def telemetry_sample(self, interval_s: float) -> Telemetry:
+        """One interval of the latency/error model (also used by the benchmark)."""
+        with self._lock:
+            active, state, rollout_id = self.active, self.state, self.rollout_id
+            self._telemetry_seq += 1
+            seq = self._telemetry_seq
+        rate = self._fleet.requests_per_s
+        requests = max(0, round(rate * interval_s * self._random.uniform(0.7, 1.3)))
+        errors = sum(1 for _ in range(requests) if self._random.random() < self._fleet.error_rate)
+        p50 = _latency_base_ms(self.spec.profile) * self._random.uniform(0.9, 1.1)
+        if self._faulted("slow", active):
+            p50 *= self._fleet.faults.slow_factor
+        drift = (
+            self._fleet.faults.drift_psi
+            if self._faulted("drift", active)
+            else 0.03 + 0.02 * self._random.random()
+        )
+        return Telemetry(
+            fleet=self._fleet.fleet,
+            device=self.device_id,
+            seq=seq,
+            interval_s=interval_s,
+            requests=requests,
+            errors=errors,
+            latency_ms={
+                "p50": round(p50, 3),
+                "p95": round(p50 * 1.6, 3),
+                "p99": round(p50 * 2.3, 3),
+            },
+            cpu_percent=round(15 + 30 * self._random.random(), 1),
+            rss_bytes=60_000_000 + self._random.randrange(10_000_000),
+            temperature_c=round(45 + 10 * self._random.random(), 1),
+            drift_psi=round(drift, 4),
+            bundle=active,
+            rollout_id=rollout_id,
+            state=state,
+            dropped=0,
+            ts=time.time(),
+        )
+
+    def _send_telemetry(self, interval_s: float) -> None:
+        telemetry = self.telemetry_sample(interval_s)
+        with self._lock:
+            self.sent.telemetry += 1
+            self.sent.requests += telemetry.requests
+            self.sent.errors += telemetry.errors
+        self._publish(self._topics.telemetry(self.device_id), telemetry.to_json())
+
+    # -- directives (worker threads; one directive at a time per device)
+
+    def _drain_directives(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._fleet.stopping:
+                    self._busy = False
+                    return
+                payload = self._pending.pop()  # the newest wins; older ones are superseded
+                self._pending.clear()
+            try:
+                self._handle_directive(payload)
+            except Exception:
+                log.exception("device %s: directive handling failed", self.device_id)
+
+    def _transition(
+        self, state: str, *, bundle: ActiveBundle | None, sequence: int, rollout_id: str
+    ) -> None:
+        with self._lock:
+            self.state = state
+        self._event("state", state=state, bundle=bundle, sequence=sequence, rollout_id=rollout_id)
+        self.publish_status()
+        delay = self._fleet.step_delay_s
+        if delay > 0:
+            time.sleep(delay)
+
+    def _handle_directive(self, payload: bytes) -> None:
+        now = datetime.now(timezone.utc)
+        try:
+            verified = verify_directive(
+                payload,
+                truststore=self._fleet.trust_store,
+                fleet=self._fleet.fleet,
+                device=self.device_id,
+                floor=self.floor,
+                now=now,
+            )
+        except BundleError as error:
+            sequence = _unverified_sequence(payload)
+            if isinstance(error, ReplayError) and sequence == self.floor.last_sequence:
+                return  # the retained directive we already acted on, redelivered on reconnect
+            self._event("directive_refused", reason=first_line(error), sequence=sequence)
+            return
+        self._apply(verified)
+
+    def _apply(self, verified: VerifiedDirective) -> None:
+        directive = verified.directive
+        sequence, rollout_id = directive.sequence, directive.rollout_id
+        target = ActiveBundle(
+            directive.bundle.name, directive.bundle.version, directive.bundle.sha256
+        )
+        with self._lock:
+            self.floor = next_floor(self.floor, verified)
+            self.rollout_id = rollout_id
+            self.accepted_sha256 = target.sha256
+            self._in_progress = (sequence, target, rollout_id)
+        self._save_if_kept()
+        self._event("directive_accepted", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        if self.active is not None and self.active.sha256 == target.sha256:
+            # Already running it (e.g. a revert to what a failed device rolled back to).
+            self._transition("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
+            self._event("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
+            self._finish(sequence, target, "committed")
+            return
+        self._transition("downloading", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        try:
+            path = self._fleet._fetch(self, verified)
+        except (TransportError, OSError) as error:
+            self._fail(
+                "bundle_refused",
+                target,
+                sequence,
+                rollout_id,
+                f"download failed: {first_line(error)}",
+            )
+            return
+        try:
+            self._transition("verifying", bundle=target, sequence=sequence, rollout_id=rollout_id)
+            with path.open("rb") as handle:
+                bundle = verify_bundle(
+                    handle,
+                    trust=self._fleet.trust_store,
+                    min_security_epoch=self.floor.min_security_epoch,
+                    expected_sha256=target.sha256,
+                )
+            manifest = bundle.manifest
+            if (manifest.name, manifest.version) != (target.name, target.version):
+                raise BundleError(
+                    f"bundle is {manifest.name} {manifest.version}; the directive names "
+                    f"{target.name} {target.version}"
+                )
+            if manifest.profile != self.spec.profile:
+                raise BundleError(
+                    f"bundle is built for profile {manifest.profile!r}; this device is "
+                    f"{self.spec.profile!r}"
+                )
+        except BundleError as error:
+            self._fail("bundle_refused", target, sequence, rollout_id, first_line(error))
+            return
+        finally:
+            path.unlink(missing_ok=True)
+        self._transition("installing", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        self._transition("checking", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        healthy = not self._faulted("fail_health", target)
+        details = {"golden_samples": 16, "max_abs_error": 0.002 if healthy else 0.9}
+        self._event(
+            "health_check",
+            ok=healthy,
+            bundle=target,
+            sequence=sequence,
+            rollout_id=rollout_id,
+            details=details,
+        )
+        if not healthy:
+            self._fail(
+                "rolled_back",
+                target,
+                sequence,
+                rollout_id,
+                "health check failed: golden outputs differ",
+            )
+            return
+        self._transition("activating", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        with self._lock:
+            self.previous, self.active = self.active, target
+        self._transition("probation", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        if self._fleet.probation_s > 0:
+            time.sleep(self._fleet.probation_s)
+        self._transition("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        self._event("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        self._finish(sequence, target, "committed")
+
+    def _fail(
+        self,
+        kind: Literal["bundle_refused", "rolled_back"],
+        target: ActiveBundle,
+        sequence: int,
+        rollout_id: str,
+        reason: str,
+    ) -> None:
+        """Report a failed directive: the event, then a retained `rolled_back` status (a
+        controller that missed the event still sees the contract's failure)."""
+        self._event(kind, reason=reason, bundle=target, sequence=sequence, rollout_id=rollout_id)
+        self._transition(
+            "rolled_back", bundle=self.active, sequence=sequence, rollout_id=rollout_id
+        )
+        self._finish(sequence, target, kind)
+
+    def _finish(self, sequence: int, target: ActiveBundle, outcome: str) -> None:
+        with self._lock:
+            self.history.append((sequence, target.sha256, outcome))
+            self._in_progress = None
+        self._save_if_kept()
+
+    def _save_if_kept(self) -> None:
+        if self._fleet.keep_state:
+            with self._lock:
+                self._save_state()
+
+    def stop(self) -> None:
+        """On the loop thread: say goodbye with an offline status, then disconnect."""
+        self._want_online = False
+        if self.connected:
+            with self._lock:
+                payload = self._status(online=False).to_json()
+                self.sent.status += 1
+            self._publish(self._topics.status(self.device_id), payload, retain=True)
+            self.client.disconnect()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fleet.
+
+
+class SimulatedFleet:
+    """N simulated agents on one broker. Use as a context manager, or `start()`/`stop()`.
+
+    `devices` is a count (ids `sim-0000`...; profiles cycle through `profiles`) or explicit
+    `DeviceSpec`s. `passwords` maps device id to MQTT password (user name = device id).
+    `workdir` keeps download parts and (with `keep_state`) each device's floor and active
+    bundle across restarts; without one, a temporary directory is used and removed.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerAddress | str,
+        fleet: str,
+        devices: int | Sequence[DeviceSpec],
+        *,
+        trust_store: TrustStore,
+        profiles: Sequence[str] = (DEFAULT_PROFILE,),
+        faults: Faults | None = None,
+        initial_bundle: ActiveBundle | None = None,
+        workdir: Path | None = None,
+        keep_state: bool = False,
+        passwords: Mapping[str, str] | None = None,
+        telemetry_interval_s: float = 1.0,
+        requests_per_s: float = 20.0,
+        error_rate: float = 0.002,
+        step_delay_s: float = 0.0,
+        probation_s: float = 0.0,
+        fetch_timeout_s: float = 300.0,
+        loops: int | None = None,
+        workers: int | None = None,
+    ) -> None:
+        self.broker = as_broker_address(broker)
+        self.fleet = check_identifier(fleet, what="fleet")
+        self.topics = Topics(fleet)
+        specs = (
+            make_device_specs(devices, profiles=profiles)
+            if isinstance(devices, int)
+            else list(devices)
+        )
+        if not specs:
+            raise SimulationError("a simulated fleet needs at least one device")
+        ids = [spec.device_id for spec in specs]
+        if len(set(ids)) != len(ids):
+            raise SimulationError("simulated device ids must be unique")
+        if telemetry_interval_s < 0:
+            raise SimulationError("telemetry_interval_s must be >= 0 (0 turns telemetry off)")
+        self.trust_store = trust_store
+        self.faults = faults or Faults()
+        self.initial_bundle = initial_bundle
+        self.passwords = dict(passwords) if passwords is not None else None
+        self.telemetry_interval_s = telemetry_interval_s
+        self.requests_per_s = requests_per_s
+        self.error_rate = error_rate
+        self.step_delay_s = step_delay_s
+        self.probation_s = probation_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self.keep_state = keep_state and workdir is not None
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="edgekit-sim-"))
+        self.stopping = False
+        self._started = False
+        self._refused: dict[str, str] = {}
+        self._fetchers: set[MqttBundleFetcher] = set()
+        self._fetchers_lock = threading.Lock()
+        count = len(specs)
+        self._loops = [
+            _NetworkLoop(f"edgekit-sim-loop-{index}")
+            for index in range(loops or max(1, min(4, math.ceil(count / 250))))
+        ]
+        self._workers = ThreadPoolExecutor(
+            max_workers=workers or max(2, min(32, count)), thread_name_prefix="edgekit-sim"
+        )
+        assigned = self.faults.assign(ids)
+        self.fault_assignment = {name: frozenset(found) for name, found in assigned.items()}
+        self._devices: dict[str, SimulatedDevice] = {}
+        for index, spec in enumerate(specs):
+            loop = self._loops[index % len(self._loops)]
+            device = SimulatedDevice(
+                spec,
+                fleet=self,
+                loop=loop,
+                faults={name for name, found in assigned.items() if spec.device_id in found},
+                initial_bundle=initial_bundle,
+            )
+            self._devices[spec.device_id] = device
+        for loop in self._loops:
+            members = [d for d in self._devices.values() if d._loop is loop]
+
+            def tick(now: float, members: list[SimulatedDevice] = members) -> None:
+                for device in members:
+                    device.tick(now)
+
+            loop.add_tick(tick)
+
+    @property
+    def devices(self) -> dict[str, SimulatedDevice]:
+        """Device id -> device, in creation order."""
+        return self._devices
+
+    def device_ids(self, *, fault: str | None = None) -> list[str]:
+        """Every device id, or those with `fault` (fail_health, slow, offline, drift)."""
+        if fault is None:
+            return list(self._devices)
+        return sorted(self.fault_assignment.get(fault, frozenset()))
+
+    def start(self, *, wait_s: float | None = 30.0) -> SimulatedFleet:
+        """Start the loops and connect every device; with `wait_s`, wait until they are online."""
+        if self._started:
+            return self
+        self._started = True
+        for loop in self._loops:
+            loop.start()
+        for device in self._devices.values():
+            device._loop.call_soon(device._connect)
+        if wait_s is not None:
+            self.wait_connected(timeout_s=wait_s)
+        return self
+
+    def wait_connected(self, *, timeout_s: float = 30.0) -> None:
+        """Wait until every device meant to be online has connected once."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._refused:
+                device, reason = next(iter(self._refused.items()))
+                raise SimulationError(
+                    f"the broker refused device {device!r} ({reason}): check the passwords and "
+                    f"the broker at {self.broker.url}"
+                )
+            waiting = [
+                d
+                for d in self._devices.values()
+                if d.connects == 0
+                and not ("offline" in d.faults and self.faults.offline_mode == "never")
+            ]
+            if not waiting:
+                return
+            time.sleep(0.05)
+        raise SimulationError(
+            f"{len(waiting)} simulated devices did not connect to {self.broker.url} within "
+            f"{timeout_s:g} s: is the broker running?"
+        )
+
+    def _note_refused(self, device: str, reason: str) -> None:
+        self._refused[device] = reason
+
+    def _fetch(self, device: SimulatedDevice, verified: VerifiedDirective) -> Path:
+        """Fetch the directive's bundle over MQTT chunks into the device's download folder."""
+        bundle = verified.directive.bundle
+        prefix = next((s.location for s in bundle.sources if s.kind == "mqtt"), None)
+        if prefix is None:
+            raise TransportError(
+                "the directive names no MQTT source; simulated devices fetch over MQTT only"
+            )
+        directory = self.workdir / "devices" / device.device_id / "downloads"
+        fetcher = MqttBundleFetcher(
+            device.client,
+            prefix,
+            directory,
+            sha256=bundle.sha256,
+            size=bundle.size_bytes,
+            max_bytes=1 << 30,
+        )
+        with self._fetchers_lock:
+            if self.stopping:
+                raise TransportError("the simulated fleet is stopping")
+            self._fetchers.add(fetcher)
+        try:
+            return fetcher.fetch(directory / f"{bundle.sha256}.ekb", timeout_s=self.fetch_timeout_s)
+        finally:
+            with self._fetchers_lock:
+                self._fetchers.discard(fetcher)
+
+    def _cancel_fetches(self) -> None:
+        """Make downloads in progress fail now, so stopping does not wait for their timeout."""
+        with self._fetchers_lock:
+            fetchers = list(self._fetchers)
+        for fetcher in fetchers:
+            fetcher.cancel()
+
+    def sent(self) -> SentCounts:
+        """What every device sent so far (a snapshot)."""
+        total = SentCounts()
+        for device in self._devices.values():
+            with device._lock:
+                total.add(device.sent)
+        return total
+
+    def sent_by_device(self) -> dict[str, SentCounts]:
+        result = {}
+        for device_id, device in self._devices.items():
+            with device._lock:
+                result[device_id] = device.sent.copy()
+        return result
+
+    def set_telemetry_interval(self, interval_s: float) -> None:
+        """Change how often devices send telemetry (0 stops it)."""
+        self.telemetry_interval_s = interval_s
+
+    def wait_idle(self, *, timeout_s: float = 30.0) -> None:
+        """Wait until no directive is being processed and the broker acknowledged every
+        message the devices sent (QoS 1)."""
+        if not self._wait_quiet(timeout_s, directives=True):
+            raise SimulationError(f"simulated devices still busy after {timeout_s:g} s")
+
+    def _wait_quiet(self, timeout_s: float, *, directives: bool) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = any(
+                (directives and d._busy) or (d.connected and d.unacknowledged > 0)
+                for d in self._devices.values()
+            )
+            if not busy:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        """Publish offline statuses, disconnect, stop the threads; idempotent."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._cancel_fetches()
+        if self._started:
+            # Let the broker acknowledge what was sent, so `sent()` is what it received.
+            self._wait_quiet(5.0, directives=False)
+            done = threading.Event()
+            remaining = {"n": len(self._loops)}
+            lock = threading.Lock()
+
+            def stop_devices(loop: _NetworkLoop) -> None:
+                for device in self._devices.values():
+                    if device._loop is loop:
+                        device.stop()
+                with lock:
+                    remaining["n"] -= 1
+                    if remaining["n"] == 0:
+                        done.set()
+
+            for loop in self._loops:
+                loop.call_soon(functools.partial(stop_devices, loop))
+            done.wait(timeout=10)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(
+                d.client.socket() is not None for d in self._devices.values()
+            ):
+                time.sleep(0.02)
+            for loop in self._loops:
+                loop.stop()
+            for loop in self._loops:
+                loop.join(timeout=5)
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> SimulatedFleet:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,190 @@
+"""Crash consistency: SIGKILL the agent during an update, restart it, check what it serves.
+
+The fault hook `EDGEKIT_AGENT_CRASH_AT=<state>/<step>` makes the agent SIGKILL itself at a
+named point (right after a journal write, between extracting and recording a slot, after the
+pointer swap, ...); the slow tier adds kills after random delays. After the restart the agent
+must serve a slot whose files re-hash to its record and end `committed` (the new bundle) or
+`rolled_back` (the old one), with journal, pointer and retained status agreeing.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgekit.agent.journal import Journal
+from edgekit.agent.store import Store
+
+from edgekit.mosquitto import MosquittoBroker
+from tests.agent.agent_helpers import (
+    AgentProcess,
+    Keys,
+    Watcher,
+    directive_for,
+    infer,
+    run_model,
+    sample_inputs,
+    sha_of,
+    write_config,
+    write_truststore,
+)
+from tests.agent.conftest import Bundles
+
+GOOD_POINTS = (
+    "downloading/journaled",
+    "downloading/done",
+    "verifying/journaled",
+    "verifying/done",
+    "installing/journaled",
+    "installing/extracted",
+    "installing/recorded",
+    "installing/removed",
+    "installing/done",
+    "checking/journaled",
+    "checking/done",
+    "activating/journaled",
+    "activating/pointer",
+    "activating/done",
+    "probation/journaled",
+    "probation/done",
+    "committed/journaled",
+)
+BAD_POINTS = (
+    "downloading/journaled",
+    "verifying/done",
+    "installing/extracted",
+    "checking/journaled",
+    "rolled_back/journaled",
+    "rolled_back/pointer",
+)
+
+
+@dataclass
+class Lab:
+    broker: MosquittoBroker
+    watcher: Watcher
+    keys: Keys
+    bundles: Bundles
+    root: Path
+    runs: int = 0
+
+    def publish(self, bundle: Path, version: str) -> None:
+        """Make `bundle` the device's desired state (sequence 1: every run has a new device)."""
+        self.watcher.publish_bundle(bundle)
+        self.watcher.publish_directive(
+            directive_for(bundle, self.keys, sequence=1, version=version)
+        )
+
+    def crash_and_recover(self, *, point: str | None, good: bool, delay_s: float = 0.0) -> str:
+        self.runs += 1
+        run = self.root / f"run{self.runs}"
+        run.mkdir()
+        data = run / "data"
+        config = write_config(
+            run / "agent.toml",
+            data_dir=data,
+            truststore=write_truststore(self.keys, run / "truststore.json"),
+            broker_url=self.broker.url,
+            initial_bundle=self.bundles.v1,
+            probation_s=0.5,
+        )
+        env = {"EDGEKIT_AGENT_CRASH_AT": point} if point else {}
+        first = AgentProcess(config, data, env=env)
+        if point is None:
+            first.url()
+            time.sleep(delay_s)
+            first.process.send_signal(signal.SIGKILL)
+        code = first.wait_exit(60)
+        assert code == -signal.SIGKILL, f"{point}: exit {code}\n{first.output()}"
+        restarted = time.time()
+        second = AgentProcess(config, data)
+        try:
+            url = second.url()
+            status = self.watcher.wait_status(
+                lambda s: (
+                    s.online
+                    and s.ts >= restarted
+                    and s.last_sequence >= 1
+                    and s.state in ("committed", "rolled_back")
+                ),
+                what=f"final status after a crash at {point or f'{delay_s:.2f} s'}",
+            )
+            store = Store(data)
+            pointer = store.pointer()
+            assert pointer.active is not None
+            served = store.verify_slot(pointer.active)  # complete and intact, never half-installed
+            expected_sha = sha_of(self.bundles.v2 if good else self.bundles.v1)
+            if good and status.state == "committed":
+                assert served.sha256 == expected_sha
+            else:
+                assert status.state == "rolled_back" or served.sha256 == sha_of(self.bundles.v1)
+                assert served.sha256 == sha_of(self.bundles.v1)
+            assert status.active is not None and status.active.sha256 == served.sha256
+            assert Journal(store.journal_path).read().state == status.state
+            assert not list(store.slots_dir.glob(".*.new"))
+            x = sample_inputs(1, seed=11)[0]
+            np.testing.assert_allclose(infer(url, x), run_model(served.model_path, x), rtol=1e-5)
+            return status.state
+        finally:
+            code = second.stop()
+            assert code == 0, second.output()
+
+
+@pytest.fixture
+def lab(tmp_path: Path, bundles: Bundles, agent_keys: Keys) -> Iterator[Lab]:
+    broker = MosquittoBroker(tmp_path / "mosquitto")
+    broker.start()
+    watcher = Watcher(broker.url)
+    try:
+        yield Lab(broker, watcher, agent_keys, bundles, tmp_path)
+    finally:
+        watcher.close()
+        broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("point", "good"),
+    [
+        ("installing/extracted", True),
+        ("activating/pointer", True),
+        ("probation/journaled", True),
+        ("rolled_back/journaled", False),
+    ],
+)
+def test_sigkill_during_an_update_recovers(lab: Lab, point: str, good: bool) -> None:
+    bundle, version = (lab.bundles.v2, "2.0.0") if good else (lab.bundles.nan, "3.0.1")
+    lab.publish(bundle, version)
+    state = lab.crash_and_recover(point=point, good=good)
+    assert state == ("committed" if good else "rolled_back")
+
+
+@pytest.mark.slow
+def test_sigkill_at_fifty_random_points(lab: Lab) -> None:
+    rng = random.Random(20251123)
+    outcomes: dict[str, int] = {}
+    plan: list[tuple[str | None, bool, float]] = [(p, True, 0.0) for p in GOOD_POINTS]
+    plan += [(p, False, 0.0) for p in BAD_POINTS]
+    while len(plan) < 56:
+        good = rng.random() < 0.7
+        if rng.random() < 0.5:
+            points = GOOD_POINTS if good else BAD_POINTS
+            plan.append((rng.choice(points), good, 0.0))
+        else:
+            plan.append((None, good, rng.uniform(0.0, 2.5)))
+    rng.shuffle(plan)
+    published: bool | None = None
+    for point, good, delay in plan:
+        if published is not good:
+            bundle, version = (lab.bundles.v2, "2.0.0") if good else (lab.bundles.nan, "3.0.1")
+            lab.publish(bundle, version)
+            published = good
+        state = lab.crash_and_recover(point=point, good=good, delay_s=delay)
+        outcomes[state] = outcomes.get(state, 0) + 1
+    assert lab.runs >= 50
+    assert outcomes.get("committed", 0) > 0 and outcomes.get("rolled_back", 0) > 0

@@ -1,0 +1,478 @@
+"""The agent across network trouble: broker restart mid-download, an outage of telemetry
+intervals, an agent killed mid-download; and the HTTPS source with resume."""
+
+from __future__ import annotations
+
+import http.server
+import signal
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from edgekit.agent.config import load_config
+from edgekit.agent.daemon import Agent
+from edgekit.agent.download import DownloadStats, HttpsDownloader
+
+from edgekit.bundle import hash_file
+from edgekit.errors import TransportError
+from edgekit.mosquitto import MosquittoBroker
+from edgekit.topics import BundleMeta, Topics
+from tests.agent.agent_helpers import (
+    DEVICE,
+    FLEET,
+    AgentProcess,
+    Keys,
+    Watcher,
+    directive_for,
+    linear_model,
+    make_bundle,
+    sha_of,
+    write_config,
+    write_truststore,
+)
+from tests.agent.conftest import Bundles
+
+CHUNK = 4096
+
+
+@pytest.fixture(scope="module")
+def big_bundle(tmp_path_factory: pytest.TempPathFactory, agent_keys: Keys) -> Path:
+    """v2 with 600 KB of padding: ~150 chunks of 4 KB."""
+    return make_bundle(
+        tmp_path_factory.mktemp("big"),
+        agent_keys,
+        version="2.0.0",
+        model=lambda p: linear_model(p, seed=2),
+        padding_bytes=600_000,
+    )
+
+
+@contextmanager
+def running_agent(config_path: Path) -> Iterator[Agent]:
+    agent = Agent(load_config(config_path, environ={}))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield agent
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def publish_chunks(watcher: Watcher, bundle: Path, indices: range, *, meta: bool) -> BundleMeta:
+    data = bundle.read_bytes()
+    topics = Topics(FLEET)
+    info = BundleMeta.for_size(sha_of(bundle), len(data), chunk_size=CHUNK)
+    handles = [
+        watcher.client.publish(
+            topics.bundle_chunk(info.sha256, i),
+            data[i * CHUNK : (i + 1) * CHUNK],
+            qos=1,
+            retain=True,
+        )
+        for i in indices
+    ]
+    if meta:
+        handles.append(
+            watcher.client.publish(
+                topics.bundle_meta(info.sha256), info.to_json(), qos=1, retain=True
+            )
+        )
+    for handle in handles:
+        handle.wait_for_publish(10)
+    return info
+
+
+def test_broker_restart_mid_download_resumes_without_starting_over(
+    tmp_path: Path, big_bundle: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    broker = MosquittoBroker(tmp_path / "mosquitto").start()
+    watcher = Watcher(broker.url, client_id="restart-watcher", persistent=True)
+    data = tmp_path / "data"
+    config = write_config(
+        tmp_path / "agent.toml",
+        data_dir=data,
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=broker.url,
+        initial_bundle=bundles.v1,
+        probation_s=0.2,
+    )
+    try:
+        with running_agent(config) as agent:
+            assert agent.session.wait_connected(20)
+            chunks = BundleMeta.for_size(
+                sha_of(big_bundle), big_bundle.stat().st_size, chunk_size=CHUNK
+            ).chunks
+            half = chunks // 2
+            meta = publish_chunks(watcher, big_bundle, range(half), meta=True)
+            watcher.publish_directive(
+                directive_for(big_bundle, agent_keys, sequence=1, version="2.0.0")
+            )
+            part = data / "downloads" / f"{meta.sha256}.part"
+            deadline = time.monotonic() + 20
+            while not part.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert part.exists(), "the download never started"
+            time.sleep(1.0)  # the first half arrives; the rest is not on the broker yet
+            broker.restart(down_s=0.5)
+            watcher.wait(watcher.client.is_connected, timeout=20, what="reconnect")
+            publish_chunks(watcher, big_bundle, range(half, chunks), meta=False)
+            status = watcher.wait_status(
+                lambda s: s.state == "committed" and s.last_sequence >= 1,
+                timeout=60,
+                what="v2 committed after the broker restart",
+            )
+            assert status.active is not None and status.active.sha256 == meta.sha256
+            stats: DownloadStats = agent.fetcher.last
+            assert stats.source.startswith("mqtt:")
+            # One fetch, every chunk written once: the first half was not fetched again.
+            assert stats.written_chunks == chunks
+            assert stats.received_chunks <= chunks + agent.fetcher.chunk_window
+            assert agent.session.connects >= 2  # it did lose the broker in between
+    finally:
+        watcher.close()
+        broker.stop()
+
+
+def test_agent_stopped_mid_download_resumes_from_its_bitmap(
+    tmp_path: Path,
+    big_bundle: Path,
+    bundles: Bundles,
+    agent_keys: Keys,
+    mosquitto: MosquittoBroker,
+) -> None:
+    watcher = Watcher(mosquitto.url)
+    data = tmp_path / "data"
+    config = write_config(
+        tmp_path / "agent.toml",
+        data_dir=data,
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=mosquitto.url,
+        initial_bundle=bundles.v1,
+        probation_s=0.2,
+    )
+    chunks = BundleMeta.for_size(
+        sha_of(big_bundle), big_bundle.stat().st_size, chunk_size=CHUNK
+    ).chunks
+    half = chunks // 2
+    meta = publish_chunks(watcher, big_bundle, range(half), meta=True)
+    watcher.publish_directive(directive_for(big_bundle, agent_keys, sequence=1, version="2.0.0"))
+    first = AgentProcess(config, data)
+    try:
+        first.url()
+        have = data / "downloads" / f"{meta.sha256}.have"
+        deadline = time.monotonic() + 30
+        # Wait for the part file, then stop the agent once the first half is in.
+        while (
+            time.monotonic() < deadline
+            and not (data / "downloads" / f"{meta.sha256}.part").exists()
+        ):
+            time.sleep(0.05)
+        time.sleep(1.5)
+        first.process.send_signal(signal.SIGTERM)  # a clean stop persists the bitmap
+        assert first.wait_exit(30) == 0, first.output()
+        assert have.exists() and sum(have.read_bytes()) >= half // 2
+    finally:
+        first.stop()
+    publish_chunks(watcher, big_bundle, range(half, chunks), meta=False)
+    second = AgentProcess(config, data)
+    try:
+        second.url()
+        watcher.wait_status(
+            lambda s: s.state == "committed" and s.last_sequence >= 1,
+            timeout=60,
+            what="v2 committed after the restart",
+        )
+        watcher.wait(
+            lambda: any(e.kind == "download_resumed" for e in watcher.events),
+            timeout=10,
+            what="download_resumed event",
+        )
+        resumed = next(e for e in watcher.events if e.kind == "download_resumed")
+        assert resumed.details["resumed_chunks"] >= half // 2
+        assert resumed.details["written_chunks"] == chunks - resumed.details["resumed_chunks"]
+    finally:
+        assert second.stop() == 0, second.output()
+        watcher.close()
+
+
+def test_outage_of_several_telemetry_intervals_loses_nothing(
+    tmp_path: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    broker = MosquittoBroker(tmp_path / "mosquitto").start()
+    watcher = Watcher(broker.url, client_id="telemetry-watcher", persistent=True)
+    config = write_config(
+        tmp_path / "agent.toml",
+        data_dir=tmp_path / "data",
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=broker.url,
+        initial_bundle=bundles.v1,
+        telemetry_interval_s=0.2,
+    )
+    try:
+        with running_agent(config) as agent:
+            assert agent.session.wait_connected(20)
+            watcher.wait(lambda: len(watcher.telemetry) >= 2, timeout=20, what="telemetry")
+            broker.stop()
+            produced_before = agent.produced_telemetry
+            time.sleep(1.6)  # 8 intervals without a broker
+            assert agent.produced_telemetry >= produced_before + 5
+            assert agent.queue is not None and len(agent.queue) >= 5  # buffered on disk
+            broker.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(agent.queue) > 0:
+                time.sleep(0.05)
+            produced = agent._telemetry_seq
+            watcher.wait(
+                lambda: {t["seq"] for t in watcher.telemetry} >= set(range(1, produced + 1)),
+                timeout=30,
+                what=f"telemetry 1..{produced}",
+            )
+            seqs = [t["seq"] for t in watcher.telemetry]
+            assert seqs == sorted(seqs) or len(set(seqs)) < len(seqs)  # in order (repeats ok)
+            assert all(t["dropped"] == 0 for t in watcher.telemetry)
+            assert all(t["device"] == DEVICE for t in watcher.telemetry)
+    finally:
+        watcher.close()
+        broker.stop()
+
+
+# -- HTTPS ---------------------------------------------------------------------------------------
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    cut_first_at: int | None = None
+    requests: ClassVar[list[str | None]] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        ranges = self.headers.get("Range")
+        type(self).requests.append(ranges)
+        start = int(ranges.removeprefix("bytes=").rstrip("-")) if ranges else 0
+        body = self.payload[start:]
+        self.send_response(206 if ranges else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = type(self).cut_first_at
+        if cut is not None:
+            type(self).cut_first_at = None
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+def test_https_download_resumes_with_a_range_request(tmp_path: Path, big_bundle: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    _RangeHandler.payload = big_bundle.read_bytes()
+    _RangeHandler.cut_first_at = 200_000
+    _RangeHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/bundle.ekb"
+    size, sha = hash_file(big_bundle)
+    downloader = HttpsDownloader(ca_file=cert, timeout_s=10)
+    destination = tmp_path / "out.ekb"
+    try:
+        with pytest.raises(TransportError, match="resumes"):
+            downloader.download(url, destination, sha256=sha, size=size, stats=DownloadStats())
+        stats = DownloadStats()
+        downloader.download(url, destination, sha256=sha, size=size, stats=stats)
+        assert stats.resumed_bytes == 200_000
+        assert _RangeHandler.requests == [None, "bytes=200000-"]
+        assert hash_file(destination) == (size, sha)
+        with pytest.raises(TransportError, match="sha256"):
+            downloader.download(
+                url, tmp_path / "x.ekb", sha256="0" * 64, size=size, stats=DownloadStats()
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_broker_with_password_and_last_will(
+    tmp_path: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    from edgekit.mosquitto import TlsFiles
+    from tests.agent.agent_helpers import make_tls_files
+
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    broker = MosquittoBroker(
+        tmp_path / "mosquitto",
+        users={"dev-1": "s3cret", "watcher": "w"},
+        tls=TlsFiles(ca, cert, key),
+    ).start()
+    config_path = write_config(
+        tmp_path / "agent.toml",
+        data_dir=tmp_path / "data",
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=broker.url,
+        initial_bundle=bundles.v1,
+    )
+    text = config_path.read_text().replace(
+        "[mqtt]\n", f'[mqtt]\nca_file = "{ca}"\nusername = "dev-1"\n'
+    )
+    config_path.write_text(text)
+    received: list[bytes] = []
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set("watcher", "w")
+    client.tls_set(ca_certs=str(ca))
+    client.on_message = lambda _c, _u, m: received.append(bytes(m.payload))
+    client.connect("127.0.0.1", broker.port)
+    client.subscribe(Topics(FLEET).status(DEVICE), qos=1)
+    client.loop_start()
+    try:
+        wrong = load_config(config_path, environ={"EDGEKIT_AGENT_MQTT_PASSWORD": "nope"})
+        agent = Agent(wrong)
+        agent.session.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not agent.session.last_error:
+            time.sleep(0.05)
+        assert not agent.session.connected
+        assert "refused" in (agent.session.last_error or "")
+        agent.session.stop()
+        agent.queue.close()  # type: ignore[union-attr]
+
+        right = load_config(config_path, environ={"EDGEKIT_AGENT_MQTT_PASSWORD": "s3cret"})
+        agent = Agent(right)
+        stop = threading.Event()
+        thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+        thread.start()
+        assert agent.session.wait_connected(20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(b'"online":true' in r for r in received):
+            time.sleep(0.05)
+        assert any(b'"online":true' in r for r in received)
+        # Cut the agent off without a goodbye: the broker publishes its last will.
+        before = len(received)
+        agent.session.client.socket().close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            b'"online":false' in r for r in received[before:]
+        ):
+            time.sleep(0.05)
+        assert any(b'"online":false' in r for r in received[before:])
+        # ... and the agent reconnects on its own and says it is back.
+        assert agent.session.wait_connected(20)
+        stop.set()
+        thread.join(timeout=30)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        broker.stop()
+
+
+def test_updater_fetches_an_https_source(
+    tmp_path: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """A directive whose only source is an https:// URL, through the real `BundleFetcher`."""
+    from edgekit.agent.download import BundleFetcher
+    from edgekit.agent.serving import ModelHost
+    from edgekit.agent.store import Store
+    from edgekit.agent.updater import Updater
+
+    from edgekit.profiles import load_profile
+    from edgekit.trust import load_truststore
+    from tests.agent.conftest import Recorder
+
+    cert, key = _self_signed(tmp_path)
+    _RangeHandler.payload = bundles.v2.read_bytes()
+    _RangeHandler.cut_first_at = 1000  # the first attempt breaks off; the retry resumes
+    _RangeHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/demo-2.0.0.ekb"
+    truststore = write_truststore(agent_keys, tmp_path / "truststore.json")
+    config = load_config(
+        write_config(
+            tmp_path / "agent.toml",
+            data_dir=tmp_path / "data",
+            truststore=truststore,
+            initial_bundle=bundles.v1,
+            probation_s=0.1,
+        ),
+        environ={},
+    )
+    store = Store(config.data_dir)
+    host = ModelHost("model")
+    recorder = Recorder()
+    updater = Updater(
+        config=config,
+        profile=load_profile(config.profile),
+        store=store,
+        trust=load_truststore(truststore.read_bytes()),
+        host=host,
+        fetcher=BundleFetcher(
+            store.downloads_dir,
+            mqtt_client=lambda: None,
+            https=HttpsDownloader(ca_file=cert, timeout_s=10),
+        ),
+        reporter=recorder,
+    )
+    try:
+        updater.start()
+        updater.process(
+            directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0", https_url=url)
+        )
+        assert updater.record.state == "committed", recorder.kinds()
+        assert host.info is not None and host.info.sha256 == sha_of(bundles.v2)
+        assert _RangeHandler.requests == [None, "bytes=1000-"]
+        resumed = [e for e in recorder.events if e.kind == "download_resumed"]
+        assert resumed and resumed[0].details["resumed_bytes"] == 1000
+    finally:
+        host.close()
+        server.shutdown()
+        server.server_close()

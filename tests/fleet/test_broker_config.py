@@ -1,0 +1,358 @@
+"""`edgekit fleet broker-config`: the files it writes, and a real Mosquitto enforcing them.
+
+The ACL test starts Mosquitto with the generated config (only the listener rewritten to a
+free loopback port) and checks with real MQTT 5 clients what each account can do. Mosquitto 2
+answers a denied QoS 1 publish from an MQTT 5 client with a PUBACK carrying reason code 0x87
+(Not authorized) and drops the message; a subscription the ACL does not allow is granted
+(SUBACK 0x01) but nothing it may not read is ever delivered, retained or not. The test
+asserts both: what the publisher is told, and what the other side never receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import getpass
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgekit.fleet.broker_config import (
+    BrokerConfigError,
+    DeviceAccount,
+    hash_password,
+    read_devices_csv,
+    verify_password_hash,
+    write_broker_config,
+)
+from edgekit.fleet.cli_tools import broker_config_command
+from edgekit.mosquitto import find_mosquitto, free_port
+from edgekit.topics import Topics
+from tests.fleet.tools_helpers import self_signed_cert
+
+FLEET = "acl-fleet"
+# PUBACK reason codes meaning "accepted": 0x00 success, 0x10 no matching subscribers.
+OK = (0x00, 0x10)
+TOPICS = Topics(FLEET)
+
+
+def _devices_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("device_id,password,profile,group,tags\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_password_hash_is_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
+    hashed = hash_password("s3cret", salt=b"0123456789ab")
+    assert re.fullmatch(r"\$7\$101\$[A-Za-z0-9+/=]{16}\$[A-Za-z0-9+/=]{88}", hashed)
+    assert verify_password_hash("s3cret", hashed)
+    assert not verify_password_hash("other", hashed)
+    # Cross-check with the real tool when it is installed.
+    tool = tmp_path / "pw"
+    tool.write_text("")
+    try:
+        subprocess.run(["mosquitto_passwd", "-b", str(tool), "u", "s3cret"], check=True)
+    except FileNotFoundError:
+        return
+    assert verify_password_hash("s3cret", tool.read_text().strip().split(":", 1)[1])
+
+
+def test_devices_csv_is_validated(tmp_path: Path) -> None:
+    good = _devices_csv(tmp_path / "d.csv", ["a-1,,x86-64,lab,site=a;rack=3", "b-2,pw,,,"])
+    devices = read_devices_csv(good)
+    assert devices[0] == DeviceAccount("a-1", None, "x86-64", "lab", {"site": "a", "rack": "3"})
+    assert devices[1].password == "pw"
+    for rows, message in (
+        (["bad/id,,,,"], "not a valid id"),
+        (["a,,,,", "a,,,,"], "twice"),
+        (["a,,,,x"], "key=value"),
+    ):
+        with pytest.raises(BrokerConfigError, match=message):
+            read_devices_csv(_devices_csv(tmp_path / "bad.csv", rows))
+    (tmp_path / "nohdr.csv").write_text("a,b\n")
+    with pytest.raises(BrokerConfigError, match="header"):
+        read_devices_csv(tmp_path / "nohdr.csv")
+    with pytest.raises(BrokerConfigError, match="service account"):
+        write_broker_config(FLEET, [DeviceAccount("operator")], tmp_path / "out")
+
+
+def test_files_and_rerun_keep_passwords(tmp_path: Path) -> None:
+    out = tmp_path / "broker"
+    first = write_broker_config(FLEET, [DeviceAccount("d1"), DeviceAccount("d2", "given")], out)
+    assert set(first.generated) == {"operator", "monitor", "d1"}
+    assert (out / "credentials.csv").stat().st_mode & 0o777 == 0o600
+    assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+    creds = {r["user"]: r for r in csv.DictReader((out / "credentials.csv").open())}
+    assert creds["d2"]["password"] == "given" and creds["d1"]["role"] == "device"
+    hashes = dict(line.split(":", 1) for line in (out / "passwords").read_text().splitlines())
+    assert all(verify_password_hash(creds[u]["password"], h) for u, h in hashes.items())
+    acl = (out / "acl").read_text()
+    assert f"user d1\ntopic read {TOPICS.desired('d1')}\n" in acl
+    assert "pattern" not in acl  # service accounts must not inherit device rights
+    conf = (out / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "listener 1883" in conf
+    # Adding a device keeps every existing password.
+    second = write_broker_config(
+        FLEET, [DeviceAccount("d1"), DeviceAccount("d2", "given"), DeviceAccount("d3")], out
+    )
+    assert second.generated == ("d3",)
+    again = {r["user"]: r["password"] for r in csv.DictReader((out / "credentials.csv").open())}
+    assert again["d1"] == creds["d1"]["password"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_cli_writes_tls_stanzas(tmp_path: Path) -> None:
+    devices = _devices_csv(tmp_path / "d.csv", ["dev-a,,,,"])
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        broker_config_command,
+        [
+            "--fleet",
+            FLEET,
+            "--devices",
+            str(devices),
+            "-o",
+            str(out),
+            "--tls-ca",
+            "/etc/ca.pem",
+            "--tls-cert",
+            "/etc/s.pem",
+            "--tls-key",
+            "/etc/s.key",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    conf = (out / "mosquitto.conf").read_text()
+    assert "listener 8883" in conf and "cafile /etc/ca.pem" in conf and "keyfile /etc/s.key" in conf
+    bad = CliRunner().invoke(
+        broker_config_command,
+        ["--fleet", FLEET, "--devices", str(devices), "-o", str(out), "--tls-ca", "/x"],
+    )
+    assert bad.exit_code == 2 and "--tls-cert" in bad.output
+
+
+# --- the broker enforces it ---------------------------------------------------------------
+
+
+class _Client:
+    """A connected MQTT 5 client that records messages and PUBACK reason codes."""
+
+    def __init__(
+        self,
+        port: int,
+        user: str | None,
+        password: str | None,
+        *,
+        ca: Path | None = None,
+        wait: bool = True,
+    ) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.acks: dict[int, int] = {}
+        self.subacks: dict[int, list[int]] = {}
+        self.connect_reason: int | None = None
+        self._lock = threading.Lock()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{user}-{time.monotonic_ns()}",
+            protocol=mqtt.MQTTv5,
+        )
+        if user is not None:
+            client.username_pw_set(user, password)
+        if ca is not None:
+            client.tls_set(ca_certs=str(ca))
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        self.client = client
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        if wait:
+            _wait(lambda: self.connect_reason is not None, "CONNACK")
+
+    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        self.connect_reason = reason.value  # type: ignore[attr-defined]
+
+    def _on_message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
+
+    def _on_publish(self, _c: object, _u: object, mid: int, reason: object, _p: object) -> None:
+        self.acks[mid] = reason.value  # type: ignore[attr-defined]
+
+    def _on_subscribe(
+        self, _c: object, _u: object, mid: int, reasons: list[object], _p: object
+    ) -> None:
+        self.subacks[mid] = [r.value for r in reasons]  # type: ignore[attr-defined]
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        """Publish at QoS 1 and return the PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        _wait(lambda: info.mid in self.acks, f"PUBACK for {topic}")
+        return self.acks[info.mid]
+
+    def subscribe(self, topic: str) -> list[int]:
+        _rc, mid = self.client.subscribe(topic, qos=1)
+        _wait(lambda: mid in self.subacks, f"SUBACK for {topic}")
+        return self.subacks[mid]
+
+    def received(self, topic_part: str) -> list[bytes]:
+        with self._lock:
+            return [payload for topic, payload, _ in self.messages if topic_part in topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _wait(predicate: object, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def _run_generated(
+    tmp_path: Path, extra_args: list[str], *, listener: str = "1883"
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """Generate a config with the CLI, start Mosquitto with it (only the listener moved to a
+    free loopback port), yield (port, credentials)."""
+    devices = _devices_csv(tmp_path / "devices.csv", ["dev-a,,x86-64,,", "dev-b,,x86-64,,"])
+    out = tmp_path / "broker"
+    result = CliRunner().invoke(
+        broker_config_command,
+        [
+            "--fleet",
+            FLEET,
+            "--devices",
+            str(devices),
+            "-o",
+            str(out),
+            "--run-as",
+            getpass.getuser(),
+            *extra_args,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    port = free_port()
+    conf = (out / "mosquitto.conf").read_text()
+    conf, count = re.subn(rf"(?m)^listener {listener}$", f"listener {port} 127.0.0.1", conf)
+    assert count == 1
+    (out / "mosquitto.conf").write_text(conf)
+    log = (tmp_path / "mosquitto.log").open("wb")
+    process = subprocess.Popen(
+        [find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise AssertionError((tmp_path / "mosquitto.log").read_text()) from None
+                time.sleep(0.05)
+        creds = {r["user"]: r["password"] for r in csv.DictReader((out / "credentials.csv").open())}
+        yield port, creds
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def generated_broker(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    with _run_generated(tmp_path, []) as running:
+        yield running
+
+
+def test_generated_tls_config_serves_devices(tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    tls = ["--tls-ca", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+    with _run_generated(tmp_path, tls, listener="8883") as (port, creds):
+        plain = _Client(port, "dev-a", creds["dev-a"], wait=False)
+        time.sleep(0.5)
+        assert plain.connect_reason is None  # a plain MQTT client gets no CONNACK from TLS
+        plain.close()
+        device = _Client(port, "dev-a", creds["dev-a"], ca=cert)
+        assert device.connect_reason == 0
+        assert device.publish(TOPICS.status("dev-a"), b"tls-status") in OK
+        assert device.publish(TOPICS.status("dev-b"), b"tls-forged") == 0x87
+        device.close()
+
+
+def test_acl_enforced_by_real_mosquitto(generated_broker: tuple[int, dict[str, str]]) -> None:
+    port, creds = generated_broker
+    operator = _Client(port, "operator", creds["operator"])
+    monitor = _Client(port, "monitor", creds["monitor"])
+    b = _Client(port, "dev-b", creds["dev-b"])
+    a = _Client(port, "dev-a", creds["dev-a"])
+    clients = [operator, monitor, a, b]
+    try:
+        # Wrong password and anonymous access are refused at CONNECT.
+        for user, password in (("dev-a", "wrong"), (None, None)):
+            refused = _Client(port, user, password)
+            assert refused.connect_reason in (0x86, 0x87)  # bad password / not authorized
+            refused.close()
+        # The operator writes both directives (retained) and a bundle chunk.
+        assert operator.publish(TOPICS.desired("dev-a"), b"directive-a", retain=True) in OK
+        assert operator.publish(TOPICS.desired("dev-b"), b"directive-b", retain=True) in OK
+        chunk = TOPICS.bundle_chunk("ab" * 32, 0)
+        assert operator.publish(chunk, b"chunk", retain=True) in OK
+        assert operator.subscribe(f"{TOPICS.prefix}/#") == [1]
+        monitor.subscribe(f"$share/mon/{TOPICS.prefix}/devices/+/status")
+        monitor.subscribe(f"$share/mon/{TOPICS.prefix}/devices/+/telemetry")
+        b.subscribe(TOPICS.desired("dev-b"))
+        _wait(lambda: b.received("dev-b/desired") == [b"directive-b"], "B's own directive")
+
+        # A reads its own directive and bundle chunks, not B's directive (retained, never sent).
+        a.subscribe(TOPICS.desired("dev-a"))
+        a.subscribe(f"{TOPICS.prefix}/bundles/#")
+        # Mosquitto 2 grants these subscriptions (SUBACK QoS 1) and filters at delivery.
+        assert a.subscribe(TOPICS.desired("dev-b")) == [1]
+        assert a.subscribe(f"{TOPICS.prefix}/devices/+/desired") == [1]
+        _wait(lambda: a.received("dev-a/desired") and a.received("/chunks/0"), "A's own reads")
+        # A writes its own status and telemetry: B... no, the monitor and operator see them.
+        assert a.publish(TOPICS.status("dev-a"), b"status-a", retain=True) in OK
+        assert a.publish(TOPICS.telemetry("dev-a"), b"telemetry-a") in OK
+        # A cannot publish B's status: PUBACK 0x87 (not authorized), nobody receives it.
+        assert a.publish(TOPICS.status("dev-b"), b"forged-by-a", retain=True) == 0x87
+        # ... nor a directive, for itself or anyone.
+        assert a.publish(TOPICS.desired("dev-a"), b"self-directive", retain=True) == 0x87
+        # B cannot read the monitor's topics either, but writes its own status.
+        assert b.publish(TOPICS.status("dev-b"), b"status-b", retain=True) in OK
+        # A fresh subscriber (operator, reading everything) sees the retained truth.
+        late = _Client(port, "operator", creds["operator"])
+        clients.append(late)
+        late.subscribe(f"{TOPICS.prefix}/#")
+        _wait(lambda: late.received("dev-b/status") == [b"status-b"], "retained statuses")
+        _wait(lambda: monitor.received("telemetry") == [b"telemetry-a"], "monitor telemetry")
+        _wait(lambda: len(monitor.received("/status")) == 2, "monitor statuses")
+        time.sleep(0.3)  # give a wrongly delivered message the time to arrive
+        assert a.received("dev-b/desired") == []
+        assert b"forged-by-a" not in operator.received("dev-b/status")
+        assert b"forged-by-a" not in late.received("dev-b/status")
+        assert late.received("dev-a/desired") == [b"directive-a"]
+        assert sorted(monitor.received("/status")) == [b"status-a", b"status-b"]
+        # The monitor cannot write, and reads nothing but status/telemetry/events.
+        assert monitor.publish(TOPICS.desired("dev-b"), b"monitor-directive") == 0x87
+        assert monitor.publish(TOPICS.status("dev-b"), b"monitor-status") == 0x87
+        monitor.subscribe(TOPICS.desired("dev-b"))
+        time.sleep(0.3)
+        assert monitor.received("desired") == []
+    finally:
+        for client in clients:
+            client.close()
