@@ -13,6 +13,7 @@ the broker: the caller still verifies the bundle's signatures (`edgekit.bundle.v
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -35,6 +36,7 @@ __all__ = [
     "MqttBundleFetcher",
     "TransferCancelledError",
     "TransferError",
+    "TransferStorageError",
     "TransferTimeoutError",
     "enable_nodelay",
     "publish_bundle",
@@ -45,7 +47,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 128 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
-_PERSIST_EVERY_BYTES = 1024 * 1024
+MAX_CHUNKS = 65536
+"""A device refuses a bundle split into more chunks: the meta comes from the broker (only the
+sha256 and size are pinned by the signed directive), and a 1-byte chunk size would otherwise
+cost a subscription and a bitmap entry per byte."""
+_PERSIST_EVERY_BYTES = 4 * 1024 * 1024  # fsync + bitmap: at most 4 MiB re-fetched after a crash
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
@@ -57,6 +63,10 @@ class TransferError(TransportError):
 
 class TransferTimeoutError(TransferError):
     """The fetch's time ran out; what arrived is kept and a later fetch resumes from it."""
+
+
+class TransferStorageError(TransferError):
+    """The download could not be written to the device's disk (full, read-only, removed)."""
 
 
 class TransferCancelledError(TransferError):
@@ -194,7 +204,19 @@ class ChunkAssembler:
     fsync'd, so it never claims bytes that a power cut could lose.
     """
 
-    def __init__(self, directory: Path, meta: BundleMeta, *, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        meta: BundleMeta,
+        *,
+        max_bytes: int | None = None,
+        max_chunks: int = MAX_CHUNKS,
+    ) -> None:
+        if meta.chunks > max_chunks:
+            raise TransferError(
+                f"bundle {meta.sha256[:12]}: {meta.chunks} chunks of {meta.chunk_size} bytes "
+                f"exceed the {max_chunks}-chunk limit; publish it with bigger chunks"
+            )
         if meta.chunk_size > MAX_CHUNK_BYTES:
             raise TransferError(
                 f"bundle {meta.sha256[:12]}: chunk size {meta.chunk_size} exceeds the "
@@ -219,20 +241,28 @@ class ChunkAssembler:
         mode = "r+b" if self.part_path.exists() else "w+b"
         self._file = self.part_path.open(mode)
         self._file.truncate(meta.size)
-        self.resumed_chunks = sum(self._have)
+        self._held = sum(self._have)
+        self.resumed_chunks = self._held
         self.written_chunks = 0
         self._unsynced = 0
 
     @property
     def held(self) -> int:
-        return sum(self._have)
+        return self._held
 
     @property
     def complete(self) -> bool:
-        return all(self._have)
+        return self._held == self.meta.chunks
 
     def missing(self) -> list[int]:
-        return [index for index, held in enumerate(self._have) if not held]
+        return list(self.iter_missing())
+
+    def iter_missing(self) -> Iterator[int]:
+        """Indices not yet held, in order (lazily: the fetcher only needs a window of them)."""
+        index = self._have.find(0)
+        while index != -1:
+            yield index
+            index = self._have.find(0, index + 1)
 
     def has(self, index: int) -> bool:
         return 0 <= index < self.meta.chunks and bool(self._have[index])
@@ -255,6 +285,7 @@ class ChunkAssembler:
         self._file.seek(index * self.meta.chunk_size)
         self._file.write(data)
         self._have[index] = 1
+        self._held += 1
         self.written_chunks += 1
         self._unsynced += len(data)
         if self._unsynced >= _PERSIST_EVERY_BYTES:
@@ -277,7 +308,8 @@ class ChunkAssembler:
     def finish(self, destination: Path) -> Path:
         """Check size and sha256, then move the file to `destination` (atomically)."""
         if not self.complete:
-            raise TransferError(f"bundle {self.meta.sha256[:12]}: {len(self.missing())} missing")
+            missing = self.meta.chunks - self._held
+            raise TransferError(f"bundle {self.meta.sha256[:12]}: {missing} chunks missing")
         self.persist()
         self._file.close()
         actual = _file_sha256(self.part_path)
@@ -377,6 +409,8 @@ class MqttBundleFetcher:
                 self._error = (
                     error if isinstance(error, TransferError) else TransferError(str(error))
                 )
+            except OSError as error:
+                self._error = self._storage_error(error)
             self._changed.notify_all()
 
     def _on_chunk(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -393,20 +427,33 @@ class MqttBundleFetcher:
                 assembler.add(index, bytes(message.payload))
             except TransferError as error:
                 self._error = error
+            except OSError as error:  # never let it escape into paho's network loop
+                self._error = self._storage_error(error)
             if index in self._outstanding:
                 self._outstanding.discard(index)
                 self.client.unsubscribe(self._chunk_topic(index))
             self._changed.notify_all()
 
+    def _storage_error(self, error: OSError) -> TransferStorageError:
+        failure = TransferStorageError(
+            f"cannot write bundle {self.sha256[:12]} to {self.directory}: {error.strerror or error}"
+        )
+        failure.__cause__ = error
+        return failure
+
     def _request_more(self) -> None:
         """Subscribe to missing chunks until `window` are outstanding (lock held)."""
         assert self.assembler is not None
+        room = self.window - len(self._outstanding)
+        if room <= 0:
+            return
         wanted: list[int] = []
-        for index in self.assembler.missing():
-            if len(self._outstanding) + len(wanted) >= self.window:
-                break
+        # Outstanding chunks are missing too: look at most window + room indices ahead.
+        for index in itertools.islice(self.assembler.iter_missing(), self.window + room):
             if index not in self._outstanding:
                 wanted.append(index)
+                if len(wanted) == room:
+                    break
         if wanted:
             self._outstanding.update(wanted)
             self.client.subscribe([(self._chunk_topic(index), 1) for index in wanted])
@@ -464,7 +511,10 @@ class MqttBundleFetcher:
                 assembler = self.assembler
             if progress:
                 progress(self.size, self.size)
-            return assembler.finish(destination)
+            try:
+                return assembler.finish(destination)
+            except OSError as error:
+                raise self._storage_error(error) from error
         finally:
             self.client.message_callback_remove(self._meta_topic)
             self.client.message_callback_remove(f"{self.prefix}/chunks/+")

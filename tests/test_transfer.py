@@ -15,7 +15,13 @@ import pytest
 
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.topics import BundleMeta, Topics
-from edgekit.transfer import ChunkAssembler, MqttBundleFetcher, TransferError, publish_bundle
+from edgekit.transfer import (
+    ChunkAssembler,
+    MqttBundleFetcher,
+    TransferError,
+    TransferStorageError,
+    publish_bundle,
+)
 
 TOPICS = Topics("t")
 
@@ -196,3 +202,30 @@ def test_assembler_bitmap_survives_reopen(tmp_path: Path) -> None:
     second.add(0, data[:1000])
     second.add(2, data[2000:])
     assert second.finish(tmp_path / "out").read_bytes() == data
+
+
+def test_assembler_refuses_a_meta_with_too_many_chunks(tmp_path: Path) -> None:
+    # The meta comes from the broker; only sha256 and size are pinned by the directive.
+    meta = BundleMeta.for_size("a" * 64, 1_000_000, chunk_size=1)
+    with pytest.raises(TransferError, match="65536-chunk limit"):
+        ChunkAssembler(tmp_path, meta)
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_errors_end_the_fetch_as_storage_errors(
+    mosquitto: MosquittoBroker, clients: list[mqtt.Client], tmp_path: Path
+) -> None:
+    source, sha = _bundle(tmp_path, 5000)
+    publisher = _connected(mosquitto)
+    clients.append(publisher)
+    publish_bundle(publisher, TOPICS, source, chunk_size=1024)
+    device = _connected(mosquitto)
+    clients.append(device)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    fetcher = MqttBundleFetcher(
+        device, TOPICS.bundle_prefix(sha), blocker / "dl", sha256=sha, size=5000
+    )
+    with pytest.raises(TransferStorageError, match="cannot write"):
+        fetcher.fetch(tmp_path / "got.ekb", timeout_s=10)
+    assert device.is_connected()  # the error did not escape into paho's network loop
