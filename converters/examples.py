@@ -273,11 +273,18 @@ def silero_stream(
     return {"input": np.stack(inputs), "state": np.stack(states), "sr": sr}
 
 
-def main() -> None:
-    """`python -m edgekit.converters.examples OUTDIR`: write the digits example there."""
+def main(argv: list[str] | None = None) -> None:
+    """`python -m edgekit.converters.examples [OUTDIR]`: write the digits example there."""
+    import argparse
     import sys
 
-    output = Path(sys.argv[1] if len(sys.argv) > 1 else "example")
+    parser = argparse.ArgumentParser(
+        prog="python -m edgekit.converters.examples",
+        description="Train the digits CNN on scikit-learn's bundled digits (numpy only) and "
+        "write digits_cnn.onnx, calibration.npz and validation.npz to OUTDIR.",
+    )
+    parser.add_argument("outdir", nargs="?", default="example", type=Path)
+    output = parser.parse_args(argv).outdir
     example = export_digits_cnn(output)
     sys.stdout.write(
         f"wrote {example.model_path} (test accuracy {example.test_accuracy:.3f}), "

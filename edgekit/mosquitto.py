@@ -212,3 +212,35 @@ class MosquittoBroker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m edgekit.mosquitto DIR [--port N]`: run a local broker until SIGTERM/Ctrl-C.
+
+    Prints the broker URL on the first line of stdout; for demos and local trials only
+    (anonymous access on 127.0.0.1).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m edgekit.mosquitto", description=main.__doc__)
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    broker = MosquittoBroker(args.workdir, port=args.port)
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with broker:
+        print(broker.url, flush=True)
+        while not stop and broker.running:
+            time.sleep(0.2)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
