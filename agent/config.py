@@ -9,6 +9,8 @@ value raises `ConfigError` naming the key and where it came from.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import math
 import os
 import sys
@@ -55,6 +57,7 @@ class MqttSettings:
     key_file: Path | None = None
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = None  # read at load; e.g. a systemd credential
     keepalive_s: int = 30
     session_expiry_s: int = 24 * 3600
     reconnect_min_s: float = 0.5
@@ -120,6 +123,7 @@ class AgentConfig:
     group: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
     inference_address: str = "127.0.0.1:8080"
+    allow_remote_inference: bool = False  # the OIP server has no authentication
     model_name: str = "model"  # the OIP model name: /v2/models/<model_name>/infer
     initial_bundle: Path | None = None
     log_level: str = "INFO"
@@ -138,6 +142,7 @@ _SCHEMA: dict[tuple[str, str], tuple[str, bool]] = {
     ("", "data_dir"): ("path", True),
     ("", "group"): ("str", False),
     ("", "inference_address"): ("address", False),
+    ("", "allow_remote_inference"): ("bool", False),
     ("", "model_name"): ("id", False),
     ("", "initial_bundle"): ("path", False),
     ("", "log_level"): ("level", False),
@@ -147,6 +152,7 @@ _SCHEMA: dict[tuple[str, str], tuple[str, bool]] = {
     ("mqtt", "key_file"): ("path", False),
     ("mqtt", "username"): ("str", False),
     ("mqtt", "password"): ("str", False),
+    ("mqtt", "password_file"): ("path", False),
     ("mqtt", "keepalive_s"): ("posint", False),
     ("mqtt", "session_expiry_s"): ("posint", False),
     ("mqtt", "reconnect_min_s"): ("posfloat", False),
@@ -242,7 +248,7 @@ def parse_config(
     def section(table: str) -> dict[str, Any]:
         return {key: value for (t, key), value in parsed.items() if t == table}
 
-    mqtt = MqttSettings(**section("mqtt"))
+    mqtt = _with_password_file(MqttSettings(**section("mqtt")), values)
     if urlsplit(mqtt.url).scheme not in ("mqtt", "mqtts"):
         raise ConfigError(f"{source}: mqtt.url {mqtt.url!r} must start with mqtt:// or mqtts://")
     if (mqtt.cert_file is None) != (mqtt.key_file is None):
@@ -252,6 +258,15 @@ def parse_config(
     if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         raise ConfigError(f"{source}: mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
     top = section("")
+    address = top.get("inference_address", "127.0.0.1:8080")
+    allow_remote = bool(top.get("allow_remote_inference", False))
+    if not allow_remote and not _is_loopback(address.rpartition(":")[0]):
+        origin = values[("", "inference_address")][1]
+        raise ConfigError(
+            f"{origin}: inference_address {address!r} is not a loopback address; the inference "
+            "server has no authentication: bind 127.0.0.1 (or ::1), or set "
+            "allow_remote_inference = true to serve the network on purpose"
+        )
     return AgentConfig(
         device_id=top["device_id"],
         fleet=top["fleet"],
@@ -261,7 +276,8 @@ def parse_config(
         data_dir=top["data_dir"],
         group=top.get("group", ""),
         tags=tags,
-        inference_address=top.get("inference_address", "127.0.0.1:8080"),
+        inference_address=address,
+        allow_remote_inference=allow_remote,
         model_name=top.get("model_name", "model"),
         initial_bundle=top.get("initial_bundle"),
         log_level=top.get("log_level", "INFO"),
@@ -270,6 +286,45 @@ def parse_config(
         telemetry=TelemetrySettings(**section("telemetry")),
         source=source,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    """True for `localhost`, 127.0.0.0/8 and ::1 (a bracketed IPv6 host too)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+def _with_password_file(
+    mqtt: MqttSettings, values: Mapping[tuple[str, str], tuple[Any, str]]
+) -> MqttSettings:
+    """Read `mqtt.password_file` (one line; a trailing newline is dropped) into the password."""
+    path = mqtt.password_file
+    if path is None:
+        return mqtt
+    origin = values[("mqtt", "password_file")][1]
+    if mqtt.password is not None:
+        other = values[("mqtt", "password")][1]
+        raise ConfigError(
+            f"{origin}: mqtt.password_file is set and so is mqtt.password ({other}): keep one"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{origin}: mqtt.password_file {path} does not exist; create it (mode 0600) or, "
+            "under systemd, check LoadCredential= and $CREDENTIALS_DIRECTORY"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{origin}: cannot read mqtt.password_file {path}: {e}") from e
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password or "\n" in password:
+        raise ConfigError(f"{origin}: mqtt.password_file {path} must hold the password on one line")
+    return dataclasses.replace(mqtt, password=password)
 
 
 def _unknown(source: str, table: str, key: str) -> str:

@@ -9,6 +9,7 @@ The agent never imports tensorflow, onnx or the converter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -96,6 +97,7 @@ class Agent:
             reporter=self,
         )
         host_name, _, port = config.inference_address.rpartition(":")
+        host_name = host_name.strip("[]")  # [::1]:8080
         self.server = InferenceServer(self.host, (host_name, int(port)))
         self._kick = threading.Event()
         self._status: Status | None = None
@@ -135,6 +137,13 @@ class Agent:
     def status(self, status: Status) -> None:
         with self._status_lock:
             self._status = status
+            # The last will carries the full status (active, previous, last_sequence) so an
+            # offline device keeps its state in the registry; it takes effect on the next
+            # (re)connect (MQTT fixes a connection's will at CONNECT).
+            self.session.set_will(
+                self.topics.status(self.config.device_id),
+                dataclasses.replace(status, online=False).to_json(),
+            )
         self._publish_status()
 
     def _publish_status(self) -> None:

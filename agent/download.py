@@ -1,7 +1,8 @@
 """Getting a bundle onto the device: MQTT chunks or HTTPS with resume, pinned by the directive.
 
 One seam per transport (`_fetch_mqtt`, `HttpsDownloader.download`); `BundleFetcher.fetch`
-tries the directive's sources in order and turns every failure into `TransportError`. Both
+tries the directive's sources in order and turns every failure into `TransportError`, except
+a local disk failure (full, read-only), which is raised as `StorageError`. Both
 transports resume: MQTT from the chunk bitmap (`edgekit.transfer.ChunkAssembler`), HTTPS
 with a `Range` request from the partial file's length. The finished file's size and sha256
 must match the directive's pin before it is handed over; nothing here trusts the server, the
@@ -10,6 +11,7 @@ caller still verifies the bundle's signatures.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgekit.agent.journal import fsync_dir
+from edgekit.agent.journal import StorageError, fsync_dir
 
 from edgekit.errors import EdgekitError, TransportError, first_line
 from edgekit.trust import BundleRef
@@ -31,12 +33,45 @@ from edgekit.trust import BundleRef
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-__all__ = ["BundleFetcher", "DownloadStats", "Fetcher", "HttpsDownloader", "file_matches"]
+__all__ = [
+    "BundleFetcher",
+    "DownloadStats",
+    "Fetcher",
+    "HttpsDownloader",
+    "file_matches",
+    "storage_cause",
+]
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 256 * 1024
 _SLICE_S = 5.0  # longest a stopping agent waits for an MQTT fetch to notice
+
+
+_STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM}
+)
+
+
+def storage_cause(error: BaseException) -> OSError | None:
+    """The local-disk `OSError` behind `error` (itself, or in its cause/context chain), if any.
+
+    `edgekit.transfer` and `HttpsDownloader` wrap a failed write in a transport error; a full,
+    read-only or failing disk must still be told apart from a lost connection (socket errors
+    are `OSError`s too, but not with these errno values).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if (
+            isinstance(current, OSError)
+            and not isinstance(current, (ConnectionError, TimeoutError, ssl.SSLError))
+            and current.errno in _STORAGE_ERRNOS
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def file_matches(path: Path, *, sha256: str, size: int) -> bool:
@@ -71,7 +106,8 @@ class Fetcher(Protocol):
     last: DownloadStats
 
     def fetch(self, bundle: BundleRef, destination: Path) -> Path:
-        """The bundle at `destination`, size and sha256 checked; raises `TransportError`."""
+        """The bundle at `destination`, size and sha256 checked; raises `TransportError`
+        (`StorageError` if the local disk refuses the download)."""
         ...
 
 
@@ -176,7 +212,8 @@ class BundleFetcher:
         """Set it to end a fetch early (the partial download stays for the next one)."""
 
     def fetch(self, bundle: BundleRef, destination: Path) -> Path:
-        """The bundle at `destination`, size and sha256 checked; raises `TransportError`."""
+        """The bundle at `destination`, size and sha256 checked; raises `TransportError`
+        (`StorageError` if the local disk refuses the download)."""
         if file_matches(destination, sha256=bundle.sha256, size=bundle.size_bytes):
             self.last = DownloadStats(source="local", resumed_bytes=bundle.size_bytes)
             return destination
@@ -194,10 +231,16 @@ class BundleFetcher:
                     size=bundle.size_bytes,
                     stats=stats,
                 )
-            except EdgekitError as e:
+            except (EdgekitError, OSError) as e:
+                cause = storage_cause(e)
+                if cause is not None:
+                    # The device's disk, not the network: another source or attempt would
+                    # fail the same way. Report it as what it is.
+                    raise StorageError(
+                        f"cannot store bundle {bundle.sha256[:12]} in {self.directory}: "
+                        f"{cause.strerror or cause} (free space on the data disk?)"
+                    ) from e
                 log.warning("fetching from %s failed: %s", stats.source, first_line(e))
-                errors.append(f"{source.kind}: {first_line(e)}")
-            except OSError as e:
                 errors.append(f"{source.kind}: {first_line(e)}")
         raise TransportError(
             f"cannot fetch bundle {bundle.sha256[:12]} from any source: " + "; ".join(errors)

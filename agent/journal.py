@@ -116,10 +116,13 @@ class JournalRecord:
     previous_slot: str | None = None  # the slot that served before activation
     reason: str | None = None
     probation_restarts: int = 0
+    attempts: int = 0  # restarts that resumed this (pre-activation) state; reset per state
     ts: float = field(default_factory=time.time)
 
     def advance(self, state: str, **changes: Any) -> JournalRecord:
-        """The record for the next state (same update)."""
+        """The record for the next state (same update); a new state starts at 0 attempts."""
+        if state != self.state:
+            changes.setdefault("attempts", 0)
         return replace(self, state=state, ts=time.time(), **changes)
 
     def to_json(self) -> dict[str, Any]:
@@ -148,6 +151,7 @@ class JournalRecord:
                 previous_slot=document.get("previous_slot"),
                 reason=document.get("reason"),
                 probation_restarts=int(document.get("probation_restarts", 0)),
+                attempts=int(document.get("attempts", 0)),
                 ts=float(document.get("ts", 0.0)),
             )
         except JournalError:

@@ -27,12 +27,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgekit.errors import TransportError
+from edgekit.transfer import MAX_CHUNK_BYTES
 
-__all__ = ["Backoff", "MqttSession", "PublishHandle"]
+__all__ = ["MAX_PACKET_BYTES", "Backoff", "MqttSession", "PublishHandle"]
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+
+MAX_PACKET_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+"""The largest MQTT packet the agent accepts (MQTT 5 Maximum Packet Size, sent in CONNECT):
+a bundle chunk of the largest size `edgekit.transfer` allows, plus headroom for the topic and
+properties. The broker drops bigger messages for this client instead of sending them."""
 
 
 class Backoff:
@@ -131,6 +137,16 @@ class MqttSession:
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
+    def set_will(self, topic: str, payload: bytes) -> None:
+        """Replace the retained last will (QoS 1) sent with the next CONNECT.
+
+        MQTT fixes a connection's will when it connects: the broker publishes the will given
+        at the last (re)connect. Call this whenever the status changes so that every
+        reconnect carries the device's current state.
+        """
+        with self._lock:
+            self.client.will_set(topic, payload, qos=1, retain=True)
+
     def subscribe(self, topic: str, handler: MessageHandler, *, qos: int = 1) -> None:
         """Deliver messages on `topic` (a filter) to `handler(topic, payload)`, on every connect."""
         with self._lock:
@@ -170,6 +186,7 @@ class MqttSession:
     def _connect_properties(self) -> Properties:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self.settings.session_expiry_s
+        properties.MaximumPacketSize = MAX_PACKET_BYTES
         return properties
 
     def _run(self) -> None:

@@ -3,9 +3,11 @@
 Layout under the data directory:
 
     pointer.json          {"active": "a"|"b"|null, "previous": ...}: the atomic pointer swap
-    slots/a/, slots/b/    an extracted, verified bundle each; `slot.json` is written last
+    slots/a/, slots/b/    an extracted, verified bundle each, with its signed manifest
+                          (`slot.envelope.json`); `slot.json` is written last
     floor.json            DirectiveFloor (last accepted sequence, epoch floor) + last digest
-    bad.json              bundle sha256 -> sequence and reason it failed at
+    bad.json              bundle sha256 -> sequence and reason it failed at (a record for
+                          operators; the directive floor is what prevents a retry)
     journal.json          the update journal (`edgekit.agent.journal`)
     downloads/            partial and complete bundle downloads
     queue/                unsent telemetry and events
@@ -34,10 +36,24 @@ from edgekit.agent.journal import (
     write_json_atomic,
 )
 
-from edgekit.bundle import Limits, VerifiedBundle, extract_bundle, hash_file
+from edgekit.bundle import (
+    MANIFEST_PAYLOAD_TYPE,
+    Limits,
+    Manifest,
+    VerifiedBundle,
+    extract_bundle,
+    hash_file,
+)
 from edgekit.errors import BundleError
 from edgekit.topics import ActiveBundle
-from edgekit.trust import DirectiveFloor, TrustStore
+from edgekit.trust import (
+    DEFAULT_MAX_ENVELOPE_BYTES,
+    DirectiveFloor,
+    EpochError,
+    TrustStore,
+    check_signatures,
+    parse_envelope,
+)
 
 __all__ = ["SLOTS", "Pointer", "SlotError", "SlotInfo", "Store"]
 
@@ -45,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = ("a", "b")
 _SLOT_FILE = "slot.json"
+_ENVELOPE_FILE = "slot.envelope.json"  # the bundle's signed manifest, to re-verify on reuse
 
 
 class SlotError(BundleError):
@@ -188,6 +205,51 @@ class Store:
                 )
         return info
 
+    def has_envelope(self, slot: str) -> bool:
+        """True if `slot` keeps its signed manifest (installed by this agent version)."""
+        return (self.slot_dir(slot) / _ENVELOPE_FILE).is_file()
+
+    def reverify_slot(self, slot: str, *, trust: TrustStore, min_security_epoch: int) -> SlotInfo:
+        """`verify_slot`, then check the slot against today's trust and epoch floor.
+
+        The kept signed manifest must still carry a threshold of signatures by the trust
+        store's `bundles` keys (a key removed since the install no longer counts), describe
+        exactly the files the slot record lists, and have a security epoch at or above
+        `min_security_epoch`. A slot installed by an older agent keeps no manifest: only its
+        recorded epoch is checked. Raises a `BundleError` subclass naming the rule.
+        """
+        info = self.verify_slot(slot)
+        path = info.directory / _ENVELOPE_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.warning("slot %s keeps no signed manifest; checking its recorded epoch only", slot)
+            data = None
+        except OSError as e:
+            raise SlotError(f"slot {slot}: cannot read {path.name}: {e.strerror or e}") from e
+        epoch = info.security_epoch
+        if data is not None:
+            envelope = parse_envelope(data, max_envelope_bytes=DEFAULT_MAX_ENVELOPE_BYTES)
+            if envelope.payload_type != MANIFEST_PAYLOAD_TYPE:
+                raise SlotError(f"slot {slot}: {path.name} does not hold a bundle manifest")
+            check_signatures(envelope, trust.policy("bundles"))
+            manifest = Manifest.from_payload(envelope.payload)
+            files = tuple((f.path, f.size_bytes, f.sha256, str(f.role)) for f in manifest.files)
+            described = (manifest.name, manifest.version, manifest.profile, manifest.security_epoch)
+            recorded = (info.name, info.version, info.profile, info.security_epoch)
+            if described != recorded or sorted(files) != sorted(info.files):
+                raise SlotError(
+                    f"slot {slot}: its record does not match its signed manifest; the slot is "
+                    "unusable (it is downloaded again when a directive names it)"
+                )
+            epoch = manifest.security_epoch
+        if epoch < min_security_epoch:
+            raise EpochError(
+                f"slot {slot} holds {info.name} {info.version} of security epoch {epoch}, below "
+                f"this device's floor {min_security_epoch}: refusing to run it again"
+            )
+        return info
+
     def install(
         self,
         slot: str,
@@ -213,6 +275,7 @@ class Store:
                     expected_sha256=expected_sha256,
                 )
             fault_point("installing/extracted")
+            _write_file(staging / _ENVELOPE_FILE, verified.envelope)
             write_json_atomic(
                 staging / _SLOT_FILE, _slot_record(verified, expected_sha256, time.time())
             )
@@ -282,7 +345,11 @@ class Store:
         write_json_atomic(self._bad_path, bad)
 
     def is_bad(self, sha256: str, *, sequence: int) -> str | None:
-        """The reason `sha256` is refused for directive `sequence`, or None."""
+        """The reason `sha256` failed under directive `sequence` or a later one, or None.
+
+        Informational: a directive at or below a recorded sequence is already refused by the
+        directive floor (replay), and a newer directive may name the bundle again.
+        """
         entry = self.bad_bundles().get(sha256)
         if isinstance(entry, Mapping) and int(entry.get("sequence", 0)) >= sequence:
             return str(entry.get("reason", "marked bad"))
@@ -302,6 +369,13 @@ class Store:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _slot_record(verified: VerifiedBundle, sha256: str, installed_at: float) -> dict[str, Any]:

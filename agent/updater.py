@@ -5,10 +5,15 @@
 
 Every transition is written to the journal (fsync'd) before it takes effect and then
 reported (a `state` event and a retained status). `Updater.start` recovers from whatever the
-journal says: steps before activation are redone (each is idempotent), an interrupted
-activation is finished, a probation is restarted once and rolled back if the agent dies in
-it again, an interrupted rollback is finished. The model that serves meanwhile is always a
-verified slot (re-hashed at start).
+journal says: steps before activation are redone (each is idempotent) once and rolled back
+(bundle marked bad) if the agent dies in the same step again, an interrupted activation is
+finished, a probation is restarted once and rolled back if the agent dies in it again, an
+interrupted rollback is finished. A slot reused for an update (a rollback directive naming
+the bundle the idle slot still holds) is re-verified against today's trust store and epoch
+floor, as is the serving bundle when a directive names it. `bad.json` records which bundles
+failed and why (shown by `edgekit-agent status`); what keeps a failed directive from being
+retried is the sequence floor, not that list: only a newer directive can name it again.
+The model that serves meanwhile is always a verified slot (re-hashed at start).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from edgekit.profiles import Budgets, Profile
 from edgekit.runtimes import Runtime, open_runtime
 from edgekit.topics import ActiveBundle, Event, Status
 from edgekit.trust import (
+    DEFAULT_MAX_ENVELOPE_BYTES,
     BundleRef,
     Directive,
     DirectiveFloor,
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = __version__
 _MAX_PROBATION_RESTARTS = 1
+_MAX_RESUMES = 1  # restarts resumed in one pre-activation state; dying again rolls back
+_PRE_ACTIVATION = ("downloading", "verifying", "installing", "checking")
 _DOWNLOAD_ATTEMPTS = 5
 
 
@@ -128,6 +136,7 @@ class Updater:
         self._serving: Runtime | None = None
         self._busy = False
         self._resume = False
+        self._recovered_failure: str | None = None  # a rollback decided at start, to report
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -223,6 +232,16 @@ class Updater:
         self._load_active()
         if self.host.info is None and self.config.initial_bundle is not None:
             self._install_initial(self.config.initial_bundle)
+        if self._recovered_failure is not None:
+            reason, self._recovered_failure = self._recovered_failure, None
+            log.error("update to sequence %d rolled back: %s", self.record.sequence, reason)
+            self.emit_event(
+                "rolled_back",
+                ok=False,
+                reason=reason,
+                sequence=self.record.sequence,
+                state="rolled_back",
+            )
         self._publish_status()
 
     def _recover_pointer(self) -> None:
@@ -238,7 +257,9 @@ class Updater:
                 self._resume = True
             elif state == "probation":
                 if record.probation_restarts >= _MAX_PROBATION_RESTARTS:
-                    self._rollback_on_disk("the agent restarted during probation again")
+                    reason = "the agent restarted during probation again"
+                    self._rollback_on_disk(reason)
+                    self._recovered_failure = reason
                 else:
                     # Count the restart, so that dying in probation again rolls back.
                     self.record = record.advance(
@@ -247,12 +268,27 @@ class Updater:
                     self.journal.write(self.record)
                     self._resume = True
             elif state == "rolled_back":
-                self._rollback_on_disk(record.reason or "rolled back")
-            elif state in ("downloading", "verifying", "installing", "checking"):
+                # The bundle was marked bad (when the failure was its fault) before this record
+                # was journaled; finishing the rollback must not mark a download or storage
+                # failure as the bundle's fault.
+                self._rollback_on_disk(record.reason or "rolled back", mark_bad=False)
+            elif state in _PRE_ACTIVATION:
                 if record.slot is not None and pointer.active == record.slot:
                     # Never install over the serving slot (a journal from an older pointer).
                     self._fail_journal("the slot to install into is serving; update abandoned")
+                elif state != "downloading" and record.attempts >= _MAX_RESUMES:
+                    # (A download never runs the bundle and resumes from its bitmap: power
+                    # cuts mid-download are routine on a device and never the bundle's fault.)
+                    # The agent died in this state before (e.g. the candidate crashes the
+                    # runtime or runs out of memory in its health check): give up on it.
+                    reason = f"the agent died in state {state} {record.attempts + 1} times"
+                    self._rollback_on_disk(reason)
+                    self._recovered_failure = reason
                 else:
+                    # Count the resume, so that dying in this state again rolls back.
+                    self.record = record.advance(state, attempts=record.attempts + 1)
+                    self.journal.write(self.record)
+                    fault_point(f"{state}/resumed")
                     self._resume = True
         except StorageError as e:
             self.report_error(f"cannot recover the update journal: {e}")
@@ -280,10 +316,10 @@ class Updater:
         self.record = self.record.advance("rolled_back", reason=reason)
         self.journal.write(self.record)
 
-    def _rollback_on_disk(self, reason: str) -> None:
+    def _rollback_on_disk(self, reason: str, *, mark_bad: bool = True) -> None:
         """Finish a rollback: pointer back to the previous slot, bundle marked bad."""
         record = self.record
-        if record.bundle is not None:
+        if mark_bad and record.bundle is not None:
             self.store.mark_bad(record.bundle.sha256, sequence=record.sequence, reason=reason)
         if record.state != "rolled_back":
             self.record = record.advance("rolled_back", reason=reason)
@@ -371,13 +407,34 @@ class Updater:
 
     # -- directives ----------------------------------------------------------------------
 
-    def submit(self, envelope: bytes) -> None:
-        """Queue a directive envelope (from the MQTT thread); the worker verifies it."""
+    def submit(self, envelope: bytes) -> bool:
+        """Queue a directive envelope (from the MQTT thread); the worker verifies it.
+
+        An envelope over the size any directive may have (`DEFAULT_MAX_ENVELOPE_BYTES`) is
+        dropped here, with an event, so the queue never holds copies of oversized payloads.
+        Returns True if the envelope was queued.
+        """
         if not envelope:
-            return
+            return False
+        if len(envelope) > DEFAULT_MAX_ENVELOPE_BYTES:
+            reason = (
+                f"desired payload of {len(envelope)} bytes exceeds the "
+                f"{DEFAULT_MAX_ENVELOPE_BYTES}-byte directive limit; dropped unread"
+            )
+            log.warning("%s", reason)
+            self.emit_event(
+                "directive_refused",
+                reason=reason,
+                sequence=None,
+                rollout_id=None,
+                bundle=None,
+                details={"rule": "LimitError", "size_bytes": len(envelope)},
+            )
+            return False
         with self._wake:
             self._pending.append(bytes(envelope))
             self._wake.notify_all()
+        return True
 
     @property
     def busy(self) -> bool:
@@ -470,12 +527,25 @@ class Updater:
             directive=envelope,
             previous_slot=pointer.active,
         )
+        new_floor = next_floor(floor, verified)
         try:
             if active is not None and active.sha256 == ref.sha256:
-                # Already running it (e.g. a re-issued directive): accept and report committed.
+                # Already running it (e.g. a re-issued directive): accept and report committed,
+                # once the slot still passes today's trust store and the directive's epoch.
+                try:
+                    self.store.reverify_slot(
+                        active.slot,
+                        trust=self.trust,
+                        min_security_epoch=new_floor.min_security_epoch,
+                    )
+                except BundleError as e:
+                    self._refuse_active(
+                        base, envelope, new_floor, f"bundle refused: {first_line(e)}"
+                    )
+                    return
                 self.record = base.advance("committed", slot=pointer.active)
                 self.journal.write(self.record)
-                self.store.set_floor(next_floor(floor, verified), directive=envelope)
+                self.store.set_floor(new_floor, directive=envelope)
                 self.emit_event("directive_accepted", sequence=directive.sequence)
                 self.emit_event("committed", ok=True, sequence=directive.sequence)
                 self.emit_event("state", state="committed", sequence=directive.sequence)
@@ -483,11 +553,14 @@ class Updater:
                 return
             slot = self.store.idle_slot()
             idle = self._slot(slot)
-            first = "checking" if idle is not None and idle.sha256 == ref.sha256 else "downloading"
+            # The idle slot may still hold the bundle (a rollback directive): `_check`
+            # re-verifies it against today's trust store and epoch floor before it serves.
+            reuse = idle is not None and idle.sha256 == ref.sha256 and self.store.has_envelope(slot)
+            first = "checking" if reuse else "downloading"
             self.record = base.advance(first, slot=slot)
             self.journal.write(self.record)
             fault_point(f"{first}/journaled")
-            self.store.set_floor(next_floor(floor, verified), directive=envelope)
+            self.store.set_floor(new_floor, directive=envelope)
         except StorageError as e:
             self.report_error(f"cannot start the update: {e}; still serving the current model")
             return
@@ -502,6 +575,28 @@ class Updater:
         self.emit_event("state", state=first, sequence=directive.sequence)
         self._publish_status()
         self._continue(stop)
+
+    def _refuse_active(
+        self, base: JournalRecord, envelope: bytes, new_floor: DirectiveFloor, reason: str
+    ) -> None:
+        """A valid directive names the serving bundle, which no longer passes the trust store
+        or the directive's epoch: accept the directive (its floor holds), refuse the bundle,
+        and keep serving it, since nothing else is verified to serve (`fleet` must send a
+        newer bundle)."""
+        sequence = base.sequence
+        log.error("directive %d names the serving bundle, refused: %s", sequence, reason)
+        self.record = base.advance("rolled_back", reason=reason)
+        self.journal.write(self.record)
+        self.store.set_floor(new_floor, directive=envelope)
+        if base.bundle is not None:
+            self.store.mark_bad(base.bundle.sha256, sequence=sequence, reason=reason)
+        self.emit_event("directive_accepted", sequence=sequence)
+        self.emit_event("bundle_refused", reason=reason, sequence=sequence, ok=False)
+        self.emit_event("state", state="rolled_back", sequence=sequence, reason=reason)
+        self.emit_event(
+            "rolled_back", ok=False, reason=reason, sequence=sequence, state="rolled_back"
+        )
+        self._publish_status()
 
     def _slot(self, slot: str | None) -> SlotInfo | None:
         if slot is None:
@@ -688,10 +783,16 @@ class Updater:
         slot = self.record.slot
         if slot is None:
             raise UpdateFailed("journal names no slot to check", mark_bad=False)
-        info = self.store.verify_slot(slot)
+        # Re-hash, re-check the kept signatures against today's trust store and the epoch
+        # against the floor: the slot may be a reused one installed long ago (or recovered).
+        floor, _ = self.store.floor()
+        info = self.store.reverify_slot(
+            slot, trust=self.trust, min_security_epoch=floor.min_security_epoch
+        )
         self._check_profile(info)
         if self.record.bundle is not None and info.sha256 != self.record.bundle.sha256:
             raise UpdateFailed(f"slot {slot} holds another bundle than the directive names")
+        fault_point("checking/health")
         report = self._health(info)
         self.emit_event(
             "health_check",

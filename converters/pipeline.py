@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 
 Array = npt.NDArray[Any]
 ProgressCallback = Callable[[str, int, int], None]
+DeviceCheck = Callable[[Path, Path], "str | None"]
+"""(model, golden.npz) -> None when the profile's runtimes load and match it, else why not."""
 REPORT_SCHEMA = "edgekit.report/v1"
 GOLDEN_SAMPLES = 8
 
@@ -176,6 +178,7 @@ def convert(
     progress: ProgressCallback | None = None,
     benchmark_seconds: float = 2.0,
     keep_candidates: bool = False,
+    device_check: DeviceCheck | None = None,
 ) -> ConvertResult:
     """Convert `model` for `profile`, writing `model.onnx` or `model.tflite` and `report.json`.
 
@@ -183,6 +186,12 @@ def convert(
     written into `output_dir`: `golden.npz` (inputs and expected outputs for the on-device
     self-test) and `reference_stats.json` (input distribution for drift), which bundles carry.
     With `keep_candidates`, every candidate that was built is kept in `output_dir/candidates/`.
+
+    `device_check(model, golden)` proves a candidate on the device's runtimes (see
+    `edgekit.verify_runtime`): it gets the candidate as `model.onnx`/`model.tflite` with its
+    own `golden.npz` beside it and returns None when every runtime loads it and matches, or the
+    reason it does not. The choice then goes down the ranking until a candidate passes: the
+    fastest artifact that meets the tolerance *and* runs right on the profile's runtimes.
     """
     chosen_profile = profile if isinstance(profile, Profile) else load_profile(profile)
     # Absolute paths: the passes run with the scratch folder as the working directory.
@@ -238,7 +247,9 @@ def convert(
             candidates.append(candidate)
             if target != "tflite" or candidate_kind not in LITERT_QUANTIZER_RECIPES:
                 continue
-            skip = _litert_quantizer_skip_reason(candidate_kind, chosen_profile)
+            skip = _litert_quantizer_skip_reason(
+                candidate_kind, chosen_profile, verified=device_check is not None
+            )
             if skip is not None:
                 candidate.notes.append(skip)
             else:
@@ -265,6 +276,15 @@ def convert(
 
         steps.advance("choosing")
         winner = _choose(candidates, chosen_profile)
+        while device_check is not None:
+            refusal = _device_refusal(winner, device_check, validation_set, chosen_profile)
+            if refusal is None:
+                winner.notes.append("verified on the profile's runtimes (device_check)")
+                break
+            winner.status, winner.verdict = "failed", "lost"
+            winner.error = f"fails on the profile's runtimes: {refusal}"
+            winner.reason = ""
+            winner = _choose(candidates, chosen_profile)
 
         steps.advance("writing the artifact, golden samples and report")
         assert winner.path is not None
@@ -617,10 +637,20 @@ def _build_litert_quantizer_candidate(
     return candidate
 
 
-def _litert_quantizer_skip_reason(kind: str, profile: Profile) -> str | None:
+def _litert_quantizer_skip_reason(kind: str, profile: Profile, *, verified: bool) -> str | None:
     """Why ai-edge-quantizer does not build `kind` for `profile` (None: it does)."""
     if not litert_quantizer_available():
         return "ai-edge-quantizer is not installed: only TFLiteConverter built this kind"
+    oldest = profile.runtime.oldest
+    if oldest.package == "tflite-runtime" and not verified:
+        # Measured on the digits CNN: ai-edge-quantizer 0.10's dynamic int8 passes the op-version
+        # check and loads in tflite-runtime 2.14.0, but computes wrong outputs there (cosine
+        # 0.02 against the same file in ai-edge-litert 2.3). Only a run on that runtime can
+        # clear it, so it is offered only with the device check (`--verify-runtime`).
+        return (
+            f"ai-edge-quantizer's output is not offered for {oldest.package} {oldest.version} "
+            "without --verify-runtime: it loads there but was measured computing wrong outputs"
+        )
     io_type = LITERT_QUANTIZER_RECIPES[kind][1]
     wanted = "float32" if kind == "dynamic_int8" else profile.quantization.io_type
     if io_type != wanted:
@@ -957,6 +987,22 @@ def _choose(candidates: Sequence[CandidateReport], profile: Profile) -> Candidat
                 f"{accuracy(winner):.5f}"
             )
     return winner
+
+
+def _device_refusal(
+    candidate: CandidateReport, check: DeviceCheck, dataset: Dataset, profile: Profile
+) -> str | None:
+    """Run `check` on the candidate laid out as the device will see it."""
+    assert candidate.path is not None
+    with tempfile.TemporaryDirectory(prefix="edgekit-device-check-") as folder:
+        model = Path(folder) / f"model.{profile.target_format}"
+        shutil.copyfile(candidate.path, model)
+        data_file = candidate.path.with_name(candidate.path.name + ".data")
+        if data_file.exists():
+            shutil.copyfile(data_file, Path(folder) / "model.onnx.data")
+        golden = Path(folder) / "golden.npz"
+        _write_golden(golden, open_runtime(model), dataset, profile)
+        return check(model, golden)
 
 
 def _write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profile) -> None:

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -24,6 +24,9 @@ from edgekit.cli_trust import bundle_group, keys_group, trust_group
 from edgekit.errors import EdgekitError
 from edgekit.profiles import builtin_profile_names, load_profile
 from edgekit.trust import Signer
+
+if TYPE_CHECKING:
+    from edgekit.verify_runtime import VerifyReport
 
 __all__ = ["main"]
 
@@ -242,45 +245,48 @@ def convert(
         transient=True,
         disable=not stderr.is_terminal,
     )
+    device_check = None
+    verified: list[VerifyReport] = []
+    if verify_runtimes:
+        # Each candidate in ranking order is loaded in the profile's oldest and newest runtimes
+        # before it can win: a bundle the device's runtimes cannot load is never signed.
+        from edgekit.cli_runtime import run_with_progress
+
+        def device_check(candidate: Path, _golden: Path) -> str | None:
+            report = run_with_progress(candidate, profile, cache_dir=None)
+            verified.append(report)
+            if report.passed:
+                return None
+            return "; ".join(report.problems())
+
     with progress:
         task = progress.add_task("converting", total=None)
 
         def on_step(description: str, done: int, total: int) -> None:
             progress.update(task, description=description, completed=done, total=total)
 
-        result = run_convert(
-            model,
-            profile=profile,
-            output_dir=output_dir,
-            calibration=calibration,
-            validation=validation,
-            threads=threads,
-            progress=on_step,
-            keep_candidates=keep_candidates,
-        )
-    runtime_report = None
-    if verify_runtimes:
-        # Before signing: a bundle the profile's runtimes cannot load is never signed.
-        from edgekit.cli_runtime import print_verify_report, run_with_progress
-        from edgekit.verify_runtime import RuntimeConformanceError
+        try:
+            result = run_convert(
+                model,
+                profile=profile,
+                output_dir=output_dir,
+                calibration=calibration,
+                validation=validation,
+                threads=threads,
+                progress=on_step,
+                keep_candidates=keep_candidates,
+                device_check=device_check,
+            )
+        except EdgekitError as error:
+            if verified and signers:
+                raise type(error)(f"no bundle signed: {error}") from error
+            raise
+    runtime_report = verified[-1] if verified else None
+    if runtime_report is not None:
+        from edgekit.cli_runtime import print_verify_report
 
-        runtime_report = run_with_progress(result.artifact, profile, cache_dir=None)
         for check in runtime_report.not_installed:
             click.echo(f"warning: not verified on {check.runtime}: {check.install_error}", err=True)
-        if not runtime_report.passed:
-            if as_json:
-                click.echo(
-                    json.dumps({**result.report, "verify_runtime": runtime_report.to_dict()})
-                )
-            else:
-                print_report(result.report, output_dir)
-                print_verify_report(runtime_report, stdout)
-            raise RuntimeConformanceError(
-                ("no bundle signed: " if signers else "")
-                + f"{result.artifact.name} for profile {profile.name} fails on its runtimes: "
-                + "; ".join(runtime_report.problems())
-                + f" (the converted files stay in {output_dir}; see docs/verify-runtime.md)"
-            )
     bundle_path = None
     if signers:
         from edgekit.bundle import sign_and_build_bundle
@@ -304,7 +310,7 @@ def convert(
         return
     print_report(result.report, output_dir)
     if runtime_report is not None:
-        print_verify_report(runtime_report, stdout)
+        print_verify_report(runtime_report, stdout)  # the chosen artifact's, which passed
     if bundle_path is not None:
         stdout.print(f"signed bundle: {bundle_path}", soft_wrap=True)
 

@@ -589,7 +589,8 @@ def _resume(
     "--revert-on-halt/--no-revert",
     default=True,
     show_default=True,
-    help="Revert updated devices to their previous bundle when a gate fails.",
+    help="Revert updated devices to their previous bundle when a gate fails (refused when "
+    "the previous bundle's security epoch is below the release's: devices would refuse it).",
 )
 @click.option(
     "--include-offline",

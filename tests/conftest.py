@@ -78,3 +78,13 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where verify-runtime's venvs live for this session; EDGEKIT_RUNTIME_CACHE names a
+    persistent folder instead (the venvs are then built once across sessions)."""
+    persistent = os.environ.get("EDGEKIT_RUNTIME_CACHE")
+    if persistent:
+        return Path(persistent)
+    return tmp_path_factory.getbasetemp() / "edgekit-runtimes"

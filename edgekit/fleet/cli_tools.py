@@ -103,8 +103,19 @@ def _read_trust_store(path: Path) -> TrustStore:
 
 @click.command("simulate", cls=_ExitingCommand)
 @click.option("--devices", "count", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--fleet", required=True, help="Fleet id (topic level).")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL.")
+@click.option(
+    "--fleet",
+    required=True,
+    envvar="EDGEKIT_FLEET",
+    help="Fleet id (topic level) [env EDGEKIT_FLEET].",
+)
+@click.option(
+    "--broker",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    envvar="EDGEKIT_BROKER_URL",
+    help="Broker URL [env EDGEKIT_BROKER_URL].",
+)
 @click.option(
     "--trust",
     "trust_path",
@@ -237,7 +248,12 @@ def _configure_logging(verbose: bool) -> None:
 
 
 @click.command("broker-config", cls=_ExitingCommand)
-@click.option("--fleet", required=True, help="Fleet id (topic level).")
+@click.option(
+    "--fleet",
+    required=True,
+    envvar="EDGEKIT_FLEET",
+    help="Fleet id (topic level) [env EDGEKIT_FLEET].",
+)
 @click.option(
     "--devices",
     "devices_csv",
@@ -257,7 +273,14 @@ def _configure_logging(verbose: bool) -> None:
     "port",
     type=click.IntRange(1, 65535),
     default=None,
-    help="Listener port [default: 8883 with TLS, else 1883].",
+    help="Device listener port [default: 8883 with TLS, else 1883].",
+)
+@click.option(
+    "--service-listener",
+    "service_port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port for the operator and monitor accounts [default: the device port + 1].",
 )
 @click.option("--bind", "bind_address", default=None, help="Listener address [default: all].")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -280,6 +303,7 @@ def broker_config_command(
     devices_csv: Path,
     output: Path,
     port: int | None,
+    service_port: int | None,
     bind_address: str | None,
     tls_ca: Path | None,
     tls_cert: Path | None,
@@ -319,6 +343,7 @@ def broker_config_command(
         devices,
         output,
         port=port,
+        service_port=service_port,
         bind_address=bind_address,
         tls=tls,
         install_dir=install_dir,
@@ -336,6 +361,7 @@ def broker_config_command(
                         "conf": str(result.conf),
                         "acl": str(result.acl),
                         "passwords": str(result.passwords),
+                        "service_passwords": str(result.service_passwords),
                         "credentials": str(result.credentials),
                     },
                     "devices": roles.count("device"),
@@ -346,17 +372,29 @@ def broker_config_command(
         )
         return
     click.echo(
-        f"wrote {result.conf}, {result.acl.name}, {result.passwords.name} and "
-        f"{result.credentials.name} ({roles.count('device')} devices, "
+        f"wrote {result.conf}, {result.acl.name}, {result.passwords.name}, "
+        f"{result.service_passwords.name} and {result.credentials.name} "
+        f"({roles.count('device')} devices, "
         f"{len(result.generated)} new passwords) in {result.directory}; keep credentials.csv "
         "secret and give each device its own line"
     )
 
 
 @click.command("monitor", cls=_ExitingCommand)
-@click.option("--fleet", required=True, help="Fleet id (topic level).")
+@click.option(
+    "--fleet",
+    required=True,
+    envvar="EDGEKIT_FLEET",
+    help="Fleet id (topic level) [env EDGEKIT_FLEET].",
+)
 @click.option("--listen", default=":9108", show_default=True, help="[ADDRESS]:PORT for /metrics.")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL.")
+@click.option(
+    "--broker",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    envvar="EDGEKIT_BROKER_URL",
+    help="Broker URL [env EDGEKIT_BROKER_URL].",
+)
 @click.option(
     "--group",
     default="edgekit-monitor",
@@ -398,7 +436,7 @@ def monitor_command(
     from dataclasses import replace
 
     from edgekit.fleet.monitor import FleetMonitor, parse_listen
-    from edgekit.fleet.simulate import BrokerAddress
+    from edgekit.fleet.registry import BrokerAddress
 
     _configure_logging(verbose)
     address = parse_listen(listen)

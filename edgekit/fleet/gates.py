@@ -48,8 +48,10 @@ class WaveObservation:
 
     `elapsed_s` counts from the moment the wave's directives were published; `settled_s`
     from the moment the last of its devices reported an outcome (None while any is pending).
-    Latencies are per-device p95 milliseconds from telemetry; `baseline_p95_ms` comes from
-    devices of the same selection running the version the rollout replaces.
+    Latencies are per-device p95 milliseconds from telemetry of the wave's succeeded devices
+    on the new bundle (one value per device, so their count is how many reported);
+    `baseline_p95_ms` comes from devices of the same selection running the version the
+    rollout replaces; `drift_psi` likewise holds one score per succeeded device.
     """
 
     targeted: int
@@ -147,26 +149,70 @@ class FailureRatio:
         return GateResult(self.name, "fail" if ratio > self.max_ratio + 1e-12 else "pass", detail)
 
 
+def _telemetry_missing(
+    observation: WaveObservation,
+    reported: int,
+    *,
+    min_ratio: float,
+    timeout_s: float,
+    gate: str,
+    what: str,
+) -> GateResult | None:
+    """`wait` (or `fail` after `timeout_s`) until `min_ratio` of the wave's succeeded devices
+    sent `what` for the new bundle; None once enough did."""
+    needed = max(1, math.ceil(min_ratio * observation.succeeded - 1e-9))
+    if reported >= needed:
+        return None
+    detail = f"{what} from {reported}/{observation.succeeded} updated devices (need {needed})"
+    if observation.elapsed_s >= timeout_s:
+        return GateResult(
+            gate,
+            "fail",
+            f"{detail} after {observation.elapsed_s:.0f} s (timeout {timeout_s:.0f} s): "
+            "the gate cannot judge without data; check that devices send telemetry",
+        )
+    return GateResult(gate, "wait", detail)
+
+
 @dataclass(frozen=True)
 class LatencyRegression:
     """The median per-device p95 on the new version is at most `max_ratio` above the baseline's.
 
-    Without baseline or new telemetry there is nothing to compare: the gate passes and says so
-    (the soak gate is what gives telemetry time to arrive).
+    The gate waits until at least `min_reporting` of the wave's succeeded devices sent latency
+    telemetry for the new bundle, and until a baseline exists; without them after `timeout_s`
+    it fails: no data is not a pass.
     """
 
     max_ratio: float
+    min_reporting: float = 0.5
+    timeout_s: float = 900.0
     name: str = "latency_regression"
 
     def __post_init__(self) -> None:
         if self.max_ratio < 0 or math.isnan(self.max_ratio):
             raise GateError(f"max latency regression must be >= 0; found {self.max_ratio}")
+        _fraction(self.min_reporting, what="min telemetry ratio")
 
     def evaluate(self, observation: WaveObservation) -> GateResult:
+        missing = _telemetry_missing(
+            observation,
+            len(observation.new_p95_ms),
+            min_ratio=self.min_reporting,
+            timeout_s=self.timeout_s,
+            gate=self.name,
+            what="latency telemetry",
+        )
+        if missing is not None:
+            return missing
         if not observation.baseline_p95_ms:
-            return GateResult(self.name, "pass", "no baseline telemetry to compare with")
-        if not observation.new_p95_ms:
-            return GateResult(self.name, "pass", "no telemetry from updated devices yet")
+            detail = "no baseline telemetry from devices on the previous version"
+            if observation.elapsed_s >= self.timeout_s:
+                return GateResult(
+                    self.name,
+                    "fail",
+                    f"{detail} after {observation.elapsed_s:.0f} s: nothing to compare with",
+                )
+            return GateResult(self.name, "wait", detail)
         baseline = statistics.median(observation.baseline_p95_ms)
         new = statistics.median(observation.new_p95_ms)
         regression = (new / baseline - 1.0) if baseline > 0 else 0.0
@@ -180,18 +226,33 @@ class LatencyRegression:
 
 @dataclass(frozen=True)
 class DriftLimit:
-    """The median drift score (PSI) of the updated devices is at most `max_psi`."""
+    """The median drift score (PSI) of the updated devices is at most `max_psi`.
+
+    Waits until `min_reporting` of the wave's succeeded devices sent a drift score for the new
+    bundle; fails after `timeout_s` without.
+    """
 
     max_psi: float
+    min_reporting: float = 0.5
+    timeout_s: float = 900.0
     name: str = "drift"
 
     def __post_init__(self) -> None:
         if self.max_psi < 0 or math.isnan(self.max_psi):
             raise GateError(f"max drift must be >= 0; found {self.max_psi}")
+        _fraction(self.min_reporting, what="min telemetry ratio")
 
     def evaluate(self, observation: WaveObservation) -> GateResult:
-        if not observation.drift_psi:
-            return GateResult(self.name, "pass", "no drift scores reported yet")
+        missing = _telemetry_missing(
+            observation,
+            len(observation.drift_psi),
+            min_ratio=self.min_reporting,
+            timeout_s=self.timeout_s,
+            gate=self.name,
+            what="drift scores",
+        )
+        if missing is not None:
+            return missing
         psi = statistics.median(observation.drift_psi)
         detail = f"median psi {psi:.3f} (max {self.max_psi:.3f})"
         return GateResult(self.name, "fail" if psi > self.max_psi else "pass", detail)
@@ -282,6 +343,7 @@ def standard_gates(
     max_latency_regression: float | None = None,
     max_drift: float | None = None,
     min_reported: float = 1.0,
+    min_telemetry: float = 0.5,
 ) -> AllOf:
     """The gates `edgekit fleet rollout` applies to every wave, from its options."""
     gates: list[RolloutGate] = [
@@ -290,7 +352,7 @@ def standard_gates(
         SoakTime(soak_s),
     ]
     if max_latency_regression is not None:
-        gates.append(LatencyRegression(max_latency_regression))
+        gates.append(LatencyRegression(max_latency_regression, min_telemetry, report_timeout_s))
     if max_drift is not None:
-        gates.append(DriftLimit(max_drift))
+        gates.append(DriftLimit(max_drift, min_telemetry, report_timeout_s))
     return all_of(*gates)

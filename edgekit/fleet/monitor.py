@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edgekit.errors import EdgekitError, TransportError
-from edgekit.fleet.simulate import BrokerAddress, as_broker_address
+from edgekit.fleet.registry import BrokerAddress, as_broker_address
 from edgekit.topics import (
     AGENT_STATES,
     EVENT_KINDS,

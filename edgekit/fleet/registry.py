@@ -11,6 +11,7 @@ paho's return codes into `TransportError`. Nothing else in `edgekit.fleet` touch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import ssl
@@ -27,12 +28,14 @@ from edgekit.errors import EdgekitError, TransportError
 from edgekit.topics import ActiveBundle, MessageError, Status, Topics, parse_device_topic
 
 __all__ = [
+    "BrokerAddress",
     "BrokerSettings",
     "DeviceRecord",
     "DeviceRegistry",
     "DeviceSelector",
     "FleetConnection",
     "Message",
+    "as_broker_address",
     "load_registry",
     "parse_tag",
 ]
@@ -41,8 +44,50 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens and how to log in: parsed from `mqtt[s]://[user:pass@]host:port`.
+
+    The one parser of broker URLs for the operator's tools, the simulator and the monitor.
+    """
+
+    host: str
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+
+    @classmethod
+    def parse(cls, url: str, *, ca_file: Path | None = None) -> BrokerAddress:
+        """Parse `mqtt://host:port` or `mqtts://host:port` (default ports 1883 and 8883);
+        `tcp://`/`ssl://` and a bare `host:port` are accepted too."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise TransportError(
+                f"broker URL {url!r} must look like mqtt://host:1883 or mqtts://host:8883"
+            )
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise TransportError(f"broker URL {url!r} has an invalid port") from None
+        return cls(parts.hostname, port, tls, parts.username, parts.password, ca_file)
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def as_broker_address(broker: BrokerAddress | str) -> BrokerAddress:
+    """`broker` itself, or parsed if it is a URL."""
+    return broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
+
+
+@dataclass(frozen=True)
 class BrokerSettings:
-    """How to reach the fleet's broker: `mqtt://host:port` or `mqtts://host:port` (TLS)."""
+    """How the operator's tools reach the fleet's broker: a broker URL (see `BrokerAddress`)
+    plus the account, CA and MQTT session options."""
 
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
@@ -55,19 +100,12 @@ class BrokerSettings:
         self.address  # noqa: B018 - validates the URL early
 
     @property
-    def address(self) -> tuple[str, int, bool]:
-        """(host, port, tls)."""
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise TransportError(
-                f"broker URL {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883"
-            )
-        tls = parts.scheme == "mqtts"
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as e:
-            raise TransportError(f"broker URL {self.url!r} has an invalid port") from e
-        return parts.hostname, port, tls
+    def address(self) -> BrokerAddress:
+        """The parsed URL; `username`/`password` given here win over ones in the URL."""
+        parsed = BrokerAddress.parse(self.url, ca_file=self.ca)
+        if self.username is None:
+            return parsed
+        return dataclasses.replace(parsed, username=self.username, password=self.password)
 
 
 @dataclass(frozen=True)
@@ -97,10 +135,11 @@ class FleetConnection:
         )
         self._client.max_inflight_messages_set(200)
         self._client.max_queued_messages_set(0)
-        if settings.username is not None:
-            self._client.username_pw_set(settings.username, settings.password)
-        host, port, tls = settings.address
-        if tls:
+        address = settings.address
+        if address.username is not None:
+            self._client.username_pw_set(address.username, address.password)
+        host, port = address.host, address.port
+        if address.tls:
             try:
                 self._client.tls_set(
                     ca_certs=str(settings.ca) if settings.ca else None,
@@ -405,6 +444,11 @@ class DeviceRegistry:
             return None
         self.invalid.pop(device, None)
         record = DeviceRecord.from_status(status, received_at=message.received_at)
+        known = self._devices.get(device)
+        if not status.online and known is not None:
+            # A last will (or any offline notice) says the device went away, not what it runs:
+            # keep what the device itself last reported, change only online and last seen.
+            record = dataclasses.replace(known, online=False, last_seen=record.last_seen)
         self._devices[device] = record
         return record
 

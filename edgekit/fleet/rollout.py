@@ -35,6 +35,7 @@ from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import Strategy, assign_waves, wave_fractions
 from edgekit.fleet.gates import AllOf, GateResult, WaveObservation, standard_gates
 from edgekit.fleet.registry import (
+    DeviceRecord,
     DeviceRegistry,
     DeviceSelector,
     FleetConnection,
@@ -452,6 +453,16 @@ def _bundle_json(bundle: ActiveBundle) -> dict[str, str]:
     return {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256}
 
 
+def _epoch_why(previous: BundleRecord, current: BundleRecord | ReleaseBundle) -> str:
+    """Why a device cannot go back from `current` to `previous`."""
+    return (
+        f"previous bundle {previous.name} {previous.version} has security epoch "
+        f"{previous.security_epoch}, below the {current.security_epoch} of {current.name} "
+        f"{current.version}: a device that accepted the latter refuses bundles below its "
+        "floor"
+    )
+
+
 def _unverified_sequence(envelope: bytes) -> int:
     """The sequence a retained directive claims (0 if unreadable): only to stay above it."""
     try:
@@ -488,6 +499,7 @@ class RolloutController:
         fleet: str,
         signers: Sequence[Signer] = (),
         poll_s: float = 0.2,
+        heartbeat_s: float = _HEARTBEAT_S,
         on_progress: Callable[[RolloutProgress], None] | None = None,
     ) -> None:
         self.connection = connection
@@ -496,6 +508,8 @@ class RolloutController:
         self.fleet = fleet
         self.signers = tuple(signers)
         self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
+        self._last_heartbeat = 0.0
         self.on_progress = on_progress
         self.registry = DeviceRegistry(self.topics)
         self._observed = _Observed()
@@ -600,6 +614,8 @@ class RolloutController:
                 f"profiles: {listed}; add a bundle per profile or narrow the selection with "
                 "--profile"
             )
+        if options.revert_on_halt:
+            self._check_revertable(release, selected)
         fractions = options.fractions()
         to_update = {
             r.device: r.profile
@@ -663,6 +679,40 @@ class RolloutController:
         )
         return rollout_id
 
+    def _check_revertable(self, release: Release, selected: Sequence[DeviceRecord]) -> None:
+        """Refuse `--revert-on-halt` when a revert could only be refused by the devices.
+
+        A device that accepts the release raises its security floor to the release's epoch and
+        refuses any bundle below it ever after, so a previous bundle of a lower epoch cannot be
+        reverted to.
+        """
+        previous: dict[str, tuple[ActiveBundle, ReleaseBundle]] = {}
+        for record in selected:
+            bundle = release.for_profile(record.profile)
+            if bundle is not None and record.active and record.active.sha256 != bundle.sha256:
+                previous.setdefault(record.active.sha256, (record.active, bundle))
+        blocked = []
+        for sha256, (active, bundle) in sorted(previous.items()):
+            found = self._previous_bundle(_bundle_json(active))
+            if found is None:
+                logger.warning(
+                    "devices run %s %s (%s), which is neither recorded in %s nor published on "
+                    "the broker: they cannot be reverted if the rollout halts",
+                    active.name,
+                    active.version,
+                    sha256[:12],
+                    self.store.path,
+                )
+            elif found.security_epoch < bundle.security_epoch:
+                blocked.append(_epoch_why(found, bundle))
+        if blocked:
+            raise RolloutError(
+                f"--revert-on-halt cannot work: {blocked[0]}"
+                + (f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else "")
+                + "; pass --no-revert and roll forward with a fixed release if it halts, or "
+                "re-sign the previous version with a security epoch at least the release's"
+            )
+
     # -- driving -----------------------------------------------------------------------------
 
     def run(self, rollout_id: str, *, stop_when: Callable[[], bool] | None = None) -> RolloutResult:
@@ -691,9 +741,9 @@ class RolloutController:
         }
         self._observed.baseline_p95_ms.clear()
         self._revert_started = 0.0
+        self._last_heartbeat = 0.0
         self._publish_bundles(record, options)
         self._republish_missing(rollout_id)
-        last_heartbeat = 0.0
         while True:
             record = self.store.rollout(rollout_id)
             self._apply_request(record)
@@ -710,15 +760,20 @@ class RolloutController:
                 self.on_progress(progress_of(self.store, rollout_id))
             if stop_when is not None and stop_when():
                 break
-            now = time.monotonic()
-            if now - last_heartbeat > _HEARTBEAT_S:
-                self.store.heartbeat(rollout_id)
-                last_heartbeat = now
+            self._heartbeat(rollout_id)
             self._pump(self.poll_s)
         final = progress_of(self.store, rollout_id)
         if self.on_progress is not None:
             self.on_progress(final)
         return RolloutResult(final)
+
+    def _heartbeat(self, rollout_id: str, *, force: bool = False) -> None:
+        """Tell the store this controller is alive (at most every `heartbeat_s`); raises
+        `OwnershipLostError` when another controller took the rollout over."""
+        now = time.monotonic()
+        if force or now - self._last_heartbeat >= self.heartbeat_s:
+            self.store.heartbeat(rollout_id)
+            self._last_heartbeat = now
 
     def _publish_bundles(self, record: RolloutRecord, options: RolloutOptions) -> None:
         if not options.publish_mqtt:
@@ -731,9 +786,17 @@ class RolloutController:
                 **{**entry, "path": Path(entry["path"]) if entry["path"] else None}
             )
             logger.info("publishing bundle %s (%d bytes)", bundle.sha256[:12], bundle.size_bytes)
+            # A large bundle takes a while: keep the heartbeat going, so nobody takes the
+            # rollout over meanwhile, and stop early if somebody did.
             publish_release(
-                self.connection, self.store, self.topics, bundle, chunk_size=options.chunk_size
+                self.connection,
+                self.store,
+                self.topics,
+                bundle,
+                chunk_size=options.chunk_size,
+                progress=lambda _done, _total: self._heartbeat(record.id),
             )
+            self._heartbeat(record.id, force=True)
 
     def _republish_missing(self, rollout_id: str) -> None:
         """After a restart: publish recorded directives the broker does not hold (yet)."""
@@ -894,7 +957,8 @@ class RolloutController:
         now = time.time()
         succeeded = sum(1 for t in targets if t.outcome == "succeeded")
         failed = sum(1 for t in targets if t.outcome == "failed")
-        wave_devices = {t.device: t.bundle_sha256 for t in targets}
+        # Only devices that committed the new bundle speak for it (one value per device).
+        wave_devices = {t.device: t.bundle_sha256 for t in targets if t.outcome == "succeeded"}
         new_p95 = [
             p95
             for device, (sha, p95) in self._observed.p95_ms.items()
@@ -998,6 +1062,9 @@ class RolloutController:
                 )
                 continue
             current = self._bundle(target.bundle_sha256)
+            if bundle.security_epoch < current.security_epoch:
+                unrevertable.append((target.device, _epoch_why(bundle, current)))
+                continue
             sequence = first + offset
             directives.append(
                 (
@@ -1008,7 +1075,8 @@ class RolloutController:
                         device=target.device,
                         sequence=sequence,
                         bundle=bundle,
-                        min_security_epoch=min(bundle.security_epoch, current.security_epoch),
+                        # Never below the floor the forward directive set on the device.
+                        min_security_epoch=max(bundle.security_epoch, current.security_epoch),
                         ttl_s=options.directive_ttl_s,
                     ),
                 )
@@ -1044,21 +1112,50 @@ class RolloutController:
         return None
 
     def _previous_bundle(self, previous: Mapping[str, str]) -> BundleRecord | None:
+        """The bundle a revert names: from the store, or read from the broker's chunks."""
         known = self.store.bundle(previous["sha256"])
         if known is not None:
             return known
-        meta = self._meta_on_broker(previous["sha256"])  # published by someone else
+        return self._bundle_from_broker(previous["sha256"])
+
+    def _bundle_from_broker(self, sha256: str) -> BundleRecord | None:
+        """A bundle someone else published: fetch its chunks, read the manifest (its real
+        security epoch) and record it; None if the broker does not hold it whole."""
+        import tempfile
+
+        from edgekit.transfer import MqttBundleFetcher, TransferError
+
+        meta = self._meta_on_broker(sha256)  # published by someone else
         if meta is None:
             return None
-        return BundleRecord(
+        prefix = self.topics.bundle_prefix(meta.sha256)
+        with tempfile.TemporaryDirectory(prefix="edgekit-previous-") as folder:
+            fetcher = MqttBundleFetcher(
+                self.connection.paho_client,
+                prefix,
+                Path(folder),
+                sha256=meta.sha256,
+                size=meta.size,
+                max_bytes=meta.size,
+            )
+            try:
+                path = fetcher.fetch(Path(folder) / f"{meta.sha256}.ekb", timeout_s=120)
+                with path.open("rb") as handle:
+                    manifest = inspect_bundle(handle).manifest
+            except (TransferError, EdgekitError, OSError) as e:
+                logger.warning("cannot read bundle %s from the broker: %s", sha256[:12], e)
+                return None
+        record = BundleRecord(
             sha256=meta.sha256,
-            name=previous["name"],
-            version=previous["version"],
-            profile="",
+            name=manifest.name,
+            version=manifest.version,
+            profile=manifest.profile,
             size_bytes=meta.size,
-            security_epoch=0,
-            sources=(BundleSource("mqtt", self.topics.bundle_prefix(meta.sha256)).to_json(),),
+            security_epoch=manifest.security_epoch,
+            sources=(BundleSource("mqtt", prefix).to_json(),),
         )
+        self.store.record_bundle(record)
+        return record
 
     def _step_revert(self, record: RolloutRecord, options: RolloutOptions) -> None:
         targets = self.store.targets(record.id)

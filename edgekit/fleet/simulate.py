@@ -43,7 +43,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -53,6 +52,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgekit import __version__
 from edgekit.bundle import verify_bundle
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
+from edgekit.fleet.registry import BrokerAddress, as_broker_address
 from edgekit.topics import ActiveBundle, Event, Status, Telemetry, Topics, check_identifier
 from edgekit.transfer import MqttBundleFetcher
 from edgekit.trust import (
@@ -104,41 +104,6 @@ _MAX_TELEMETRY_BURST = 50  # telemetry messages one device sends per tick, at mo
 
 class SimulationError(EdgekitError):
     """The simulated fleet cannot start as asked (bad broker URL, ids, options)."""
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the broker listens, and how to log in: parsed from `mqtt[s]://[user:pass@]host:port`."""
-
-    host: str
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    ca_file: Path | None = None
-
-    @classmethod
-    def parse(cls, url: str, *, ca_file: Path | None = None) -> BrokerAddress:
-        """Parse `mqtt://host:port` or `mqtts://host:port` (default ports 1883 and 8883)."""
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-            raise SimulationError(
-                f"broker {url!r} is not a broker URL: use mqtt://HOST:PORT or mqtts://HOST:PORT"
-            )
-        tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError:
-            raise SimulationError(f"broker {url!r} has an invalid port") from None
-        return cls(parts.hostname, port, tls, parts.username, parts.password, ca_file)
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def as_broker_address(broker: BrokerAddress | str) -> BrokerAddress:
-    return broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
 
 
 @dataclass(frozen=True)

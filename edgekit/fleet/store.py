@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import time
@@ -27,6 +28,7 @@ __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
     "BundleRecord",
+    "OwnershipLostError",
     "RolloutRecord",
     "RolloutState",
     "RolloutStore",
@@ -160,12 +162,15 @@ class TargetRecord:
     updated_at: float = field(default=0.0)
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def _new_owner() -> str:
+    """`host:pid:token`: who drives a rollout; the token tells two controllers of one process
+    apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
+    parts = owner.split(":")
+    host, pid = (":".join(parts[:-2]), parts[-2]) if len(parts) >= 3 else (parts[0], parts[-1])
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another machine: only the heartbeat can tell
     try:
@@ -177,11 +182,16 @@ def _owner_alive(owner: str) -> bool:
     return True
 
 
+class OwnershipLostError(StoreError):
+    """Another controller took the rollout over: this one must stop driving it."""
+
+
 class RolloutStore:
     """The SQLite file; one instance per thread (sqlite3 connections are not shared)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.owner = _new_owner()  # this instance, when it drives a rollout
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -301,7 +311,7 @@ class RolloutStore:
             db.execute(
                 "INSERT INTO rollouts (id, fleet, kind, state, spec, current_wave, created_at, "
                 "updated_at, owner, heartbeat_at) VALUES (?,?,?,?,?,0,?,?,?,?)",
-                (rollout_id, fleet, kind, "running", json.dumps(spec), now, now, _owner(), now),
+                (rollout_id, fleet, kind, "running", json.dumps(spec), now, now, self.owner, now),
             )
             db.executemany(
                 "INSERT INTO waves (rollout_id, wave, fraction, state) VALUES (?,?,?,'planned')",
@@ -397,7 +407,7 @@ class RolloutStore:
                 raise StoreError(f"no rollout {rollout_id!r} in {self.path}")
             owner, heartbeat = row[0], row[1]
             fresh = heartbeat is not None and time.time() - float(heartbeat) < stale_after_s
-            if owner and owner != _owner() and fresh and _owner_alive(owner):
+            if owner and owner != self.owner and fresh and _owner_alive(owner):
                 raise StoreError(
                     f"rollout {rollout_id} is being driven by {owner} (heartbeat "
                     f"{time.time() - float(heartbeat):.0f} s ago): stop that controller first, "
@@ -405,21 +415,38 @@ class RolloutStore:
                 )
             db.execute(
                 "UPDATE rollouts SET owner=?, heartbeat_at=? WHERE id=?",
-                (_owner(), time.time(), rollout_id),
+                (self.owner, time.time(), rollout_id),
             )
 
     def heartbeat(self, rollout_id: str) -> None:
+        """Say this controller still drives `rollout_id`; raises `OwnershipLostError` if
+        another one took it over meanwhile."""
         with self.transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 "UPDATE rollouts SET heartbeat_at=? WHERE id=? AND owner=?",
-                (time.time(), rollout_id, _owner()),
+                (time.time(), rollout_id, self.owner),
             )
+            if cursor.rowcount == 0:
+                self._lost(db, rollout_id)
+
+    def _lost(self, db: sqlite3.Connection, rollout_id: str) -> None:
+        row = db.execute("SELECT owner FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+        holder = row[0] if row is not None else None
+        raise OwnershipLostError(
+            f"rollout {rollout_id} is now driven by {holder or 'no controller'}, not by this one "
+            f"({self.owner}): this controller stops; see `edgekit fleet status {rollout_id}`"
+        )
+
+    def _check_owner(self, db: sqlite3.Connection, rollout_id: str) -> None:
+        row = db.execute("SELECT owner FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
+        if row is None or row[0] != self.owner:
+            self._lost(db, rollout_id)
 
     def release(self, rollout_id: str) -> None:
         with self.transaction() as db:
             db.execute(
                 "UPDATE rollouts SET owner=NULL, heartbeat_at=NULL WHERE id=? AND owner=?",
-                (rollout_id, _owner()),
+                (rollout_id, self.owner),
             )
 
     def controller_alive(self, rollout_id: str, *, stale_after_s: float = 15.0) -> bool:
@@ -475,15 +502,24 @@ class RolloutStore:
         """Persist signed directives (device, sequence, envelope) before they are published.
 
         With `start_wave`, that wave becomes active in the same transaction, so a wave is
-        either not started or started with every directive recorded.
+        either not started or started with every directive recorded. Raises
+        `OwnershipLostError` (recording nothing) if this instance no longer owns the rollout or
+        a target is not `planned` any more.
         """
         now = time.time()
         with self.transaction() as db:
-            db.executemany(
-                "UPDATE targets SET sequence=?, envelope=?, outcome='sent', updated_at=? "
-                "WHERE rollout_id=? AND device=?",
-                [(seq, envelope, now, rollout_id, device) for device, seq, envelope in directives],
-            )
+            self._check_owner(db, rollout_id)
+            for device, seq, envelope in directives:
+                cursor = db.execute(
+                    "UPDATE targets SET sequence=?, envelope=?, outcome='sent', updated_at=? "
+                    "WHERE rollout_id=? AND device=? AND outcome='planned'",
+                    (seq, envelope, now, rollout_id, device),
+                )
+                if cursor.rowcount != 1:  # rolled back: nothing of this wave is recorded
+                    raise OwnershipLostError(
+                        f"rollout {rollout_id}: device {device} is no longer planned (another "
+                        "controller sent it a directive): this controller stops"
+                    )
             if start_wave is not None:
                 db.execute(
                     "UPDATE waves SET state='active', started_at=? WHERE rollout_id=? AND wave=?",
@@ -503,19 +539,27 @@ class RolloutStore:
         and the devices that cannot be reverted (device, why)."""
         now = time.time()
         with self.transaction() as db:
+            self._check_owner(db, rollout_id)
             db.execute(
                 "UPDATE rollouts SET state='reverting', reason=?, after_revert=?, updated_at=? "
                 "WHERE id=?",
                 (reason, then, now, rollout_id),
             )
-            db.executemany(
-                "UPDATE targets SET revert_sequence=?, revert_envelope=?, outcome='reverting', "
-                "updated_at=? WHERE rollout_id=? AND device=?",
-                [(seq, envelope, now, rollout_id, device) for device, seq, envelope in directives],
-            )
+            for device, seq, envelope in directives:
+                cursor = db.execute(
+                    "UPDATE targets SET revert_sequence=?, revert_envelope=?, "
+                    "outcome='reverting', updated_at=? WHERE rollout_id=? AND device=? "
+                    "AND outcome IN ('sent', 'succeeded')",
+                    (seq, envelope, now, rollout_id, device),
+                )
+                if cursor.rowcount != 1:
+                    raise OwnershipLostError(
+                        f"rollout {rollout_id}: device {device} is already being reverted or "
+                        "done: another controller drives this rollout; this one stops"
+                    )
             db.executemany(
                 "UPDATE targets SET outcome='revert_failed', detail=?, updated_at=? "
-                "WHERE rollout_id=? AND device=?",
+                "WHERE rollout_id=? AND device=? AND outcome IN ('sent', 'succeeded')",
                 [(why, now, rollout_id, device) for device, why in unrevertable],
             )
 

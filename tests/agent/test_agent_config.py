@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,10 @@ def test_environment_overrides_file_values() -> None:
         ({}, {"EDGEKIT_AGENT_TELEMETRY_INTERVAL_S": "often"}, "telemetry.interval_s"),
         ({"mqtt": {"url": "mqtt://h:1", "cert_file": "/c.pem"}}, {}, "key_file"),
         ({"inference_address": "localhost"}, {}, "inference_address"),
+        ({"inference_address": "0.0.0.0:8080"}, {}, "allow_remote_inference"),
+        ({}, {"EDGEKIT_AGENT_INFERENCE_ADDRESS": "192.168.1.7:80"}, "allow_remote_inference"),
+        ({"inference_address": "edge.local:8080"}, {}, "not a loopback address"),
+        ({"mqtt": {**MINIMAL["mqtt"], "password_file": "/nonexistent/pw"}}, {}, "password_file"),
     ],
 )
 def test_errors_name_the_key(change: dict, environ: dict, words: str) -> None:  # type: ignore[type-arg]
@@ -162,3 +167,99 @@ def test_backoff_is_jittered_exponential_and_bounded() -> None:
     assert max(delays[:2]) <= 1.0 and max(delays[10:]) > 2.0  # grows
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:8080", "127.0.0.53:1", "[::1]:8080", "localhost:0", "0.0.0.0:8080"]
+)
+def test_inference_address_is_loopback_unless_remote_is_allowed(address: str) -> None:
+    """Review #13: the unauthenticated inference server binds beyond loopback only when
+    `allow_remote_inference = true` says so."""
+    remote = address.startswith("0.0.0.0")
+    document = {**MINIMAL, "inference_address": address}
+    if remote:
+        with pytest.raises(ConfigError, match="allow_remote_inference"):
+            parse_config(document)
+        config = parse_config({**document, "allow_remote_inference": True})
+    else:
+        config = parse_config(document)
+    assert config.inference_address == address
+    assert config.allow_remote_inference is remote
+    environ = {"EDGEKIT_AGENT_ALLOW_REMOTE_INFERENCE": "true"}
+    assert parse_config(document, environ=environ).allow_remote_inference is True
+
+
+def test_mqtt_password_file_and_its_environment_override(tmp_path: Path) -> None:
+    """Review #9: the password can come from a file (a systemd credential), never inline."""
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    mqtt = {**MINIMAL["mqtt"], "username": "pi-1"}
+    config = parse_config({**MINIMAL, "mqtt": {**mqtt, "password_file": str(secret)}})
+    assert config.mqtt.password == "s3cret" and config.mqtt.password_file == secret
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "mqtt-password").write_text("from-credential")
+    environ = {"EDGEKIT_AGENT_MQTT_PASSWORD_FILE": str(credentials / "mqtt-password")}
+    config = parse_config({**MINIMAL, "mqtt": mqtt}, environ=environ)
+    assert config.mqtt.password == "from-credential"
+    with pytest.raises(ConfigError, match="keep one"):
+        parse_config({**MINIMAL, "mqtt": {**mqtt, "password": "x"}}, environ=environ)
+    (credentials / "mqtt-password").write_text("two\nlines\n")
+    with pytest.raises(ConfigError, match="one line"):
+        parse_config({**MINIMAL, "mqtt": mqtt}, environ=environ)
+
+
+UNIT = Path(__file__).resolve().parents[2] / "packaging" / "edgekit-agent.service"
+
+
+def _unit_values(key: str) -> list[str]:
+    prefix = f"{key}="
+    return [
+        line.removeprefix(prefix).strip()
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(prefix)
+    ]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """Review #2/#9: `systemd-analyze verify` accepts the unit without warnings (ExecStart is
+    pointed at an existing binary: the agent is not installed on the test machine)."""
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/edgekit-agent", shutil.which("true")))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert UNIT.name not in output, output  # no "Unknown key ... ignoring" or other warning
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_lets_onnxruntime_set_thread_affinity() -> None:
+    """Review #2: onnxruntime calls sched_setaffinity at session creation; a deny list that
+    covers it kills the agent (SIGSYS); anything else denied fails with EPERM instead."""
+    denied: set[str] = set()
+    for value in _unit_values("SystemCallFilter"):
+        if not value.startswith("~"):
+            continue
+        for group in value[1:].split():
+            if not group.startswith("@"):
+                denied.add(group)
+                continue
+            listing = subprocess.run(
+                ["systemd-analyze", "syscall-filter", group],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            denied.update(line.strip() for line in listing.splitlines())
+    assert "sched_setaffinity" not in denied
+    assert _unit_values("SystemCallErrorNumber") == ["EPERM"]
+
+
+def test_systemd_unit_loads_secrets_as_credentials() -> None:
+    """Review #9: under DynamicUser=yes the password is a credential, not a world-readable
+    file, and the agent is told where it is."""
+    assert "mqtt-password:/etc/edgekit/mqtt-password" in _unit_values("LoadCredential")
+    assert "EDGEKIT_AGENT_MQTT_PASSWORD_FILE=%d/mqtt-password" in _unit_values("Environment")

@@ -188,3 +188,47 @@ def test_sigkill_at_fifty_random_points(lab: Lab) -> None:
         outcomes[state] = outcomes.get(state, 0) + 1
     assert lab.runs >= 50
     assert outcomes.get("committed", 0) > 0 and outcomes.get("rolled_back", 0) > 0
+
+
+def test_dying_twice_in_the_health_check_rolls_back_and_marks_the_bundle_bad(lab: Lab) -> None:
+    """Review #3: a candidate that kills the agent in a pre-activation state (an onnxruntime
+    segfault or the OOM killer in the health check) must not crash-loop the agent."""
+    lab.publish(lab.bundles.v2, "2.0.0")
+    run = lab.root / "twice"
+    run.mkdir()
+    data = run / "data"
+    config = write_config(
+        run / "agent.toml",
+        data_dir=data,
+        truststore=write_truststore(lab.keys, run / "truststore.json"),
+        broker_url=lab.broker.url,
+        initial_bundle=lab.bundles.v1,
+    )
+    for attempt in range(2):
+        crashing = AgentProcess(config, data, env={"EDGEKIT_AGENT_CRASH_AT": "checking/health"})
+        code = crashing.wait_exit(60)
+        assert code == -signal.SIGKILL, f"run {attempt}: exit {code}\n{crashing.output()}"
+    assert Journal(Store(data).journal_path).read().state == "checking"
+    restarted = time.time()
+    third = AgentProcess(config, data)
+    try:
+        third.url()
+        status = lab.watcher.wait_status(
+            lambda s: s.online and s.ts >= restarted and s.state in ("committed", "rolled_back"),
+            what="the status after the second crash in checking",
+        )
+        assert status.state == "rolled_back"
+        assert status.active is not None and status.active.sha256 == sha_of(lab.bundles.v1)
+        lab.watcher.wait(
+            lambda: any(
+                e.kind == "rolled_back" and e.ts >= restarted and "checking" in (e.reason or "")
+                for e in lab.watcher.events
+            ),
+            timeout=30,
+            what="a rolled_back event naming the state",
+        )
+        store = Store(data)
+        assert store.is_bad(sha_of(lab.bundles.v2), sequence=1)
+        assert Journal(store.journal_path).read().state == "rolled_back"
+    finally:
+        assert third.stop() == 0, third.output()

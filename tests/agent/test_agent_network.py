@@ -3,6 +3,7 @@ intervals, an agent killed mid-download; and the HTTPS source with resume."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import signal
 import ssl
@@ -22,7 +23,7 @@ from edgekit.agent.download import DownloadStats, HttpsDownloader
 from edgekit.bundle import hash_file
 from edgekit.errors import TransportError
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.topics import BundleMeta, Topics
+from edgekit.topics import BundleMeta, Status, Topics
 from tests.agent.agent_helpers import (
     DEVICE,
     FLEET,
@@ -476,3 +477,158 @@ def test_updater_fetches_an_https_source(
         host.close()
         server.shutdown()
         server.server_close()
+
+
+def test_last_will_carries_the_current_status(
+    mosquitto: MosquittoBroker, tmp_path: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """Review #6: the will is the full status (active, previous, last_sequence), re-set on
+    every status change, so a device that drops off keeps its state in the registry."""
+    config_path = write_config(
+        tmp_path / "agent.toml",
+        data_dir=tmp_path / "data",
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=mosquitto.url,
+        initial_bundle=bundles.v1,
+    )
+    watcher = Watcher(mosquitto.url)
+    agent = Agent(load_config(config_path, environ={}))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+
+    def cut_and_catch_will() -> tuple[Status, Status]:
+        before = len(watcher.statuses)
+        agent.session.client.socket().close()  # type: ignore[union-attr]
+        watcher.wait(
+            lambda: any(not s.online for s in watcher.statuses[before:]),
+            timeout=30,
+            what="the last will",
+        )
+        will = next(s for s in watcher.statuses[before:] if not s.online)
+        back = watcher.wait_status(lambda s: s.online, timeout=30, what="back online")
+        return will, back
+
+    try:
+        watcher.wait_status(lambda s: s.online and s.active is not None, what="online with v1")
+        first, _ = cut_and_catch_will()  # the will given at the first connect
+        assert first.active is not None and first.active.sha256 == sha_of(bundles.v1)
+        assert first.state == "committed"
+        # A status change (a directive for the active bundle raises last_sequence) is in the
+        # will the agent sends with its next CONNECT.
+        watcher.publish_directive(
+            directive_for(bundles.v1, agent_keys, sequence=3, version="1.0.0")
+        )
+        watcher.wait_status(lambda s: s.online and s.last_sequence == 3, what="sequence 3")
+        _, back = cut_and_catch_will()  # reconnect: the will now has sequence 3
+        assert back.last_sequence == 3
+        will, _ = cut_and_catch_will()
+        assert will.last_sequence == 3 and will.online is False
+        assert will.active is not None and will.active.sha256 == sha_of(bundles.v1)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        watcher.close()
+
+
+def test_session_refuses_packets_over_its_maximum_packet_size(mosquitto: MosquittoBroker) -> None:
+    """Review #5: CONNECT carries Maximum Packet Size, so the broker never sends the agent a
+    message bigger than a bundle chunk plus headroom."""
+    import paho.mqtt.client as mqtt
+    from edgekit.agent.config import MqttSettings
+    from edgekit.agent.mqtt import MAX_PACKET_BYTES, MqttSession
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    from edgekit.transfer import MAX_CHUNK_BYTES
+
+    assert MAX_PACKET_BYTES > MAX_CHUNK_BYTES
+    received: list[tuple[str, int]] = []
+    arrived = threading.Event()
+
+    def handler(topic: str, payload: bytes) -> None:
+        received.append((topic, len(payload)))
+        if topic.endswith("small"):
+            arrived.set()
+
+    session = MqttSession(
+        MqttSettings(url=mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=1.0),
+        client_id="packet-size-test",
+    )
+    session.subscribe("cap/#", handler)
+    session.start()
+    sender = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    sender.connect("127.0.0.1", mosquitto.port)
+    sender.loop_start()
+    try:
+        assert session.wait_connected(10)
+        time.sleep(0.2)  # let the SUBACK arrive
+        chunk = b"c" * MAX_CHUNK_BYTES  # the largest chunk still arrives
+        sender.publish("cap/chunk", chunk, qos=1).wait_for_publish(10)
+        sender.publish("cap/big", b"x" * (MAX_PACKET_BYTES + 1), qos=1).wait_for_publish(10)
+        sender.publish("cap/small", b"ok", qos=1).wait_for_publish(10)
+        assert arrived.wait(10)
+        topics = [topic for topic, _size in received]
+        assert "cap/chunk" in topics and "cap/big" not in topics, received
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        session.stop()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs filled to the last block (needs root; skipped where mounting fails)."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        (mount_point / "downloads").mkdir()
+        with (mount_point / "filler").open("wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            (mount_point / "filler.2").write_bytes(b"\0" * 4096)
+        yield mount_point / "downloads"
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_during_an_mqtt_download_is_a_storage_error(
+    mosquitto: MosquittoBroker, full_disk: Path, big_bundle: Path, agent_keys: Keys
+) -> None:
+    """Review #12: a full disk is reported as storage, not as a transport failure to retry."""
+    import paho.mqtt.client as mqtt
+    from edgekit.agent.download import BundleFetcher
+    from edgekit.agent.journal import StorageError
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    from edgekit.trust import BundleRef, BundleSource
+
+    watcher = Watcher(mosquitto.url)
+    watcher.publish_bundle(big_bundle)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    try:
+        size, sha = hash_file(big_bundle)
+        ref = BundleRef(
+            sha, size, "demo", "2.0.0", (BundleSource("mqtt", Topics(FLEET).bundle_prefix(sha)),)
+        )
+        fetcher = BundleFetcher(full_disk, mqtt_client=lambda: client, timeout_s=30)
+        with pytest.raises(StorageError, match="No space left") as caught:
+            fetcher.fetch(ref, full_disk / f"{sha}.ekb")
+        assert not isinstance(caught.value, TransportError)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        watcher.close()

@@ -474,3 +474,110 @@ def test_disk_full_keeps_serving_and_reports(
 
 def _serves_host(host: ModelHost, bundle: Path) -> bool:
     return host.info is not None and host.info.sha256 == sha_of(bundle)
+
+
+def test_rollback_directive_cannot_reuse_an_idle_slot_below_the_epoch_floor(
+    make_device: MakeDevice, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """Review #1: v1 (epoch 0) stays in the idle slot after an epoch-2 update; a newer
+    directive at epoch 2 naming v1 must not bring it back through slot reuse."""
+    device = make_device()
+    device.process(
+        directive_for(
+            bundles.v4_epoch2, agent_keys, sequence=1, version="4.0.0", min_security_epoch=2
+        )
+    )
+    assert _serves(device, bundles.v4_epoch2)
+    assert device.store.floor()[0].min_security_epoch == 2
+    device.process(
+        directive_for(bundles.v1, agent_keys, sequence=2, version="1.0.0", min_security_epoch=2)
+    )
+    assert _serves(device, bundles.v4_epoch2)
+    refused = device.recorder.of("bundle_refused")
+    assert refused and refused[-1].sequence == 2 and "epoch" in (refused[-1].reason or "")
+    status = device.recorder.statuses[-1]
+    assert status.state == "rolled_back"
+    assert status.active is not None and status.active.version == "4.0.0"
+    assert device.store.pointer().active is not None
+    assert device.store.slot_info(device.store.pointer().active).version == "4.0.0"
+
+
+def test_directive_for_the_active_bundle_below_its_epoch_is_refused(
+    make_device: MakeDevice, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """Review #1: the "already running it" shortcut checks the directive's epoch too."""
+    device = make_device()
+    device.process(
+        directive_for(bundles.v1, agent_keys, sequence=1, version="1.0.0", min_security_epoch=2)
+    )
+    refused = device.recorder.of("bundle_refused")
+    assert refused and refused[-1].sequence == 1 and "epoch" in (refused[-1].reason or "")
+    assert "committed" not in device.recorder.kinds()
+    status = device.recorder.statuses[-1]
+    assert status.state == "rolled_back" and status.last_sequence == 1
+    assert device.store.floor()[0].min_security_epoch == 2
+    assert _serves(device, bundles.v1)  # nothing else is verified: it keeps serving
+    assert device.store.is_bad(sha_of(bundles.v1), sequence=1)
+
+
+def test_reused_slot_is_reverified_against_the_current_trust_store(
+    make_device: MakeDevice, bundles: Bundles, agent_keys: Keys, tmp_path: Path
+) -> None:
+    """Review #1: a bundle kept in the idle slot whose signing key was removed from the trust
+    store since it was installed is not served again by a rollback directive."""
+    from edgekit.trust import load_truststore
+    from tests.agent.agent_helpers import write_truststore
+
+    device = make_device()
+    device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
+    assert _serves(device, bundles.v2)
+    rotated = Keys(agent_keys.root, agent_keys.outsider, agent_keys.directives, agent_keys.bundles)
+    device.updater.trust = load_truststore(
+        write_truststore(rotated, tmp_path / "rotated.json").read_bytes()
+    )
+    calls = device.fetcher.calls
+    device.process(directive_for(bundles.v1, agent_keys, sequence=2, version="1.0.0"))
+    assert _serves(device, bundles.v2)
+    refused = device.recorder.of("bundle_refused")
+    assert refused and refused[-1].sequence == 2, device.recorder.kinds()
+    assert device.fetcher.calls == calls  # refused from the slot, not re-downloaded
+    assert device.recorder.statuses[-1].state == "rolled_back"
+
+
+def test_restart_in_rolled_back_after_a_download_failure_does_not_mark_the_bundle_bad(
+    make_device: MakeDevice, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """Review #14: finishing a rollback at start must not turn a transport or storage
+    failure (mark_bad=False) into a bad bundle."""
+    device = make_device()
+    device.fetcher.files.clear()
+    import edgekit.agent.updater as updater_module
+
+    original = updater_module._DOWNLOAD_ATTEMPTS
+    updater_module._DOWNLOAD_ATTEMPTS = 1
+    try:
+        device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
+    finally:
+        updater_module._DOWNLOAD_ATTEMPTS = original
+    assert Journal(device.store.journal_path).read().state == "rolled_back"
+    assert not device.store.bad_bundles()
+    again = make_device()  # a restart while the journal says rolled_back
+    assert again.updater.record.state == "rolled_back"
+    assert not again.store.bad_bundles()
+    assert _serves(again, bundles.v1)
+
+
+def test_oversized_desired_payload_is_dropped_before_queueing(
+    make_device: MakeDevice, bundles: Bundles
+) -> None:
+    """Review #5: a desired payload over the directive envelope limit is never queued."""
+    from edgekit.trust import DEFAULT_MAX_ENVELOPE_BYTES
+
+    device = make_device()
+    for _ in range(3):
+        assert device.updater.submit(b"{" * (DEFAULT_MAX_ENVELOPE_BYTES + 1)) is False
+    assert not device.updater.busy
+    refused = device.recorder.of("directive_refused")
+    assert len(refused) == 3 and refused[0].details["rule"] == "LimitError"
+    assert "bytes" in (refused[0].reason or "")
+    assert _serves(device, bundles.v1)

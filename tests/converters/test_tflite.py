@@ -8,6 +8,7 @@ file's own code, and top-1 on held-out digits is compared with the Keras model's
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +84,18 @@ def _check_variant(
 def test_each_tflite_variant_keeps_the_keras_accuracy(
     keras_digits: KerasDigitsExample, tmp_path: Path
 ) -> None:
+    # Devices on ai-edge-litert only: the LiteRT quantizer's rows are offered without a
+    # device check there (for tflite-runtime 2.14 they need --verify-runtime; see below).
+    litert_pi = _profile(
+        tmp_path,
+        "litert-pi",
+        "extends: raspberrypi-tflite\nruntime:\n"
+        "  oldest: {package: ai-edge-litert, version: '2.3.0'}\n"
+        "  newest: {package: ai-edge-litert, version: '2.3.0'}\n",
+    )
     result = convert(
         keras_digits.keras_path,
-        profile="raspberrypi-tflite",
+        profile=litert_pi,
         output_dir=tmp_path / "pi",
         calibration=keras_digits.calibration_path,
         validation=keras_digits.validation_path,
@@ -334,3 +344,65 @@ def test_importing_the_converter_and_runtimes_loads_no_engine() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == ["[]", "[]"]
+
+
+def test_litert_quantizer_rows_need_a_device_check_for_tflite_runtime_2_14(
+    keras_digits: KerasDigitsExample, tmp_path: Path
+) -> None:
+    result = convert(
+        keras_digits.keras_path,
+        profile="raspberrypi-tflite",
+        output_dir=tmp_path / "out",
+        calibration=keras_digits.calibration_path,
+        validation=keras_digits.validation_path,
+        benchmark_seconds=0.1,
+    )
+    rows = {row["name"]: row for row in result.report["candidates"]}
+    assert "dynamic_int8_aeq" not in rows
+    if litert_quantizer_available():
+        assert any("without --verify-runtime" in note for note in rows["dynamic_int8"]["notes"])
+
+
+def test_verify_runtime_goes_down_the_ranking_until_the_device_runtimes_pass(
+    keras_digits: KerasDigitsExample, runtime_cache: Path, tmp_path: Path
+) -> None:
+    """raspberrypi-zero2 ranks by size; the LiteRT quantizer's dynamic int8 is the smallest and
+    loads in tflite-runtime 2.14.0, but was measured computing wrong outputs there. With
+    --verify-runtime each candidate is run on the real 2.14 and 2.3 runtimes before it can win,
+    and the bundle is signed only for one that passes."""
+    env = {
+        **os.environ,
+        "EDGEKIT_RUNTIME_CACHE": str(runtime_cache),
+        "EDGEKIT_HOME": str(tmp_path / "home"),
+        "EDGEKIT_KEY_PASSPHRASE": "pw",
+    }
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "edgekit", "keys", "generate", "rel"], env=env, check=False
+        ).returncode
+        == 0
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "edgekit", "convert", str(keras_digits.keras_path),
+         "-p", "raspberrypi-zero2", "-o", str(out),
+         "--calibration", str(keras_digits.calibration_path),
+         "--validation", str(keras_digits.validation_path),
+         "--verify-runtime", "--sign", "rel", "--name", "kd", "--json"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    checks = {
+        f"{row['package']} {row['version']}": row for row in report["verify_runtime"]["runtimes"]
+    }
+    assert checks["tflite-runtime 2.14.0"]["status"] == "pass", checks
+    assert Path(report["bundle"]).is_file()
+    rows = {row["name"]: row for row in report["candidates"]}
+    refused = [
+        n for n, row in rows.items() if "fails on the profile's runtimes" in (row["error"] or "")
+    ]
+    assert report["chosen"] not in refused
+    if litert_quantizer_available():
+        assert "dynamic_int8_aeq" in refused, rows["dynamic_int8_aeq"]
+    _check_variant(keras_digits, out / "model.tflite", io_dtype="float32", max_drop=0.02)

@@ -31,15 +31,6 @@ Converter = Callable[[dict[str, object]], bytes]
 
 
 @pytest.fixture(scope="session")
-def runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shared with tests/test_verify_runtime.py (same session folder, or EDGEKIT_RUNTIME_CACHE)."""
-    persistent = os.environ.get("EDGEKIT_RUNTIME_CACHE")
-    if persistent:
-        return Path(persistent)
-    return tmp_path_factory.getbasetemp() / "edgekit-runtimes"
-
-
-@pytest.fixture(scope="session")
 def dense_model() -> Any:
     """A small Keras classifier whose dense layers are big enough for weight quantization."""
     import tensorflow as tf

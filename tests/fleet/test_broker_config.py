@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import getpass
+import os
 import re
 import socket
 import subprocess
@@ -52,7 +53,8 @@ def _devices_csv(path: Path, rows: list[str]) -> Path:
 
 def test_password_hash_is_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
     hashed = hash_password("s3cret", salt=b"0123456789ab")
-    assert re.fullmatch(r"\$7\$101\$[A-Za-z0-9+/=]{16}\$[A-Za-z0-9+/=]{88}", hashed)
+    match = re.fullmatch(r"\$7\$(\d+)\$[A-Za-z0-9+/=]{16}\$[A-Za-z0-9+/=]{88}", hashed)
+    assert match and int(match.group(1)) >= 10_000  # far above mosquitto_passwd's 101
     assert verify_password_hash("s3cret", hashed)
     assert not verify_password_hash("other", hashed)
     # Cross-check with the real tool when it is installed.
@@ -94,11 +96,16 @@ def test_files_and_rerun_keep_passwords(tmp_path: Path) -> None:
     assert creds["d2"]["password"] == "given" and creds["d1"]["role"] == "device"
     hashes = dict(line.split(":", 1) for line in (out / "passwords").read_text().splitlines())
     assert all(verify_password_hash(creds[u]["password"], h) for u, h in hashes.items())
+    assert set(hashes) == {"d1", "d2"}  # devices only: service accounts live elsewhere
+    service = (out / "service-passwords").read_text().splitlines()
+    assert {line.split(":", 1)[0] for line in service} == {"operator", "monitor"}
+    assert (out / "service-passwords").stat().st_mode & 0o777 == 0o600
     acl = (out / "acl").read_text()
     assert f"user d1\ntopic read {TOPICS.desired('d1')}\n" in acl
     assert "pattern" not in acl  # service accounts must not inherit device rights
     conf = (out / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf and "listener 1883" in conf
+    assert "listener 1884" in conf and "use_username_as_clientid true" in conf
     # Adding a device keeps every existing password.
     second = write_broker_config(
         FLEET, [DeviceAccount("d1"), DeviceAccount("d2", "given"), DeviceAccount("d3")], out
@@ -154,15 +161,17 @@ class _Client:
         *,
         ca: Path | None = None,
         wait: bool = True,
+        client_id: str | None = None,
     ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.disconnects: list[int] = []
         self.acks: dict[int, int] = {}
         self.subacks: dict[int, list[int]] = {}
         self.connect_reason: int | None = None
         self._lock = threading.Lock()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"{user}-{time.monotonic_ns()}",
+            client_id=client_id or f"{user}-{time.monotonic_ns()}",
             protocol=mqtt.MQTTv5,
         )
         if user is not None:
@@ -173,6 +182,7 @@ class _Client:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
         self.client = client
         client.connect("127.0.0.1", port)
         client.loop_start()
@@ -181,6 +191,11 @@ class _Client:
 
     def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
         self.connect_reason = reason.value  # type: ignore[attr-defined]
+
+    def _on_disconnect(
+        self, _c: object, _u: object, _f: object, reason: object, _p: object
+    ) -> None:
+        self.disconnects.append(reason.value)  # type: ignore[attr-defined]
 
     def _on_message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -225,10 +240,10 @@ def _wait(predicate: object, what: str, timeout_s: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def _run_generated(
-    tmp_path: Path, extra_args: list[str], *, listener: str = "1883"
-) -> Iterator[tuple[int, dict[str, str]]]:
-    """Generate a config with the CLI, start Mosquitto with it (only the listener moved to a
-    free loopback port), yield (port, credentials)."""
+    tmp_path: Path, extra_args: list[str], *, listener: int = 1883
+) -> Iterator[tuple[int, int, dict[str, str]]]:
+    """Generate a config with the CLI, start Mosquitto with it (only the two listeners moved
+    to free loopback ports), yield (device port, service port, credentials)."""
     devices = _devices_csv(tmp_path / "devices.csv", ["dev-a,,x86-64,,", "dev-b,,x86-64,,"])
     out = tmp_path / "broker"
     result = CliRunner().invoke(
@@ -246,10 +261,11 @@ def _run_generated(
         ],
     )
     assert result.exit_code == 0, result.output
-    port = free_port()
+    port, service_port = free_port(), free_port()
     conf = (out / "mosquitto.conf").read_text()
-    conf, count = re.subn(rf"(?m)^listener {listener}$", f"listener {port} 127.0.0.1", conf)
-    assert count == 1
+    for default, moved in ((listener, port), (listener + 1, service_port)):
+        conf, count = re.subn(rf"(?m)^listener {default}$", f"listener {moved} 127.0.0.1", conf)
+        assert count == 1
     (out / "mosquitto.conf").write_text(conf)
     log = (tmp_path / "mosquitto.log").open("wb")
     process = subprocess.Popen(
@@ -259,14 +275,15 @@ def _run_generated(
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                for number in (port, service_port):
+                    socket.create_connection(("127.0.0.1", number), timeout=0.2).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise AssertionError((tmp_path / "mosquitto.log").read_text()) from None
                 time.sleep(0.05)
         creds = {r["user"]: r["password"] for r in csv.DictReader((out / "credentials.csv").open())}
-        yield port, creds
+        yield port, service_port, creds
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -274,7 +291,7 @@ def _run_generated(
 
 
 @pytest.fixture
-def generated_broker(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def generated_broker(tmp_path: Path) -> Iterator[tuple[int, int, dict[str, str]]]:
     with _run_generated(tmp_path, []) as running:
         yield running
 
@@ -282,7 +299,7 @@ def generated_broker(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
 def test_generated_tls_config_serves_devices(tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
     tls = ["--tls-ca", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
-    with _run_generated(tmp_path, tls, listener="8883") as (port, creds):
+    with _run_generated(tmp_path, tls, listener=8883) as (port, _service, creds):
         plain = _Client(port, "dev-a", creds["dev-a"], wait=False)
         time.sleep(0.5)
         assert plain.connect_reason is None  # a plain MQTT client gets no CONNACK from TLS
@@ -294,10 +311,12 @@ def test_generated_tls_config_serves_devices(tmp_path: Path) -> None:
         device.close()
 
 
-def test_acl_enforced_by_real_mosquitto(generated_broker: tuple[int, dict[str, str]]) -> None:
-    port, creds = generated_broker
-    operator = _Client(port, "operator", creds["operator"])
-    monitor = _Client(port, "monitor", creds["monitor"])
+def test_acl_enforced_by_real_mosquitto(
+    generated_broker: tuple[int, int, dict[str, str]],
+) -> None:
+    port, service, creds = generated_broker
+    operator = _Client(service, "operator", creds["operator"])
+    monitor = _Client(service, "monitor", creds["monitor"])
     b = _Client(port, "dev-b", creds["dev-b"])
     a = _Client(port, "dev-a", creds["dev-a"])
     clients = [operator, monitor, a, b]
@@ -335,7 +354,7 @@ def test_acl_enforced_by_real_mosquitto(generated_broker: tuple[int, dict[str, s
         # B cannot read the monitor's topics either, but writes its own status.
         assert b.publish(TOPICS.status("dev-b"), b"status-b", retain=True) in OK
         # A fresh subscriber (operator, reading everything) sees the retained truth.
-        late = _Client(port, "operator", creds["operator"])
+        late = _Client(service, "operator", creds["operator"])
         clients.append(late)
         late.subscribe(f"{TOPICS.prefix}/#")
         _wait(lambda: late.received("dev-b/status") == [b"status-b"], "retained statuses")
@@ -353,6 +372,76 @@ def test_acl_enforced_by_real_mosquitto(generated_broker: tuple[int, dict[str, s
         monitor.subscribe(TOPICS.desired("dev-b"))
         time.sleep(0.3)
         assert monitor.received("desired") == []
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_writes_never_follow_a_planted_temp_name(tmp_path: Path) -> None:
+    """A link planted where a predictable temp file would go is never written through."""
+    out = tmp_path / "broker"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in ("passwords", "credentials.csv", "acl", "mosquitto.conf"):
+        (out / f".{name}.tmp-{os.getpid()}").symlink_to(victim)
+    write_broker_config(FLEET, [DeviceAccount("d1")], out)
+    assert victim.read_text() == "precious\n"
+    assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+    assert not (out / "passwords").is_symlink()
+    leftovers = {p.name for p in out.iterdir() if p.name.startswith(".")}
+    assert leftovers == {
+        f".{n}.tmp-{os.getpid()}" for n in ("passwords", "credentials.csv", "acl", "mosquitto.conf")
+    }
+
+
+def test_a_device_cannot_knock_another_offline_with_its_client_id(
+    generated_broker: tuple[int, int, dict[str, str]],
+) -> None:
+    """Mosquitto disconnects the older of two connections with one client id; on the device
+    listener the client id is the user name, so A reusing B's client id takes nothing."""
+    port, service, creds = generated_broker
+    b = _Client(port, "dev-b", creds["dev-b"], client_id="edgekit-agent-dev-b")
+    clients = [b]
+    try:
+        assert b.connect_reason == 0
+        b.subscribe(TOPICS.desired("dev-b"))
+        a = _Client(port, "dev-a", creds["dev-a"], client_id="edgekit-agent-dev-b")
+        clients.append(a)
+        assert a.connect_reason == 0
+        time.sleep(0.5)  # a takeover disconnects B at once (reason 0x8E, session taken over)
+        assert b.disconnects == [] and b.client.is_connected()
+        assert a.disconnects == []
+        assert b.publish(TOPICS.status("dev-b"), b"still-here", retain=True) in OK
+        # A's connection acts as A: B's topics stay closed to it.
+        assert a.publish(TOPICS.status("dev-b"), b"forged", retain=True) == 0x87
+        # Devices have no account on the service listener.
+        refused = _Client(service, "dev-a", creds["dev-a"], client_id="edgekit-fleet-x")
+        clients.append(refused)
+        assert refused.connect_reason in (0x86, 0x87)
+        # Two exporters (and two controllers) share one account there, with their own ids.
+        monitors = [
+            _Client(service, "monitor", creds["monitor"], client_id=f"edgekit-monitor-{n}")
+            for n in range(2)
+        ]
+        operators = [
+            _Client(service, "operator", creds["operator"], client_id=f"edgekit-fleet-{n}")
+            for n in range(2)
+        ]
+        clients += monitors + operators
+        for monitor in monitors:
+            monitor.subscribe(f"$share/mon/{TOPICS.prefix}/devices/+/telemetry")
+        for n in range(20):
+            assert b.publish(TOPICS.telemetry("dev-b"), f"t{n}".encode()) in OK
+        assert operators[0].publish(TOPICS.desired("dev-b"), b"directive", retain=True) in OK
+        _wait(lambda: b.received("dev-b/desired") == [b"directive"], "B's directive")
+        _wait(
+            lambda: sum(len(m.received("telemetry")) for m in monitors) == 20,
+            "telemetry split over the shared subscription",
+        )
+        time.sleep(0.3)
+        assert all(m.disconnects == [] for m in monitors + operators)
+        assert all(m.received("telemetry") for m in monitors)  # both got a share
     finally:
         for client in clients:
             client.close()

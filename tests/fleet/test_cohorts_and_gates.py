@@ -173,16 +173,41 @@ def test_failure_ratio() -> None:
 def test_latency_regression_against_baseline() -> None:
     gate = LatencyRegression(0.2)
     baseline = (10.0, 11.0, 9.0)
-    assert gate.evaluate(_obs(baseline_p95_ms=baseline, new_p95_ms=(11.5, 12.0))).verdict == "pass"
-    failed = gate.evaluate(_obs(baseline_p95_ms=baseline, new_p95_ms=(30.0, 31.0)))
+    assert gate.evaluate(_obs(baseline_p95_ms=baseline, new_p95_ms=(11.5, 12.0) * 3)).verdict == (
+        "pass"
+    )
+    failed = gate.evaluate(_obs(baseline_p95_ms=baseline, new_p95_ms=(30.0, 31.0) * 3))
     assert failed.verdict == "fail" and "+" in failed.detail
-    assert gate.evaluate(_obs(new_p95_ms=(30.0,))).verdict == "pass"  # no baseline
-    assert "no baseline" in gate.evaluate(_obs(new_p95_ms=(30.0,))).detail
+    # No baseline: nothing to compare with, so wait, and fail at the timeout (never pass).
+    assert gate.evaluate(_obs(new_p95_ms=(30.0,) * 5)).verdict == "wait"
+    no_baseline = gate.evaluate(_obs(new_p95_ms=(30.0,) * 5, elapsed_s=901))
+    assert no_baseline.verdict == "fail" and "no baseline" in no_baseline.detail
+
+
+def test_telemetry_gates_wait_for_data_and_fail_without_it() -> None:
+    latency = LatencyRegression(0.2, min_reporting=0.5, timeout_s=60)
+    drift = DriftLimit(0.2, min_reporting=0.5, timeout_s=60)
+    baseline = (10.0, 10.0)
+    # 10 succeeded devices, none sent telemetry on the new bundle yet: wait, not pass.
+    for gate in (latency, drift):
+        empty = gate.evaluate(_obs(baseline_p95_ms=baseline))
+        assert empty.verdict == "wait" and "0/10" in empty.detail
+        timed_out = gate.evaluate(_obs(baseline_p95_ms=baseline, elapsed_s=61))
+        assert timed_out.verdict == "fail" and "timeout" in timed_out.detail
+    # 4 of 10 is below the half needed; 5 is enough.
+    assert latency.evaluate(_obs(baseline_p95_ms=baseline, new_p95_ms=(10.0,) * 4)).verdict == (
+        "wait"
+    )
+    assert latency.evaluate(_obs(baseline_p95_ms=baseline, new_p95_ms=(10.0,) * 5)).verdict == (
+        "pass"
+    )
+    assert drift.evaluate(_obs(drift_psi=(0.05,) * 4)).verdict == "wait"
+    assert drift.evaluate(_obs(drift_psi=(0.05,) * 5)).verdict == "pass"
 
 
 def test_drift_and_soak() -> None:
-    assert DriftLimit(0.2).evaluate(_obs(drift_psi=(0.05, 0.1, 0.5))).verdict == "pass"
-    assert DriftLimit(0.2).evaluate(_obs(drift_psi=(0.3, 0.4, 0.05))).verdict == "fail"
+    assert DriftLimit(0.2).evaluate(_obs(drift_psi=(0.05, 0.1, 0.5) * 2)).verdict == "pass"
+    assert DriftLimit(0.2).evaluate(_obs(drift_psi=(0.3, 0.4, 0.05) * 2)).verdict == "fail"
     soak = SoakTime(60)
     assert soak.evaluate(_obs(settled_s=None)).verdict == "wait"
     assert soak.evaluate(_obs(settled_s=30)).verdict == "wait"
@@ -215,10 +240,13 @@ def test_standard_gates_hold_a_wave_until_soaked_and_halt_on_regression() -> Non
         max_latency_regression=0.2,
         max_drift=0.25,
     )
-    assert gates.evaluate(_obs(settled_s=10)).verdict == "wait"
-    assert gates.evaluate(_obs(settled_s=31)).verdict == "pass"
-    slow = gates.evaluate(_obs(settled_s=31, baseline_p95_ms=(10.0,), new_p95_ms=(15.0,)))
+    telemetry = {"baseline_p95_ms": (10.0,), "new_p95_ms": (10.5,) * 10, "drift_psi": (0.1,) * 10}
+    assert gates.evaluate(_obs(settled_s=10, **telemetry)).verdict == "wait"
+    assert gates.evaluate(_obs(settled_s=31, **telemetry)).verdict == "pass"
+    # Soaked, but no telemetry from the updated devices: the gates wait instead of passing.
+    assert gates.evaluate(_obs(settled_s=31)).verdict == "wait"
+    slow = gates.evaluate(_obs(settled_s=31, **{**telemetry, "new_p95_ms": (15.0,) * 10}))
     assert slow.verdict == "fail"
     assert [leaf.gate for leaf in slow.failures] == ["latency_regression"]
-    drifting = gates.evaluate(_obs(settled_s=31, drift_psi=(0.4,)))
+    drifting = gates.evaluate(_obs(settled_s=31, **{**telemetry, "drift_psi": (0.4,) * 10}))
     assert [leaf.gate for leaf in drifting.failures] == ["drift"]

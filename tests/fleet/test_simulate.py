@@ -10,6 +10,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 
+from edgekit.errors import TransportError
+from edgekit.fleet.registry import BrokerSettings
 from edgekit.fleet.simulate import (
     BrokerAddress,
     Faults,
@@ -71,8 +73,16 @@ def test_fault_devices_is_exact_and_stable() -> None:
 def test_broker_address_parsing() -> None:
     assert BrokerAddress.parse("mqtt://127.0.0.1:1999") == BrokerAddress("127.0.0.1", 1999)
     assert BrokerAddress.parse("mqtts://broker.example").port == 8883
-    with pytest.raises(SimulationError):
+    with pytest.raises(TransportError, match="mqtt://host"):
         BrokerAddress.parse("http://x:1")
+    # One parser serves the simulator and the operator's tools.
+    assert BrokerAddress.parse("mqtt://u:p@h:2000") == BrokerAddress("h", 2000, False, "u", "p")
+    assert BrokerAddress.parse("h:2000").url == "mqtt://h:2000"
+    settings = BrokerSettings("mqtts://u:p@h", username="operator", password="pw")
+    assert settings.address == BrokerAddress("h", 8883, True, "operator", "pw")
+    assert BrokerSettings("mqtt://u:p@h:1").address.username == "u"
+    with pytest.raises(TransportError):
+        BrokerSettings("http://x:1")
     with pytest.raises(SimulationError):
         Faults(fail_health=1.5)
 
