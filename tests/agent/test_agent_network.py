@@ -38,6 +38,7 @@ from tests.agent.agent_helpers import (
     write_truststore,
 )
 from tests.agent.conftest import Bundles
+from tests.tls_helpers import self_signed_cert
 
 CHUNK = 4096
 
@@ -249,35 +250,6 @@ def test_outage_of_several_telemetry_intervals_loses_nothing(
 # -- HTTPS ---------------------------------------------------------------------------------------
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     payload = b""
     cut_first_at: int | None = None
@@ -305,7 +277,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_https_download_resumes_with_a_range_request(tmp_path: Path, big_bundle: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     _RangeHandler.payload = big_bundle.read_bytes()
     _RangeHandler.cut_first_at = 200_000
     _RangeHandler.requests = []
@@ -426,7 +398,7 @@ def test_updater_fetches_an_https_source(
     from edgekit.trust import load_truststore
     from tests.agent.conftest import Recorder
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     _RangeHandler.payload = bundles.v2.read_bytes()
     _RangeHandler.cut_first_at = 1000  # the first attempt breaks off; the retry resumes
     _RangeHandler.requests = []

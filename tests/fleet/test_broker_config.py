@@ -38,7 +38,7 @@ from edgekit.fleet.broker_config import (
 from edgekit.fleet.cli_tools import broker_config_command
 from edgekit.mosquitto import find_mosquitto, free_port
 from edgekit.topics import Topics
-from tests.fleet.tools_helpers import self_signed_cert
+from tests.tls_helpers import self_signed_cert
 
 FLEET = "acl-fleet"
 # PUBACK reason codes meaning "accepted": 0x00 success, 0x10 no matching subscribers.

@@ -31,10 +31,10 @@ from tests.fleet.tools_helpers import (
     make_keys,
     operator_client,
     publish,
-    self_signed_cert,
     send_directives,
     wait_for,
 )
+from tests.tls_helpers import self_signed_cert
 
 FLEET = "sim-test"
 TOPICS = Topics(FLEET)

@@ -223,38 +223,6 @@ class FleetWatcher:
             return True
 
 
-def self_signed_cert(folder: Path) -> tuple[Path, Path]:
-    """(cert, key) for 127.0.0.1, made with openssl; the cert is its own CA."""
-    import subprocess
-
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 def send_directives(
     client: mqtt.Client,
     keys: FleetKeys,
