@@ -214,7 +214,7 @@ class DriftMonitor:
         self,
         reference_stats: Mapping[str, Any],
         *,
-        max_values_per_observe: int = 4096,
+        max_values_per_observe: int = 256,
         window_values: int = 1_000_000,
     ) -> None:
         if max_values_per_observe < 1 or window_values < 1:
