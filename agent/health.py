@@ -1,10 +1,12 @@
 """The on-device health check a bundle must pass before it may serve.
 
 The candidate model is loaded in a fresh runtime session, its golden samples (`golden.npz`,
-written by the converter: `inputs/<i>/<name>`, `outputs/<i>/<name>` and a JSON `tolerance`)
-are replayed, and small checks each judge one thing: outputs finite, outputs within the
-bundle's tolerance, batch-1 latency and memory within the profile's budget. Checks compose
-with `all_of`; an empty composite is an error, never "always pass".
+written by the converter: `inputs/<i>/<name>`, `outputs/<i>/<name>`, a JSON `tolerance` and
+`quantization/outputs/<name>` = [scale, zero_point] for quantized outputs) are replayed
+(quantized outputs compared as real values), and small checks each judge one thing: outputs
+finite, outputs within the bundle's tolerance, batch-1 latency and memory within the
+profile's budget. Checks compose with `all_of`; an empty composite is an error, never "always
+pass".
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +27,7 @@ from edgekit.agent.telemetry import read_rss_bytes
 
 from edgekit.errors import EdgekitError, HealthCheckError, first_line
 from edgekit.profiles import Budgets, HealthCheckTolerance
-from edgekit.runtimes import Runtime, open_runtime
+from edgekit.runtimes import Runtime, dequantize, dequantize_output, open_runtime
 
 __all__ = [
     "CheckResult",
@@ -68,19 +70,56 @@ class GoldenSamples:
         inputs: dict[int, dict[str, Array]] = {}
         outputs: dict[int, dict[str, Array]] = {}
         tolerance = default
+        quantization = _quantization(arrays)
         for name, value in arrays.items():
             parts = name.split("/", 2)
             if name == "tolerance":
                 tolerance = _tolerance(value, default)
-            elif len(parts) == 3 and parts[0] in ("inputs", "outputs") and parts[1].isdigit():
-                target = inputs if parts[0] == "inputs" else outputs
-                target.setdefault(int(parts[1]), {})[parts[2]] = value
+            elif len(parts) == 3 and parts[0] == "inputs" and parts[1].isdigit():
+                inputs.setdefault(int(parts[1]), {})[parts[2]] = value
+            elif len(parts) == 3 and parts[0] == "outputs" and parts[1].isdigit():
+                # Quantized outputs as real values: scale * (stored - zero_point).
+                real = dequantize(value, quantization.get(parts[2]))
+                outputs.setdefault(int(parts[1]), {})[parts[2]] = real
         indices = sorted(inputs)
         if not indices or sorted(outputs) != indices:
             raise HealthCheckError(
                 f"{path.name} holds no usable samples (inputs/<i>/<name> with matching outputs)"
             )
         return cls(tuple(inputs[i] for i in indices), tuple(outputs[i] for i in indices), tolerance)
+
+
+def _quantization(arrays: Mapping[str, Array]) -> dict[str, tuple[float, int]]:
+    """The file's `quantization/outputs/<name>` = [scale, zero_point] entries, by output."""
+    found: dict[str, tuple[float, int]] = {}
+    for name, value in arrays.items():
+        parts = name.split("/", 2)
+        if len(parts) == 3 and parts[:2] == ["quantization", "outputs"]:
+            values = np.ravel(value)
+            if values.size != 2 or not float(values[0]) > 0:
+                raise HealthCheckError(f"golden.npz {name} is not [scale > 0, zero_point]")
+            found[parts[2]] = (float(values[0]), int(values[1]))
+    return found
+
+
+def _real_outputs(
+    golden: GoldenSamples, runtime: Runtime, actual: Sequence[dict[str, Array]]
+) -> tuple[GoldenSamples, tuple[dict[str, Array], ...]]:
+    """The golden and the candidate's outputs as real values (quantized ones dequantized).
+
+    A golden file without quantization entries (older converters) holds the same model's
+    stored values, so the runtime's scale and zero point dequantize them too.
+    """
+    specs = {spec.name: spec for spec in runtime.outputs}
+
+    def real(outputs: Mapping[str, Array]) -> dict[str, Array]:
+        return {
+            name: dequantize_output(specs[name], value) if name in specs else value
+            for name, value in outputs.items()
+        }
+
+    expected = tuple(real(outputs) for outputs in golden.outputs)
+    return replace(golden, outputs=expected), tuple(real(outputs) for outputs in actual)
 
 
 def _tolerance(value: Array, default: HealthCheckTolerance) -> HealthCheckTolerance:
@@ -105,6 +144,7 @@ class CheckSubject:
     model_bytes: int
     golden: GoldenSamples
     actual: tuple[dict[str, Array], ...]  # outputs of the candidate for each golden input
+    # (`run_health_check` passes golden and actual outputs as real values: dequantized)
     latency_ms: tuple[float, ...]  # batch-1 runs
     memory_bytes: int  # resident memory the session added (load + runs)
 
@@ -358,6 +398,7 @@ def run_health_check(
             latencies.append((time.perf_counter() - start) * 1000.0)
     except Exception as e:  # noqa: BLE001 - any runtime failure fails the check, with its reason
         return HealthReport(False, (CheckResult("run", False, first_line(e)),))
+    golden, actual = _real_outputs(golden, runtime, actual)
     subject = CheckSubject(
         model_bytes=slot.model_path.stat().st_size,
         golden=golden,

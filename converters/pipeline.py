@@ -12,6 +12,7 @@ half-written behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -67,6 +68,7 @@ from edgekit.bundle import hash_file
 from edgekit.errors import ConversionError, EdgekitError, first_line
 from edgekit.profiles import Profile, load_profile
 from edgekit.runtimes import (
+    LiteRtBackend,
     OnnxRuntimeBackend,
     Runtime,
     RuntimeLoadError,
@@ -292,16 +294,13 @@ def convert(
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=_parent(output_dir)))
         try:
             artifact = staging / artifact_name
-            shutil.copyfile(winner.path, artifact)
-            data_file = winner.path.with_name(winner.path.name + ".data")
-            if data_file.exists():
-                shutil.copyfile(data_file, staging / "model.onnx.data")
+            _copy_artifact(winner.path, artifact)
             if keep_candidates:
                 kept = staging / "candidates"
                 kept.mkdir()
                 for row in candidates:
                     if row.path is not None and row.status == "ok":
-                        shutil.copyfile(row.path, kept / f"{row.name}{row.path.suffix}")
+                        _copy_artifact(row.path, kept / f"{row.name}{row.path.suffix}")
             chosen_runtime = open_runtime(artifact, threads=used_threads)
             _write_golden(staging / "golden.npz", chosen_runtime, validation_set, chosen_profile)
             device_data = replace(
@@ -612,7 +611,16 @@ def _build_tflite_candidate(
     candidate.notes.extend(result.notes)
     candidate.details["tflite_convert"] = result.details
     candidate.float_nodes = float_layers
-    _check_tflite_candidate(candidate, final, blocking, context.profile)
+    built = _check_tflite_candidate(
+        candidate,
+        final,
+        blocking,
+        context.profile,
+        io_type=config.io_type if kind == "full_int8" else "float32",
+    )
+    if built:
+        # What was built, not what was asked for (a float layer can leave I/O in float32).
+        candidate.details["tflite_convert"] = {**result.details, "io_type": "/".join(built)}
     return candidate
 
 
@@ -633,7 +641,9 @@ def _build_litert_quantizer_candidate(
         candidate.reason = f"failed to build: {e}"
         return candidate
     candidate.details["litert_quantize"] = result.details
-    _check_tflite_candidate(candidate, final, blocking, context.profile)
+    _check_tflite_candidate(
+        candidate, final, blocking, context.profile, io_type=LITERT_QUANTIZER_RECIPES[kind][1]
+    )
     return candidate
 
 
@@ -662,8 +672,17 @@ def _litert_quantizer_skip_reason(kind: str, profile: Profile, *, verified: bool
 
 
 def _check_tflite_candidate(
-    candidate: CandidateReport, final: Path, blocking: _OpVersionCheck, profile: Profile
-) -> None:
+    candidate: CandidateReport,
+    final: Path,
+    blocking: _OpVersionCheck,
+    profile: Profile,
+    *,
+    io_type: str,
+) -> tuple[str, ...]:
+    """Op versions against the oldest runtime and the built I/O dtypes against `io_type`.
+
+    Returns the distinct I/O dtypes of the built model, sorted (empty when it does not load).
+    """
     candidate.path = final
     candidate.size_bytes = file_size(final)
     candidate.compressed_size_bytes = compressed_size(final)
@@ -675,6 +694,20 @@ def _check_tflite_candidate(
             f"{profile.runtime.oldest.package} {profile.runtime.oldest.version} "
             f"(the profile's oldest runtime) cannot load it: {'; '.join(blocking.blocking)}"
         )
+    try:
+        built = LiteRtBackend(final)
+    except RuntimeLoadError:
+        return ()  # the host runtime's refusal shows when the candidate is validated
+    specs = (*built.inputs, *built.outputs)
+    wrong = [f"{spec.name} is {spec.dtype}" for spec in specs if spec.dtype != io_type]
+    if wrong and candidate.status == "ok":
+        candidate.status = "failed"
+        candidate.error = (
+            f"inputs/outputs are not {io_type} ({', '.join(wrong)}); the profile wants "
+            f"{io_type} I/O"
+        )
+        candidate.reason = f"wrong I/O type: {candidate.error}"
+    return tuple(sorted({spec.dtype for spec in specs}))
 
 
 def _tflite_config(
@@ -989,6 +1022,38 @@ def _choose(candidates: Sequence[CandidateReport], profile: Profile) -> Candidat
     return winner
 
 
+def _copy_artifact(source: Path, dest: Path) -> None:
+    """Copy a candidate to `dest`; an ONNX model with external data is saved again so that
+    its tensors live in `<dest name>.data` and the model names that file (copying the bytes
+    would leave it pointing at the candidate's data file)."""
+    if source.suffix != ".onnx":
+        shutil.copyfile(source, dest)
+        return
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    header = onnx.load(str(source), load_external_data=False)
+    if not any(uses_external_data(tensor) for tensor in header.graph.initializer):
+        shutil.copyfile(source, dest)
+        return
+    try:
+        model = onnx.load(str(source))  # with its external data, found beside it
+        dest.with_name(dest.name + ".data").unlink(missing_ok=True)  # onnx refuses to overwrite
+        # onnx looks for an existing data file relative to the working directory (which may
+        # be the scratch folder holding the candidate's own `<name>.data`).
+        with contextlib.chdir(dest.parent):
+            onnx.save_model(
+                model,
+                str(dest),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=dest.name + ".data",
+                size_threshold=0,
+            )
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise ConversionError(f"cannot write {dest} with its external data: {e}") from e
+
+
 def _device_refusal(
     candidate: CandidateReport, check: DeviceCheck, dataset: Dataset, profile: Profile
 ) -> str | None:
@@ -996,10 +1061,7 @@ def _device_refusal(
     assert candidate.path is not None
     with tempfile.TemporaryDirectory(prefix="edgekit-device-check-") as folder:
         model = Path(folder) / f"model.{profile.target_format}"
-        shutil.copyfile(candidate.path, model)
-        data_file = candidate.path.with_name(candidate.path.name + ".data")
-        if data_file.exists():
-            shutil.copyfile(data_file, Path(folder) / "model.onnx.data")
+        _copy_artifact(candidate.path, model)
         golden = Path(folder) / "golden.npz"
         _write_golden(golden, open_runtime(model), dataset, profile)
         return check(model, golden)
@@ -1009,7 +1071,8 @@ def _write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profi
     """Inputs and the chosen artifact's own outputs, for the agent's health check.
 
     Both in the artifact's own dtypes (int8/uint8 for a model with quantized I/O), keyed by
-    its input and output names.
+    its input and output names; each quantized tensor's [scale, zero_point] is stored as
+    `quantization/inputs/<name>` or `quantization/outputs/<name>` (real = scale * (q - zp)).
     """
     arrays: dict[str, Array] = {}
     for index, real_feed in enumerate(dataset.feeds[:GOLDEN_SAMPLES]):
@@ -1018,6 +1081,13 @@ def _write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profi
             arrays[f"inputs/{index}/{name}"] = value
         for name, value in runtime.run(feed).items():
             arrays[f"outputs/{index}/{name}"] = value
+    for side, specs in (("inputs", runtime.inputs), ("outputs", runtime.outputs)):
+        for spec in specs:
+            if spec.quantization is not None:
+                scale, zero_point = spec.quantization
+                arrays[f"quantization/{side}/{spec.name}"] = np.array(
+                    [scale, zero_point], dtype=np.float64
+                )
     tolerance = {
         "rtol": profile.health_check.rtol,
         "atol": profile.health_check.atol,
@@ -1112,6 +1182,10 @@ def _report(
             "sha256": _sha256(model),
             "size_bytes": _source_size(model),
             **load_result.details,
+            "signature": {
+                "inputs": [spec.to_dict() for spec in inputs],
+                "outputs": [spec.to_dict() for spec in outputs],
+            },
             "notes": list(load_result.notes),
         },
         "profile": profile.name,
@@ -1134,9 +1208,10 @@ def _report(
             **_host_engines(profile, artifact_runtime),
             "note": "latency and memory are measured on this host, not on the device",
         },
+        # The artifact's own I/O (dtype, shape, quantization): the bundle manifest's signature.
         "signature": {
-            "inputs": [spec.to_dict() for spec in inputs],
-            "outputs": [spec.to_dict() for spec in outputs],
+            "inputs": [spec.to_dict() for spec in artifact_runtime.inputs],
+            "outputs": [spec.to_dict() for spec in artifact_runtime.outputs],
         },
         "data": {
             "calibration": calibration_set.describe(),

@@ -8,7 +8,7 @@ is not even needed, so this works on a device with any runtime or none), and `bl
 compares them with what the profile's oldest runtime loads.
 
 The classic culprit is dynamic-range int8: TF >= 2.15 quantizes dense layers per channel, which
-emits FULLY_CONNECTED version 12 (tflite-runtime 2.14 loads up to 11). `downgrade_options`
+emits FULLY_CONNECTED version 12 (tflite-runtime 2.14 loads up to 10). `downgrade_options`
 names the TFLiteConverter settings that keep such a model loadable on older runtimes.
 """
 
@@ -30,6 +30,7 @@ __all__ = [
     "TFLITE_RUNTIME_2_14_MAX_VERSIONS",
     "OperatorVersion",
     "TFLiteModelError",
+    "UnmeasuredRuntimeError",
     "blocking_ops",
     "downgrade_options",
     "max_op_versions",
@@ -202,20 +203,35 @@ def max_op_versions(pin: RuntimePin) -> Mapping[str, int] | None:
     Operators missing from a returned table are unknown to that runtime altogether. Versions
     between measured releases get the table of the newest measured release not newer than
     them (a lower bound: it may refuse an operator the runtime has, never the reverse).
+    Raises `UnmeasuredRuntimeError` for a release older than the oldest measured one.
     """
     version = parse_version(pin.version)
-    if pin.package == "tflite-runtime":
-        # tflite-runtime's last release is 2.14; earlier ones load a subset of it.
+    if pin.package in ("tflite-runtime", "tensorflow"):
+        # tflite-runtime's last release is 2.14 (measured); TF 2.14 ships the same kernels.
+        _require_measured(pin, version, (2, 14), "2.14.0")
+        if pin.package == "tensorflow" and version[:2] >= (2, 21):
+            return None
         return TFLITE_RUNTIME_2_14_MAX_VERSIONS
-    if pin.package == "tensorflow":
-        return TFLITE_RUNTIME_2_14_MAX_VERSIONS if version[:2] < (2, 21) else None
     if pin.package == "ai-edge-litert":
-        if version[:2] >= (2, 0):
-            return None  # newer than TF 2.21's converter (measured on 2.3.0)
-        if version[:2] >= (1, 2):
-            return AI_EDGE_LITERT_1_2_MAX_VERSIONS
-        return TFLITE_RUNTIME_2_14_MAX_VERSIONS
+        _require_measured(pin, version, (1, 2), "1.2.0")
+        if version[:2] >= (2, 3):
+            return None  # loads everything TF 2.21's converter emits (measured on 2.3.0)
+        return AI_EDGE_LITERT_1_2_MAX_VERSIONS
     return None
+
+
+class UnmeasuredRuntimeError(ConversionError):
+    """No op-version table was measured for a runtime release this old."""
+
+
+def _require_measured(
+    pin: RuntimePin, version: tuple[int, ...], oldest: tuple[int, ...], oldest_label: str
+) -> None:
+    if version[: len(oldest)] < oldest:
+        raise UnmeasuredRuntimeError(
+            f"no measured op-version table for {pin.package} {pin.version}; the oldest "
+            f"measured is {oldest_label}"
+        )
 
 
 def blocking_ops(model: Path, profile: Profile) -> list[str]:
@@ -225,7 +241,10 @@ def blocking_ops(model: Path, profile: Profile) -> list[str]:
     Empty when the model loads there (as far as operator versions tell).
     """
     pin = profile.runtime.oldest
-    table = max_op_versions(pin)
+    try:
+        table = max_op_versions(pin)
+    except UnmeasuredRuntimeError as e:
+        return [str(e)]  # fail closed: nothing says this runtime loads the model
     if table is None:
         return []
     runtime = f"{pin.package} {pin.version}"
@@ -255,7 +274,10 @@ def downgrade_options(profile: Profile) -> dict[str, object]:
     stay per channel (CONV_2D version 5 loads on 2.14). Validation then measures the accuracy
     cost like for any candidate; `blocking_ops` remains the final check.
     """
-    table = max_op_versions(profile.runtime.oldest)
+    try:
+        table = max_op_versions(profile.runtime.oldest)
+    except UnmeasuredRuntimeError:
+        return {}  # `blocking_ops` refuses every model for it
     if table is None or table.get("FULLY_CONNECTED", 0) >= _PER_CHANNEL_DENSE_FC_VERSION:
         return {}
     return {"_experimental_disable_per_channel_quantization_for_dense_layers": True}

@@ -9,7 +9,8 @@ The request (JSON) names the engine, the model, an optional golden `.npz` (`inpu
 result JSON is rewritten atomically after each stage (`started`, `loaded`, `ran`), so the
 caller knows how far a probe got even when the runtime crashes the process. Outputs are
 written to an `.npz` as `outputs/<i>/<name>` with the golden output names, for the caller
-to compare.
+to compare, with `quantization/outputs/<name>` = [scale, zero_point] for each quantized
+integer output (also in the result JSON's `output_quantization`, by the model's names).
 """
 
 # zip(strict=...) needs Python 3.10; the probe also runs on older device interpreters.
@@ -17,6 +18,7 @@ to compare.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -24,7 +26,12 @@ import time
 import traceback
 from typing import Any
 
-import numpy as np
+try:
+    import numpy as np
+except Exception as _error:  # noqa: BLE001  (reported by main as a runtime that does not import)
+    _NUMPY_ERROR: str | None = f"numpy: {_error}"
+else:
+    _NUMPY_ERROR = None
 
 # Input and output naming mirrors edgekit.runtimes (LiteRtBackend): a TFLite model with exactly
 # one serving signature is addressed by the signature's names, otherwise by tensor names.
@@ -42,6 +49,15 @@ _ORT_TYPES = {
     "tensor(int64)": "int64",
     "tensor(uint64)": "uint64",
     "tensor(bool)": "bool",
+}
+
+
+# The module each engine's code below imports (imported first on its own: see main).
+_RUNTIME_MODULES = {
+    "onnxruntime": "onnxruntime",
+    "ai-edge-litert": "ai_edge_litert.interpreter",
+    "tflite-runtime": "tflite_runtime.interpreter",
+    "tensorflow": "tensorflow",
 }
 
 
@@ -72,6 +88,7 @@ class _Onnx:
             for arg in self.session.get_inputs()
         ]
         self.outputs = [arg.name for arg in self.session.get_outputs()]
+        self.quantization: dict[str, list[float]] = {}
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         values = self.session.run(None, feeds)
@@ -113,6 +130,12 @@ class _Lite:
         ]
         self.output_index = [(output_names[d["index"]], int(d["index"])) for d in output_details]
         self.outputs = [name for name, _ in self.output_index]
+        # [scale, zero_point] of each quantized integer output: real = scale * (q - zero_point).
+        self.quantization: dict[str, list[float]] = {}
+        for d in output_details:
+            scale, zero_point = d.get("quantization", (0.0, 0))
+            if scale and np.dtype(d["dtype"]).kind in "iu":
+                self.quantization[output_names[d["index"]]] = [float(scale), int(zero_point)]
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         interpreter = self.interpreter
@@ -134,13 +157,16 @@ class _Lite:
 def _distribution_version(engine: str) -> str:
     from importlib import metadata
 
-    name = {"ai-edge-litert": "ai-edge-litert", "tflite-runtime": "tflite-runtime"}.get(
-        engine, "tensorflow"
-    )
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    if engine in ("ai-edge-litert", "tflite-runtime"):
+        names = [engine]
+    else:  # edgekit installs tensorflow-cpu (the same tensorflow module)
+        names = ["tensorflow", "tensorflow-cpu"]
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _golden_samples(path: str) -> tuple[list[dict[str, Any]], list[list[str]]]:
@@ -206,6 +232,14 @@ def main(argv: list[str]) -> int:
     engine = request["engine"]
     threads = int(request.get("threads", 1))
     try:
+        if _NUMPY_ERROR is not None:
+            raise ImportError(_NUMPY_ERROR)
+        importlib.import_module(_RUNTIME_MODULES.get(engine, engine))
+    except Exception as error:  # noqa: BLE001  (a broken runtime, not the model's fault)
+        result.update(stage="import_failed", import_error=_message(error))
+        _write_json(result_path, result)
+        return 0
+    try:
         runtime: Any = (
             _Onnx(request["model"], threads)
             if engine == "onnxruntime"
@@ -221,6 +255,7 @@ def main(argv: list[str]) -> int:
         numpy_version=np.__version__,
         inputs=[{"name": n, "dtype": d, "shape": s} for n, d, s in runtime.inputs],
         outputs=list(runtime.outputs),
+        output_quantization=runtime.quantization,
     )
     _write_json(result_path, result)
 
@@ -250,8 +285,12 @@ def main(argv: list[str]) -> int:
                     result["notes"].append(note)
             else:
                 renamed = values
-            for name, value in renamed.items():
+            for (name, value), own in zip(renamed.items(), values):
                 arrays[f"outputs/{index}/{name}"] = value
+                if own in runtime.quantization:
+                    arrays[f"quantization/outputs/{name}"] = np.array(
+                        runtime.quantization[own], dtype=np.float64
+                    )
         with open(request["outputs"], "wb") as handle:
             np.savez(handle, **arrays)
         first, _ = _bind(feeds[0], runtime.inputs)

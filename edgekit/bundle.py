@@ -107,6 +107,8 @@ FILE_ROLES: tuple[FileRole, ...] = ("model", "golden", "reference_stats", "repor
 _KNOWN_FILES: dict[str, FileRole] = {
     "model.onnx": "model",
     "model.tflite": "model",
+    # An ONNX model's external tensors (the model names this file): a plain file to agents.
+    "model.onnx.data": "other",
     "golden.npz": "golden",
     "reference_stats.json": "reference_stats",
     "report.json": "report",
@@ -930,8 +932,9 @@ def _role_for(name: str) -> FileRole:
 def collect_bundle_inputs(sources: Path | Sequence[Path]) -> tuple[BundleInput, ...]:
     """The files to bundle: the known files of a converter output directory, or given files.
 
-    From a directory: `model.onnx`/`model.tflite`, `golden.npz`, `reference_stats.json` and
-    `report.json`, those present. Given files keep their base name; the role follows it.
+    From a directory: `model.onnx` (with `model.onnx.data` when its tensors are stored
+    externally)/`model.tflite`, `golden.npz`, `reference_stats.json` and `report.json`, those
+    present. Given files keep their base name; the role follows it.
     """
     paths = [sources] if isinstance(sources, Path) else [Path(p) for p in sources]
     if len(paths) == 1 and paths[0].is_dir():

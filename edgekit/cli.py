@@ -250,10 +250,26 @@ def convert(
     if verify_runtimes:
         # Each candidate in ranking order is loaded in the profile's oldest and newest runtimes
         # before it can win: a bundle the device's runtimes cannot load is never signed.
-        from edgekit.cli_runtime import run_with_progress
+        from edgekit.verify_runtime import RuntimeInstallError
+        from edgekit.verify_runtime import verify_runtime as check_runtimes
+
+        def on_device_step(message: str) -> None:
+            # Shown in convert's own progress line: a second rich Live would garble it.
+            for task_id in progress.task_ids:
+                progress.update(task_id, description=f"device check: {message[:80]}")
 
         def device_check(candidate: Path, _golden: Path) -> str | None:
-            report = run_with_progress(candidate, profile, cache_dir=None)
+            report = check_runtimes(candidate, profile, cache_dir=None, progress=on_device_step)
+            if not any(check.installed for check in report.checks):
+                # The environment, not the candidate: no other candidate would do better.
+                errors = "; ".join(
+                    f"{check.runtime}: {check.install_error}" for check in report.checks
+                )
+                raise RuntimeInstallError(
+                    f"--verify-runtime cannot check anything: no runtime version of profile "
+                    f"{profile.name} could be installed here ({errors}); fix pip's package "
+                    "index (PIP_INDEX_URL) or convert without --verify-runtime"
+                )
             verified.append(report)
             if report.passed:
                 return None
@@ -287,6 +303,9 @@ def convert(
 
         for check in runtime_report.not_installed:
             click.echo(f"warning: not verified on {check.runtime}: {check.install_error}", err=True)
+    if runtime_report is not None:
+        # Into report.json before signing: the bundle carries what was verified where.
+        _record_verify_runtime(output_dir / "report.json", runtime_report)
     bundle_path = None
     if signers:
         from edgekit.bundle import sign_and_build_bundle
@@ -313,6 +332,20 @@ def convert(
         print_verify_report(runtime_report, stdout)  # the chosen artifact's, which passed
     if bundle_path is not None:
         stdout.print(f"signed bundle: {bundle_path}", soft_wrap=True)
+
+
+def _record_verify_runtime(path: Path, runtime_report: VerifyReport) -> None:
+    """Add the device check's summary to the converter's report.json (atomically)."""
+    import os
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        document["verify_runtime"] = runtime_report.to_dict()
+        temp = path.with_name(f".{path.name}.tmp")
+        temp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(temp, path)
+    except (OSError, ValueError) as e:
+        raise EdgekitError(f"cannot add the runtime check to {path}: {e}") from e
 
 
 def _load_signers(names: tuple[str, ...]) -> list[Signer]:

@@ -9,6 +9,7 @@ built-in one with `extends: NAME`. Every field is typed and checked; an invalid 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -350,7 +351,7 @@ def _check_semantics(profile: Profile, source: str) -> None:
                 f"runtime.{end}.package",
                 f"{pin.package} does not run {profile.target_format} models",
             )
-        if not all(part.isdigit() for part in pin.version.split(".")):
+        if not re.fullmatch(r"\d+(\.\d+)*", pin.version, re.ASCII):
             fail(f"runtime.{end}.version", f"expected a version like 1.16.3, found {pin.version!r}")
     only_for = {"weight_int8": "onnx", "static_int8": "onnx", "full_int8": "tflite"}
     wrong = [

@@ -25,6 +25,7 @@ __all__ = [
     "Runtime",
     "RuntimeLoadError",
     "TensorSpec",
+    "dequantize",
     "dequantize_output",
     "load_litert",
     "open_runtime",
@@ -96,9 +97,17 @@ def quantize_input(spec: TensorSpec, values: npt.NDArray[Any]) -> npt.NDArray[An
 
 def dequantize_output(spec: TensorSpec, values: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """A quantized output as float32 real values; anything else unchanged."""
-    if spec.quantization is None or np.asarray(values).dtype.kind not in "iu":
+    return dequantize(values, spec.quantization)
+
+
+def dequantize(
+    values: npt.NDArray[Any], quantization: tuple[float, int] | None
+) -> npt.NDArray[Any]:
+    """Integer `values` as float32 real values, scale * (values - zero_point), when
+    `quantization` (scale, zero_point) is given; anything else unchanged."""
+    if quantization is None or np.asarray(values).dtype.kind not in "iu":
         return values
-    scale, zero_point = spec.quantization
+    scale, zero_point = quantization
     real: npt.NDArray[Any] = ((values.astype(np.float64) - zero_point) * scale).astype(np.float32)
     return real
 

@@ -9,8 +9,9 @@ golden tolerance (metrics as `edgekit.converters.validate` computes them) and p5
 
 Cache layout (`default_cache_dir()`): `<key>/` a finished venv, `<key>.lock` the lock two runs
 take before building, `.<key>.build-*` a venv being built. A venv is built in its build folder
-and renamed into place only once pip succeeded and the marker file is written, so a killed run
-never leaves a half-built environment that a later run would trust.
+and renamed into place only once pip succeeded, numpy and the runtime import there and the
+marker file is written (both fsynced), so a killed run never leaves a half-built environment
+that a later run would trust.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from edgekit.errors import BundleError, EdgekitError, first_line
 from edgekit.profiles import AccuracyTolerance, HealthCheckTolerance, Profile, RuntimePin
+from edgekit.runtimes import dequantize
 
 __all__ = [
     "RuntimeCache",
@@ -65,7 +68,19 @@ _PROBE = Path(__file__).with_name("_runtime_probe.py")
 _VENV_TIMEOUT_S = 300.0
 _PIP_TIMEOUT_S = 1800.0
 _PROBE_TIMEOUT_S = 600.0
+_IMPORT_TIMEOUT_S = 300.0
 _MODEL_FILES = ("model.onnx", "model.tflite")
+# What the probe imports for each runtime package (checked in a new venv before it is trusted).
+_RUNTIME_MODULES = {
+    "onnxruntime": "onnxruntime",
+    "tflite-runtime": "tflite_runtime.interpreter",
+    "ai-edge-litert": "ai_edge_litert.interpreter",
+    "tensorflow": "tensorflow",
+}
+# pip settings that would install somewhere else than the venv being built.
+_PIP_REDIRECTS = ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER")
+# pip settings that decide what can be installed (part of the remembered-failure key).
+_PIP_SOURCES = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
 
 
 class RuntimeConformanceError(EdgekitError):
@@ -138,7 +153,13 @@ class RuntimeEnvironment:
 
 
 class RuntimeCache:
-    """Builds and caches one isolated venv per runtime version (and Python and platform)."""
+    """Builds and caches one isolated venv per runtime version (and Python and platform).
+
+    A runtime that failed to install is remembered for the rest of the process (per cache
+    folder and package index settings), so checking several candidates runs pip once.
+    """
+
+    _failures: ClassVar[dict[tuple[str, ...], str]] = {}
 
     def __init__(self, root: Path | None = None, *, base_python: Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
@@ -174,6 +195,25 @@ class RuntimeCache:
             ) from e
         if _usable(final):
             return RuntimeEnvironment(pin, final, requirements, False, time.monotonic() - started)
+        remembered = (str(final.absolute()), *(os.environ.get(name, "") for name in _PIP_SOURCES))
+        if remembered in RuntimeCache._failures:
+            raise RuntimeInstallError(RuntimeCache._failures[remembered])
+        try:
+            return self._ensure_locked(pin, requirements, key, started, progress=progress)
+        except RuntimeInstallError as e:
+            RuntimeCache._failures[remembered] = str(e)
+            raise
+
+    def _ensure_locked(
+        self,
+        pin: RuntimePin,
+        requirements: tuple[str, ...],
+        key: str,
+        started: float,
+        *,
+        progress: ProgressCallback | None,
+    ) -> RuntimeEnvironment:
+        final = self.root / key
         with _locked(self.root / f"{key}.lock", progress=progress, what=requirements[0]):
             if _usable(final):  # another run built it while we waited
                 return RuntimeEnvironment(
@@ -188,6 +228,7 @@ class RuntimeCache:
             building = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=self.root))
             try:
                 self._build(building, pin, requirements, progress=progress)
+                _check_import(building, pin, requirements)
                 seconds = time.monotonic() - started
                 marker = {
                     "package": pin.package,
@@ -198,8 +239,10 @@ class RuntimeCache:
                     "build_seconds": round(seconds, 1),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
-                (building / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+                _write_synced(building / _MARKER, json.dumps(marker, indent=2) + "\n")
+                _fsync_dir(building)
                 os.rename(building, final)
+                _fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
@@ -240,6 +283,32 @@ class RuntimeCache:
         raise RuntimeInstallError(_install_failure(pin, requirements, lines))
 
 
+def _check_import(venv: Path, pin: RuntimePin, requirements: Sequence[str]) -> None:
+    """Import numpy and the runtime in the new venv: pip succeeding is not enough (a wheel
+    built against another numpy, a missing system library)."""
+    module = _RUNTIME_MODULES.get(pin.package, pin.package.replace("-", "_"))
+    _run_quiet(
+        [str(venv / "bin" / "python"), "-I", "-c", f"import numpy, {module}"],
+        timeout=_IMPORT_TIMEOUT_S,
+        what=f"importing {module} after installing {' '.join(requirements)}",
+    )
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _usable(venv: Path) -> bool:
     python = venv / "bin" / "python"
     return (venv / _MARKER).is_file() and python.exists()  # exists() follows the symlink
@@ -267,7 +336,7 @@ def _clean_env() -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP", *_PIP_REDIRECTS)
     }
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
@@ -300,18 +369,27 @@ def _stream(
         )
     except OSError as e:
         return [f"ERROR: cannot run pip: {e}"]
-    deadline = time.monotonic() + _PIP_TIMEOUT_S
-    assert process.stdout is not None
-    with process:
-        for line in process.stdout:
+    stdout = process.stdout
+    assert stdout is not None
+
+    def read() -> None:  # in a thread: the time limit must hold while pip prints nothing
+        for line in stdout:
             lines.append(line.rstrip())
             if progress is not None and line.strip():
                 progress(prefix + line.strip()[:100])
-            if time.monotonic() > deadline:
-                process.kill()
-                lines.append(f"ERROR: pip did not finish within {_PIP_TIMEOUT_S:.0f} s")
-                break
-        returncode = process.wait()
+
+    reader = threading.Thread(target=read, name="edgekit-pip-output", daemon=True)
+    with process:
+        reader.start()
+        try:
+            returncode = process.wait(timeout=_PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            reader.join(timeout=5.0)
+            lines.append(f"ERROR: pip did not finish within {_PIP_TIMEOUT_S:.0f} s")
+            return lines
+        reader.join()
     return None if returncode == 0 else lines
 
 
@@ -539,6 +617,8 @@ def verify_runtime(
             from edgekit.converters.tflite_compat import blocking_ops
 
             report.static_blockers = blocking_ops(subject.model, profile)
+        elif subject.model.suffix == ".onnx":
+            report.static_blockers = _onnx_blockers(subject.model, profile.runtime.oldest)
         golden_reference = _read_golden(subject.golden) if subject.golden else None
         tolerance = (
             golden_reference[1] if golden_reference else _tolerance_dict(profile.health_check)
@@ -574,6 +654,42 @@ def verify_runtime(
             if golden_reference is not None and check.loads and check.run_error is None:
                 _compare(check, golden_reference[0], tolerance, workdir / f"{end}-outputs.npz")
     return report
+
+
+def _onnx_blockers(model: Path, pin: RuntimePin) -> list[str]:
+    """What keeps `pin` (an onnxruntime release) from loading `model`, judged by the model's IR
+    version and opsets against the release's limits (`converters.compat`); the fallback when
+    that release cannot be installed here."""
+    from edgekit.converters.compat import onnx_limits_for_onnxruntime
+
+    runtime = f"{pin.package} {pin.version}"
+    try:
+        limits = onnx_limits_for_onnxruntime(pin.version)
+    except ValueError as e:
+        return [f"no known ONNX limits for {runtime} ({e})"]  # fail closed
+    try:
+        import onnx
+
+        header = onnx.load(str(model), load_external_data=False)
+    except ImportError:
+        return [f"the onnx package is not installed, so {model.name} was not checked statically"]
+    except Exception as e:  # noqa: BLE001  (onnx raises several types for a bad file)
+        return [f"{model.name} is not a readable ONNX model ({first_line(e)})"]
+    found: list[str] = []
+    if header.ir_version > limits.max_ir_version:
+        found.append(
+            f"IR version {header.ir_version} ({runtime} loads up to {limits.max_ir_version})"
+        )
+    for opset in header.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            newest, name = limits.max_opset, "ai.onnx"
+        elif opset.domain == "ai.onnx.ml":
+            newest, name = limits.max_ml_opset, "ai.onnx.ml"
+        else:
+            continue
+        if opset.version > newest:
+            found.append(f"{name} opset {opset.version} ({runtime} loads up to {newest})")
+    return found
 
 
 def _selected(profile: Profile, which: Which) -> list[tuple[str, RuntimePin]]:
@@ -646,7 +762,14 @@ def _extract(bundle: Path, dest: Path, *, trust: Path | None) -> _Subject:
 
         from edgekit.trust import load_truststore
 
-        store = load_truststore(trust.read_bytes(), now=datetime.now(timezone.utc))
+        try:
+            trust_bytes = trust.read_bytes()
+        except OSError as e:
+            raise EdgekitError(
+                f"cannot read the trust store {trust}: {e.strerror or e}; pass a readable "
+                "trust store file with --trust"
+            ) from e
+        store = load_truststore(trust_bytes, now=datetime.now(timezone.utc))
         with open(bundle, "rb") as handle:
             verified = extract_bundle(handle, dest, trust=store)
         signed_by = ", ".join(sorted(verified.signed_by))
@@ -718,15 +841,23 @@ def _copy_checked(
 
 
 def _read_golden(path: Path) -> tuple[dict[str, list[Array]], dict[str, float]]:
-    """Expected outputs (name -> per-sample arrays) and the tolerance of a golden.npz."""
+    """Expected outputs (name -> per-sample arrays) and the tolerance of a golden.npz.
+
+    Outputs with a `quantization/outputs/<name>` entry are dequantized to real values; older
+    files without one keep the stored values (`_compare` dequantizes integer ones with the
+    runtime's own scale and zero point).
+    """
     expected: dict[str, dict[int, Array]] = {}
     tolerance: dict[str, float] = {}
     try:
         with np.load(path, allow_pickle=False) as archive:
+            quantization = _quantization(archive)
             for key in archive.files:
                 parts = key.split("/", 2)
                 if len(parts) == 3 and parts[0] == "outputs" and parts[1].isdigit():
-                    expected.setdefault(parts[2], {})[int(parts[1])] = archive[key]
+                    expected.setdefault(parts[2], {})[int(parts[1])] = dequantize(
+                        archive[key], quantization.get(parts[2])
+                    )
             if "tolerance" in archive.files:
                 loaded = json.loads(str(archive["tolerance"]))
                 tolerance = {str(k): float(v) for k, v in loaded.items()}
@@ -734,6 +865,18 @@ def _read_golden(path: Path) -> tuple[dict[str, list[Array]], dict[str, float]]:
         raise EdgekitError(f"{path}: not a readable golden.npz ({first_line(e)})") from e
     ordered = {name: [arrays[i] for i in sorted(arrays)] for name, arrays in expected.items()}
     return ordered, tolerance or _tolerance_dict(HealthCheckTolerance())
+
+
+def _quantization(archive: Any) -> dict[str, tuple[float, int]]:
+    """`quantization/outputs/<name>` = [scale, zero_point] entries of an open .npz, by name."""
+    found: dict[str, tuple[float, int]] = {}
+    for key in archive.files:
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[:2] == ["quantization", "outputs"]:
+            values = np.ravel(archive[key])
+            if values.size == 2 and float(values[0]) > 0:
+                found[parts[2]] = (float(values[0]), int(values[1]))
+    return found
 
 
 def _tolerance_dict(health: HealthCheckTolerance) -> dict[str, float]:
@@ -785,6 +928,11 @@ def _probe(
     except subprocess.TimeoutExpired:
         crash = None
         stderr_tail = [f"timed out after {_PROBE_TIMEOUT_S:.0f} s"]
+    except OSError as e:
+        raise RuntimeInstallError(
+            f"cannot run {environment.python} ({check.runtime}): {first_line(e)}; delete "
+            f"{environment.path} so that the next run installs it again"
+        ) from e
     result: dict[str, Any] = {}
     if result_path.is_file():
         result = json.loads(result_path.read_text())
@@ -793,6 +941,14 @@ def _probe(
     check.numpy_version = result.get("numpy_version")
     check.notes.extend(result.get("notes", []))
     died = crash != 0
+    if stage == "import_failed":
+        # The runtime itself is broken here: nothing was said about the model.
+        check.installed = False
+        check.install_error = (
+            f"{check.runtime} is installed in {environment.path} but does not import: "
+            f"{_short(result.get('import_error', ''))}; delete that folder to reinstall it"
+        )
+        return
     if stage == "load_failed":
         check.loads = False
         check.load_error = _short(result.get("load_error", ""))
@@ -839,16 +995,28 @@ def _compare(
 
     found: dict[str, list[Array]] = {}
     with np.load(outputs_path, allow_pickle=False) as archive:
+        quantization = _quantization(archive)
         per_name: dict[str, dict[int, Array]] = {}
         for key in archive.files:
-            _, index, name = key.split("/", 2)
-            per_name.setdefault(name, {})[int(index)] = archive[key]
-    found = {name: [arrays[i] for i in sorted(arrays)] for name, arrays in per_name.items()}
+            kind, index, name = key.split("/", 2)
+            if kind == "outputs":
+                per_name.setdefault(name, {})[int(index)] = archive[key]
+    # Quantized outputs are compared as real values: scale * (stored - zero_point).
+    found = {
+        name: [dequantize(arrays[i], quantization.get(name)) for i in sorted(arrays)]
+        for name, arrays in per_name.items()
+    }
     missing = sorted(set(expected) - set(found))
     if missing:
         check.within_tolerance = False
         check.failures = tuple(f"{name}: not produced by the model" for name in missing)
         return
+    # A golden.npz without quantization entries (older converters): its integer outputs come
+    # from the same model, so the runtime's scale and zero point apply to them too.
+    expected = {
+        name: [dequantize(a, quantization.get(name)) for a in arrays]
+        for name, arrays in expected.items()
+    }
     accuracy = AccuracyTolerance(
         min_top1_agreement=float(tolerance.get("min_top1_agreement", 0.0)),
         min_cosine=float(tolerance.get("min_cosine", 0.0)),

@@ -60,6 +60,12 @@ def _bad_npz(tmp_path: Path, **arrays: np.ndarray) -> str:
     [
         ("missing", "does not exist"),
         ("not_onnx", "is not an ONNX model"),
+        ("pt", "unsupported model format; expected .onnx, .keras or a SavedModel folder"),
+        (
+            "tflite",
+            "already a TFLite model: there is nothing to convert; check it on the device "
+            "runtimes with `edgekit verify-runtime` and pack it with `edgekit bundle build`",
+        ),
         ("truncated", "is not an ONNX model or is truncated"),
         ("profile", "unknown profile 'raspberry'"),
         ("names", "no array for model input 'pixels'"),
@@ -79,6 +85,10 @@ def test_bad_input_one_line_exit_2_nothing_written(
         bogus = tmp_path / "notes.onnx"
         bogus.write_text("these are my notes, not a model\n" * 20)
         model = str(bogus)
+    elif case in ("pt", "tflite"):
+        other = tmp_path / f"model.{case}"
+        other.write_bytes(digits.model_path.read_bytes())  # even ONNX bytes: the name decides
+        model = str(other)
     elif case == "truncated":
         cut = tmp_path / "cut.onnx"
         cut.write_bytes(digits.model_path.read_bytes()[:5000])

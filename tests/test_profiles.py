@@ -76,6 +76,12 @@ def test_user_profile_extends_builtin(tmp_path: Path) -> None:
             "extends: raspberrypi\nquantization: {candidates: [full_int8]}\n",
             r"quantization.candidates: full_int8 cannot target onnx",
         ),
+        (
+            # A superscript two passes str.isdigit but is no version number.
+            "extends: raspberrypi\n"
+            "runtime: {oldest: {package: onnxruntime, version: '1.\u00b2.0'}}\n",
+            r"runtime.oldest.version: expected a version like 1.16.3",
+        ),
         ("- just\n- a list\n", r"expected a mapping of profile fields"),
         ("extends: raspberrypi\nthreads: [\n", r"not valid YAML"),
     ],

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -249,6 +249,27 @@ def test_uninstallable_runtime_is_reported_and_the_others_still_checked(
     assert "nothing verified" in alone.stderr
 
 
+def test_onnx_too_new_for_an_uninstallable_oldest_runtime_fails_statically(
+    runtime_cache: Path, tmp_path: Path
+) -> None:
+    from edgekit.verify_runtime import verify_runtime
+
+    # Opset 19 / IR 9: onnxruntime 1.32 runs it; 1.10 (IR 8, opset 15) cannot load it and has
+    # no wheel for this Python, so only the static check speaks for it.
+    model = _deform_conv_model(tmp_path / "deform.onnx")
+    profile = load_profile(str(_profile_with_oldest(tmp_path, "1.10.0")))
+    report = verify_runtime(model, profile, cache_dir=runtime_cache, latency_seconds=0.1)
+    rows = {check.version: check for check in report.checks}
+    assert rows["1.10.0"].status == "not installed"
+    assert rows["1.32.0"].status == "pass"
+    assert report.static_blockers == [
+        "IR version 9 (onnxruntime 1.10.0 loads up to 8)",
+        "ai.onnx opset 19 (onnxruntime 1.10.0 loads up to 15)",
+    ]
+    assert not report.passed
+    assert any("checked statically" in line for line in report.problems())
+
+
 def test_interrupted_build_is_cleaned_and_a_failed_build_leaves_nothing(tmp_path: Path) -> None:
     cache = RuntimeCache(tmp_path / "cache")
     pin = RuntimePin("onnxruntime", "1.10.0")
@@ -259,6 +280,92 @@ def test_interrupted_build_is_cleaned_and_a_failed_build_leaves_nothing(tmp_path
         cache.ensure(pin)
     assert not stale.exists()
     assert sorted(p.name for p in cache.root.iterdir()) == [f"{cache.key(pin)}.lock"]
+    # The failure is remembered for the process: a second attempt does not run pip again
+    # (it would have removed this leftover first).
+    stale.mkdir()
+    with pytest.raises(RuntimeInstallError, match="no wheel"):
+        RuntimeCache(tmp_path / "cache").ensure(pin)
+    assert stale.exists()
+
+
+def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: Path) -> None:
+    from edgekit import verify_runtime as vr
+
+    # This interpreter's venv has numpy and onnxruntime but no tflite_runtime.
+    here = Path(sys.prefix)
+    with pytest.raises(RuntimeInstallError, match=r"importing tflite_runtime\.interpreter after"):
+        vr._check_import(here, RuntimePin("tflite-runtime", "2.14.0"), ["tflite-runtime==2.14.0"])
+    vr._check_import(here, RuntimePin("onnxruntime", "1.32.0"), ["onnxruntime==1.32.0"])
+
+    check = vr.RuntimeCheck(end="oldest", package="tflite-runtime", version="2.14.0")
+    check.installed = True
+    environment = vr.RuntimeEnvironment(RuntimePin("tflite-runtime", "2.14.0"), here, (), False, 0)
+    subject = vr._Subject(MAGIKA, None, "none", "n/a")
+    vr._probe(check, environment, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+    assert check.status == "not installed"
+    assert check.loads is None
+    assert "does not import" in (check.install_error or "")
+    assert "tflite_runtime" in (check.install_error or "")
+
+    # A venv without numpy: the probe itself cannot start its work; still "not installed".
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    check = vr.RuntimeCheck(end="newest", package="onnxruntime", version="1.32.0")
+    check.installed = True
+    environment = vr.RuntimeEnvironment(RuntimePin("onnxruntime", "1.32.0"), bare, (), False, 0)
+    vr._probe(check, environment, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+    assert check.status == "not installed"
+    assert "does not import: numpy" in (check.install_error or "")
+
+    # An interpreter that cannot even be started: one line, not a traceback.
+    gone = vr.RuntimeEnvironment(
+        RuntimePin("onnxruntime", "1.16.3"), tmp_path / "gone", (), False, 0
+    )
+    with pytest.raises(RuntimeInstallError, match=r"cannot run .*gone/bin/python"):
+        vr._probe(check, gone, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+
+
+def test_pip_time_limit_holds_while_pip_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekit import verify_runtime as vr
+
+    monkeypatch.setattr(vr, "_PIP_TIMEOUT_S", 1.0)
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    lines = vr._stream(silent, progress=None, prefix="")
+    assert lines is not None and "did not finish within 1 s" in lines[-1]
+
+
+def test_pip_settings_that_install_elsewhere_are_not_passed_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgekit import verify_runtime as vr
+
+    for name in ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER"):
+        monkeypatch.setenv(name, "/somewhere")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://example.invalid/simple")
+    env = vr._clean_env()
+    assert not {"PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER"} & set(env)
+    assert env["PIP_INDEX_URL"] == "https://example.invalid/simple"
+
+
+def test_probe_reports_the_tensorflow_version_of_a_tensorflow_cpu_install() -> None:
+    from importlib import metadata
+
+    from edgekit import _runtime_probe
+
+    assert _runtime_probe._distribution_version("tensorflow") == metadata.version("tensorflow-cpu")
+
+
+def test_unreadable_trust_store_is_a_one_line_error(tmp_path: Path) -> None:
+    from edgekit import verify_runtime as vr
+    from edgekit.errors import EdgekitError
+
+    bundle = tmp_path / "x.ekb"
+    bundle.write_bytes(b"")
+    unreadable = tmp_path / "trust"  # a folder: reading it fails even as root
+    unreadable.mkdir()
+    with pytest.raises(EdgekitError, match=r"cannot read the trust store .*trust: ") as info:
+        vr._extract(bundle, tmp_path / "out", trust=unreadable)
+    assert "\n" not in str(info.value)
 
 
 def test_two_runs_building_the_same_runtime_share_one_build(tmp_path: Path) -> None:
@@ -330,6 +437,7 @@ def test_convert_verify_runtime_refuses_to_sign_when_a_runtime_refuses(
     assert done.stderr.startswith("error: no bundle signed: ")
     assert "onnxruntime 1.16.3: refuses the model" in done.stderr
     assert "DeformConv" in done.stderr
+    assert not list(out.glob("*.ekb"))
     # Every candidate was tried on the runtimes and failed: the conversion fails as a whole and,
     # as for any failed conversion, writes nothing.
     assert "fails on the profile's runtimes" in done.stderr
@@ -353,6 +461,39 @@ def test_convert_verify_runtime_signs_when_every_runtime_passes(
     assert rows["1.16.3"]["within_tolerance"] is True
     assert rows["1.32.0"]["within_tolerance"] is True
     assert Path(report["bundle"]).is_file()
+    # The record stays with the output and travels in the signed bundle.
+    written = json.loads((out / "report.json").read_text())
+    assert written["verify_runtime"]["passed"] is True
+    assert _by_version(written["verify_runtime"])["1.16.3"]["status"] == "pass"
+    from edgekit.bundle import inspect_bundle
+
+    with open(report["bundle"], "rb") as handle:
+        member = next(f for f in inspect_bundle(handle).files if f.entry.path == "report.json")
+        handle.seek(member.offset_bytes)
+        carried = json.loads(handle.read(member.entry.size_bytes))
+    assert carried["verify_runtime"]["passed"] is True
+
+
+def test_convert_verify_runtime_stops_at_once_when_no_runtime_installs(
+    digits: DigitsExample, env: dict[str, str], tmp_path: Path
+) -> None:
+    offline = {
+        **env,
+        "EDGEKIT_RUNTIME_CACHE": str(tmp_path / "empty-cache"),
+        "PIP_NO_INDEX": "1",  # nothing can be installed
+        "PIP_FIND_LINKS": "",
+    }
+    out = tmp_path / "out"
+    done = _edgekit(
+        "convert", digits.model_path, "-p", "raspberrypi", "-o", out,
+        "--validation", digits.validation_path, "--verify-runtime", env=offline,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --verify-runtime cannot check"), lines
+    assert "onnxruntime 1.16.3: onnxruntime 1.16.3 cannot be installed here" in lines[0]
+    assert "onnxruntime 1.32.0" in lines[0]
+    assert "no candidate" not in lines[0]  # not blamed on the candidates
 
 
 @pytest.mark.slow  # a fault test: two real builds, one killed mid-install
@@ -385,3 +526,80 @@ def test_a_build_killed_mid_install_is_never_trusted(tmp_path: Path) -> None:
     environment = cache.ensure(pin)
     assert environment.created and environment.path == cache.path(pin)
     assert not list(cache.root.glob(f".{cache.key(pin)}.build-*"))  # the leftover is gone
+
+
+# -- quantized (int8/uint8) outputs are compared as real values --------------------------------
+
+
+def _stored(golden: Path) -> dict[str, Any]:
+    with np.load(golden) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _real_cosine(stored: Any, other: Any, quantization: Any) -> float:
+    scale, zero_point = quantization
+    a = (stored.astype(np.float64) - zero_point) * scale
+    b = (other.astype(np.float64) - zero_point) * scale
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
+
+
+@pytest.mark.parametrize(("profile", "io_type"), [("coral-edgetpu", "uint8"), ("cortex-m", "int8")])
+def test_quantized_outputs_are_compared_as_real_values(
+    profile: str, io_type: Literal["int8", "uint8"], runtime_cache: Path, tmp_path: Path
+) -> None:
+    from edgekit.verify_runtime import verify_runtime
+    from tests.quantized_models import quantized_classifier, write_golden
+
+    model = quantized_classifier(tmp_path / "out", io_type)
+    golden = write_golden(model, profile)
+    arrays = _stored(golden)
+    quantization = arrays["quantization/outputs/output_0"]
+    assert quantization.shape == (2,) and quantization[0] > 0  # [scale, zero_point]
+    assert arrays["outputs/0/output_0"].dtype == np.dtype(io_type)
+    assert arrays["quantization/inputs/features"][0] > 0
+    loaded = load_profile(profile)
+
+    def check(outputs: dict[str, Any], *, keep_quantization: bool = True) -> dict[str, Any]:
+        kept = {
+            key: outputs.get(key, value)
+            for key, value in arrays.items()
+            if keep_quantization or not key.startswith("quantization/")
+        }
+        np.savez(golden, **kept)
+        report = verify_runtime(model, loaded, cache_dir=runtime_cache, which="newest")
+        (row,) = report.checks
+        assert row.loads, row.to_dict()
+        return row.to_dict()
+
+    # As written: passes, and top-1 agreement is measured (a classifier's real-valued logits).
+    row = check({})
+    assert row["within_tolerance"] is True, row
+    assert row["metrics"]["output_0"]["top1_agreement"] == 1.0
+    # One quantization step off everywhere (as two runtimes may round): still passes.
+    info = np.iinfo(io_type)
+    stepped = {
+        key: np.clip(value.astype(np.int64) + 1, info.min, info.max).astype(io_type)
+        for key, value in arrays.items()
+        if key.startswith("outputs/")
+    }
+    row = check(stepped)
+    assert row["within_tolerance"] is True, row
+    # Wrong outputs (classes reversed): caught by cosine on real values and by top-1.
+    wrong = {
+        key: value[:, ::-1].copy() for key, value in arrays.items() if key.startswith("outputs/")
+    }
+    row = check(wrong)
+    assert row["within_tolerance"] is False
+    failures = " ".join(row["failures"])
+    assert "cosine" in failures and "top-1 agreement" in failures, failures
+    expected_cosine = np.mean(
+        [_real_cosine(arrays[key], wrong[key], quantization) for key in sorted(wrong)]
+    )
+    assert row["metrics"]["output_0"]["cosine"] == pytest.approx(expected_cosine, abs=1e-4)
+    assert row["metrics"]["output_0"]["top1_agreement"] < loaded.health_check.min_top1_agreement
+    # An older golden.npz without quantization entries: the runtime's own scale and zero point.
+    row = check(wrong, keep_quantization=False)
+    assert row["within_tolerance"] is False
+    assert row["metrics"]["output_0"]["cosine"] == pytest.approx(expected_cosine, abs=1e-4)
+    row = check({}, keep_quantization=False)
+    assert row["within_tolerance"] is True, row

@@ -89,7 +89,16 @@ def source_kind(path: Path) -> SourceKind:
             f"{path}: legacy Keras HDF5 files are not read; re-save the model with "
             "model.save('model.keras') or model.export('saved_model_dir')"
         )
-    return "onnx"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() == ".tflite":
+        raise ConversionError(
+            f"{path} is already a TFLite model: there is nothing to convert; check it on the "
+            "device runtimes with `edgekit verify-runtime` and pack it with `edgekit bundle build`"
+        )
+    raise ConversionError(
+        f"{path}: unsupported model format; expected .onnx, .keras or a SavedModel folder"
+    )
 
 
 def _tf() -> Any:
@@ -434,6 +443,8 @@ def rank_tflite_layers(
     """
     with _quiet_converter():
         debugger = _debugger(saved_model, context, config, ())
+        # Read before run(): it rebuilds the debugger's interpreter with other tensor indices.
+        edge = _io_adjacent_tensors(debugger) if config.io_type != "float32" else set()
         debugger.run()
     dump = io.StringIO()
     debugger.layer_statistics_dump(dump)
@@ -447,8 +458,50 @@ def rank_tflite_layers(
         if not scale or not np.isfinite(mse):
             continue
         ranked.append((row["tensor_name"], float(np.sqrt(mse) / scale)))
+    # A float layer next to a graph input or output leaves that input or output in float32
+    # (TF keeps its original type): never offered for an int8/uint8-I/O profile.
+    ranked = [item for item in ranked if item[0] not in edge]
     ranked.sort(key=lambda item: item[1], reverse=True)
     return ranked
+
+
+_IO_PASSTHROUGH_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+def _io_adjacent_tensors(debugger: Any) -> set[str]:
+    """Names of the tensors whose op reads a graph input or writes a graph output, looking
+    through the QUANTIZE/DEQUANTIZE ops the float-I/O debug model has at its edges."""
+    # Private attributes: the debugger keeps its model there and relies on _get_ops_details.
+    interpreter = debugger._quant_interpreter
+    ops = interpreter._get_ops_details()
+    names = {int(t["index"]): str(t["name"]) for t in interpreter.get_tensor_details()}
+    producer = {int(out): op for op in ops for out in op["outputs"]}
+    edge: set[int] = set()
+    inputs = {int(d["index"]) for d in interpreter.get_input_details()}
+    frontier = set(inputs)
+    while frontier:
+        reached: set[int] = set()
+        for op in ops:
+            if not frontier & {int(i) for i in op["inputs"]}:
+                continue
+            outs = {int(o) for o in op["outputs"]}
+            if op["op_name"] in _IO_PASSTHROUGH_OPS:
+                reached |= outs - inputs
+            else:
+                edge |= outs
+        inputs |= reached
+        frontier = reached
+    for detail in interpreter.get_output_details():
+        tensor = int(detail["index"])
+        seen: set[int] = set()
+        while tensor in producer and tensor not in seen:
+            seen.add(tensor)
+            op = producer[tensor]
+            edge.add(tensor)
+            if op["op_name"] not in _IO_PASSTHROUGH_OPS or not len(op["inputs"]):
+                break
+            tensor = int(op["inputs"][0])
+    return {names[index] for index in edge if index in names}
 
 
 # Candidate kind -> the ai-edge-quantizer recipe that builds it, and the I/O type it gives.

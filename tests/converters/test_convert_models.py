@@ -151,3 +151,75 @@ def test_silero(silero_data: tuple[Path, Path], tmp_path: Path) -> None:
         keep_candidates=True,
     )
     _check_conversion(result, SILERO, validation)
+
+
+def test_onnx_with_external_data_loads_from_the_output_and_from_its_bundle(
+    digits: DigitsExample, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgekit.converters.passes import onnx_passes
+
+    from edgekit.bundle import build_bundle, collect_bundle_inputs, extract_bundle
+    from edgekit.trust import Signer
+    from edgekit.trust.dsse import SignaturePolicy
+
+    source = tmp_path / "src" / "digits.onnx"
+    source.parent.mkdir()
+    onnx.save_model(
+        onnx.load(str(digits.model_path)),
+        str(source),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="digits.onnx.data",
+        size_threshold=0,  # every tensor external
+    )
+    # Candidates keep their weights in `<candidate>.onnx.data` as models over 1.8 GB do.
+    monkeypatch.setattr(onnx_passes, "_EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    profile = tmp_path / "fp32.yaml"
+    profile.write_text(
+        "extends: raspberrypi\nname: pi-fp32\ndescription: fp32 only\n"
+        "quantization:\n  candidates: [fp32]\n"
+    )
+    out = tmp_path / "out"
+    result = convert(
+        source,
+        profile=str(profile),
+        output_dir=out,
+        validation=digits.validation_path,
+        benchmark_seconds=0.2,
+        keep_candidates=True,
+    )
+    assert result.artifact == out / "model.onnx"
+    for kept in (out / "candidates").glob("*.onnx"):  # each loads with its own data file
+        assert kept.with_name(kept.name + ".data").is_file()
+        _session(kept)
+    assert (out / "model.onnx.data").is_file()
+    locations = {
+        entry.value
+        for tensor in onnx.load(str(result.artifact), load_external_data=False).graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    assert locations == {"model.onnx.data"}
+    logits = _session(result.artifact).run(None, {"pixels": digits.x_test[:4]})[0]
+    assert logits.shape[0] == 4
+
+    inputs = {item.path: item.role for item in collect_bundle_inputs(out)}
+    assert inputs["model.onnx.data"] == "other" and inputs["model.onnx"] == "model"
+    signer = Signer.generate()
+    bundle = build_bundle(
+        collect_bundle_inputs(out),
+        out_path=tmp_path / "digits.ekb",
+        name="digits",
+        version="1.0.0",
+        security_epoch=0,
+        profile="raspberrypi",
+        signers=[signer],
+    )
+    # What the agent's store does on install: verify while extracting into the slot.
+    slot = tmp_path / "slot"
+    policy = SignaturePolicy({signer.keyid: signer.public_key}, threshold=1)
+    with open(bundle, "rb") as handle:
+        installed = extract_bundle(handle, slot, trust=policy)
+    assert "model.onnx.data" in {item.entry.path for item in installed.files}
+    again = _session(slot / "model.onnx").run(None, {"pixels": digits.x_test[:4]})[0]
+    np.testing.assert_array_equal(again, logits)

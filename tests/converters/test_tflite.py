@@ -21,6 +21,7 @@ from edgekit.converters import convert
 from edgekit.converters.passes.tflite_passes import litert_quantizer_available
 from edgekit.converters.tflite_examples import KerasDigitsExample, export_keras_digits
 
+from edgekit.bundle import inspect_bundle, sign_and_build_bundle
 from edgekit.runtimes import LiteRtBackend, dequantize_output, open_runtime, quantize_input
 
 Array = npt.NDArray[Any]
@@ -167,6 +168,35 @@ def test_each_tflite_variant_keeps_the_keras_accuracy(
     np.testing.assert_array_equal(quantize_input(runtime.outputs[0], five[:1]), one)
     stats = json.loads((tmp_path / "coral" / "reference_stats.json").read_text())
     assert stats["inputs"]["pixels"]["dtype"] == "uint8"
+    # The golden samples carry each quantized tensor's [scale, zero_point].
+    with np.load(tmp_path / "coral" / "golden.npz") as golden:
+        for key, spec in (
+            ("quantization/inputs/pixels", runtime.inputs[0]),
+            ("quantization/outputs/logits", runtime.outputs[0]),
+        ):
+            assert spec.quantization is not None
+            np.testing.assert_allclose(golden[key], spec.quantization)
+    # The report's signature (and so the bundle manifest's) is the artifact's uint8 I/O.
+    signature = coral.report["signature"]
+    assert [(s["name"], s["dtype"]) for s in signature["inputs"]] == [("pixels", "uint8")]
+    assert [(s["name"], s["dtype"]) for s in signature["outputs"]] == [("logits", "uint8")]
+    assert signature["outputs"][0]["quantization"] == {
+        "scale": runtime.outputs[0].quantization[0],
+        "zero_point": runtime.outputs[0].quantization[1],
+    }
+    assert coral.report["source"]["signature"]["inputs"][0]["dtype"] == "float32"
+    assert coral.report["candidates"][0]["details"]["tflite_convert"]["io_type"] == "uint8"
+    bundle = sign_and_build_bundle(
+        tmp_path / "coral", name="kd", version="1.0.0", security_epoch=0, profile=None,
+        out_dir=tmp_path / "bundles", signers=[],
+    )  # fmt: skip
+    manifest = inspect_bundle(bundle.read_bytes()).manifest
+    assert manifest.profile == "coral-edgetpu"
+    io_signature: Any = manifest.signature
+    (manifest_input,) = io_signature["inputs"]
+    (manifest_output,) = io_signature["outputs"]
+    assert manifest_input["dtype"] == "uint8" and manifest_output["dtype"] == "uint8"
+    assert manifest_output["quantization"]["zero_point"] == runtime.outputs[0].quantization[1]
 
 
 def test_full_int8_fallback_keeps_the_worst_layers_in_float(
@@ -214,6 +244,58 @@ def test_full_int8_fallback_keeps_the_worst_layers_in_float(
     )
     assert dtype == "float32"
     assert _mean_cosine(kept_logits, keras_digits.logits_test) > plain_cosine
+
+
+def test_full_int8_fallback_keeps_uint8_io_for_coral(
+    keras_digits: KerasDigitsExample, tmp_path: Path
+) -> None:
+    """A float layer next to a graph input/output leaves that input/output float32 (TF keeps
+    its original type). For a uint8-I/O profile the fallback never ranks those layers, and a
+    build whose I/O is not uint8 is refused with the reason."""
+    from edgekit.converters.data import load_dataset
+    from edgekit.converters.passes import PassContext
+    from edgekit.converters.passes.tflite_passes import rank_tflite_layers
+    from edgekit.converters.pipeline import _build_tflite_candidate, _tflite_config
+
+    from edgekit.profiles import load_profile
+    from edgekit.runtimes import TensorSpec
+
+    pixels = TensorSpec(name="pixels", dtype="float32", shape=(None, 8, 8, 1))
+    data = load_dataset(keras_digits.calibration_path, [pixels])
+    saved = keras_digits.saved_model
+
+    def ranked(profile: str) -> tuple[PassContext, list[str]]:
+        folder = tmp_path / profile
+        folder.mkdir()
+        context = PassContext(
+            profile=load_profile(profile), workdir=folder, threads=1, calibration=data,
+            validation=data,
+        )  # fmt: skip
+        config = _tflite_config("full_int8", context.profile)
+        return context, [name for name, _ in rank_tflite_layers(saved, context, config)]
+
+    coral, ranked_uint8 = ranked("coral-edgetpu")
+    _, ranked_float = ranked("raspberrypi-tflite")
+    edge = [name for name in ranked_float if name not in ranked_uint8]
+    assert edge and ranked_uint8, (ranked_float, ranked_uint8)
+    refused = []
+    for index, layer in enumerate(ranked_float):
+        build = _build_tflite_candidate(
+            "full_int8", saved, coral, float_layers=(layer,), label=f"fb{index}"
+        )
+        assert build.path is not None
+        runtime = LiteRtBackend(build.path)
+        dtypes = {spec.dtype for spec in (*runtime.inputs, *runtime.outputs)}
+        assert build.details["tflite_convert"]["io_type"] == "/".join(sorted(dtypes))
+        if dtypes == {"uint8"}:
+            assert build.status == "ok", build.to_dict()
+            continue
+        # TF left an input or output float32: refused, with the reason.
+        assert build.status == "failed" and build.error is not None
+        assert "float32" in build.error and "the profile wants uint8 I/O" in build.error
+        refused.append(layer)
+    # Exactly those (the first conv, the logits layer) are missing from the uint8 ranking.
+    assert refused and set(refused) == set(edge), (refused, edge)
 
 
 def test_saved_model_input(keras_digits: KerasDigitsExample, tmp_path: Path) -> None:

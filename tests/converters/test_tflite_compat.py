@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 from edgekit.converters.tflite_compat import (
+    AI_EDGE_LITERT_1_2_MAX_VERSIONS,
     BUILTIN_OPERATOR_NAMES,
+    TFLITE_RUNTIME_2_14_MAX_VERSIONS,
     TFLiteModelError,
+    UnmeasuredRuntimeError,
     blocking_ops,
     downgrade_options,
     max_op_versions,
@@ -25,7 +28,7 @@ from edgekit.converters.tflite_compat import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgekit.profiles import load_profile
+from edgekit.profiles import RuntimePin, RuntimeRange, load_profile
 
 Converter = Callable[[dict[str, object]], bytes]
 
@@ -108,6 +111,53 @@ def test_downgrade_options_only_where_the_oldest_runtime_needs_them() -> None:
     }
     assert downgrade_options(load_profile("android-arm64")) == {}
     assert max_op_versions(load_profile("android-arm64").runtime.newest) is None
+
+
+@pytest.mark.parametrize(
+    ("package", "version", "expected"),
+    [
+        ("ai-edge-litert", "2.3.0", None),
+        ("ai-edge-litert", "2.4.1", None),
+        # Only 2.3.0 was measured loading everything: 2.0-2.2 get the 1.2.0 table.
+        ("ai-edge-litert", "2.2.0", AI_EDGE_LITERT_1_2_MAX_VERSIONS),
+        ("ai-edge-litert", "2.0.0", AI_EDGE_LITERT_1_2_MAX_VERSIONS),
+        ("ai-edge-litert", "1.2.0", AI_EDGE_LITERT_1_2_MAX_VERSIONS),
+        ("tflite-runtime", "2.14.0", TFLITE_RUNTIME_2_14_MAX_VERSIONS),
+        ("tensorflow", "2.16.1", TFLITE_RUNTIME_2_14_MAX_VERSIONS),
+        ("tensorflow", "2.21.0", None),
+    ],
+)
+def test_op_version_table_is_the_newest_measured_not_newer_than_the_runtime(
+    package: str, version: str, expected: object
+) -> None:
+    assert max_op_versions(RuntimePin(package, version)) is expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("package", "version", "oldest"),
+    [
+        ("tflite-runtime", "2.13.0", "2.14.0"),
+        ("tensorflow", "2.12.1", "2.14.0"),
+        ("ai-edge-litert", "1.1.0", "1.2.0"),
+    ],
+)
+def test_runtime_older_than_any_measured_table_fails_closed(
+    dynamic_int8: Path, package: str, version: str, oldest: str
+) -> None:
+    pin = RuntimePin(package, version)  # type: ignore[arg-type]
+    message = (
+        f"no measured op-version table for {package} {version}; the oldest measured is {oldest}"
+    )
+    with pytest.raises(UnmeasuredRuntimeError, match=message):
+        max_op_versions(pin)
+    profile = load_profile("raspberrypi-tflite")
+    import dataclasses
+
+    old = dataclasses.replace(
+        profile, runtime=RuntimeRange(oldest=pin, newest=profile.runtime.newest)
+    )
+    assert blocking_ops(dynamic_int8, old) == [message]
+    assert downgrade_options(old) == {}
 
 
 def _verify(model: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
