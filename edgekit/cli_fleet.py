@@ -614,6 +614,8 @@ def _resume(
 )
 @click.option(
     "--truststore",
+    "--trust",
+    "truststore",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Verify the bundles and the directive key against the devices' trust store.",
 )

@@ -401,14 +401,28 @@ def broker_config_command(
     show_default=True,
     help="Shared subscription group: exporters with the same group split the messages.",
 )
-@click.option("--username", default="monitor", show_default=True, help="MQTT user.")
+@click.option(
+    "--username",
+    default="monitor",
+    show_default=True,
+    envvar="EDGEKIT_MONITOR_USERNAME",
+    help="MQTT user [env EDGEKIT_MONITOR_USERNAME].",
+)
 @click.option(
     "--password-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="File holding the MQTT password (or set EDGEKIT_MONITOR_PASSWORD).",
 )
-@click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--ca",
+    "--tls-ca",
+    "tls_ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="EDGEKIT_BROKER_CA",
+    help="CA (PEM) that signed the broker's certificate [env EDGEKIT_BROKER_CA].",
+)
 @click.option("--status-shared", is_flag=True, help="Share status messages too (no retained).")
 @click.option(
     "--forget-after",
