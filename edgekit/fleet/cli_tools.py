@@ -101,21 +101,27 @@ def _read_trust_store(path: Path) -> TrustStore:
     return load_truststore(data)
 
 
-@click.command("simulate", cls=_ExitingCommand)
-@click.option("--devices", "count", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
+# Shared with the other fleet commands' conventions (edgekit/cli_fleet.py): the same names and
+# environment variables everywhere.
+_fleet_option = click.option(
     "--fleet",
     required=True,
     envvar="EDGEKIT_FLEET",
     help="Fleet id (topic level) [env EDGEKIT_FLEET].",
 )
-@click.option(
+_broker_option = click.option(
     "--broker",
     default="mqtt://127.0.0.1:1883",
     show_default=True,
     envvar="EDGEKIT_BROKER_URL",
     help="Broker URL [env EDGEKIT_BROKER_URL].",
 )
+
+
+@click.command("simulate", cls=_ExitingCommand)
+@click.option("--devices", "count", type=click.IntRange(min=1), default=10, show_default=True)
+@_fleet_option
+@_broker_option
 @click.option(
     "--trust",
     "trust_path",
@@ -248,12 +254,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 @click.command("broker-config", cls=_ExitingCommand)
-@click.option(
-    "--fleet",
-    required=True,
-    envvar="EDGEKIT_FLEET",
-    help="Fleet id (topic level) [env EDGEKIT_FLEET].",
-)
+@_fleet_option
 @click.option(
     "--devices",
     "devices_csv",
@@ -381,20 +382,9 @@ def broker_config_command(
 
 
 @click.command("monitor", cls=_ExitingCommand)
-@click.option(
-    "--fleet",
-    required=True,
-    envvar="EDGEKIT_FLEET",
-    help="Fleet id (topic level) [env EDGEKIT_FLEET].",
-)
+@_fleet_option
 @click.option("--listen", default=":9108", show_default=True, help="[ADDRESS]:PORT for /metrics.")
-@click.option(
-    "--broker",
-    default="mqtt://127.0.0.1:1883",
-    show_default=True,
-    envvar="EDGEKIT_BROKER_URL",
-    help="Broker URL [env EDGEKIT_BROKER_URL].",
-)
+@_broker_option
 @click.option(
     "--group",
     default="edgekit-monitor",
