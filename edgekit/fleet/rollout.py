@@ -88,6 +88,7 @@ FAILURE_EVENT_KINDS = frozenset({"rolled_back", "bundle_refused", "directive_ref
 """Events that, carrying a directive's sequence, mean the device did not take it."""
 
 _HEARTBEAT_S = 2.0
+_BASELINE_SAVE_S = 1.0  # baseline telemetry is written to the store at most this often
 
 
 class RolloutError(EdgekitError):
@@ -485,6 +486,8 @@ class _Observed:
     desired: dict[str, bytes] = field(default_factory=dict)
     p95_ms: dict[str, tuple[str, float]] = field(default_factory=dict)  # device -> (sha, p95)
     baseline_p95_ms: dict[str, float] = field(default_factory=dict)  # device -> p95 on old
+    # Baseline values not yet written to the store: device -> (previous sha, p95).
+    unsaved_baseline: dict[str, tuple[str, float]] = field(default_factory=dict)
     drift: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
@@ -515,6 +518,8 @@ class RolloutController:
         self._observed = _Observed()
         self._listening = False
         self._previous_sha: dict[str, str] = {}  # device -> sha it ran before the rollout
+        self._driving: str | None = None  # the rollout `run` drives (baselines are its own)
+        self._baseline_saved = 0.0
         self._revert_started = 0.0
 
     # -- listening ---------------------------------------------------------------------------
@@ -567,11 +572,50 @@ class RolloutController:
                 p95 = telemetry.latency_ms.get("p95")
                 if p95 is not None and telemetry.requests > 0:
                     observed.p95_ms[device] = (sha, p95)
+                    self._note_baseline(device, sha, p95)
                 if telemetry.drift_psi is not None:
                     observed.drift[device] = (sha, telemetry.drift_psi)
 
     def _pump(self, timeout_s: float) -> None:
         self._handle(self.connection.drain(timeout_s=timeout_s))
+
+    def _note_baseline(self, device: str, sha: str, p95: float) -> None:
+        """Keep `p95` as `device`'s baseline if it still runs its pre-rollout bundle."""
+        if self._driving is None or not sha or self._previous_sha.get(device) != sha:
+            return
+        observed = self._observed
+        if observed.baseline_p95_ms.get(device) != p95:
+            observed.baseline_p95_ms[device] = p95
+            observed.unsaved_baseline[device] = (sha, p95)
+
+    def _save_baselines(self, *, force: bool = False) -> None:
+        """Persist baseline telemetry heard since the last save (one transaction, at most every
+        `_BASELINE_SAVE_S`): a resumed controller compares against it once those devices run
+        the new version."""
+        unsaved = self._observed.unsaved_baseline
+        if self._driving is None or not unsaved:
+            return
+        now = time.monotonic()
+        if not force and now - self._baseline_saved < _BASELINE_SAVE_S:
+            return
+        self._baseline_saved = now
+        self.store.record_baselines(
+            self._driving, [(device, sha, p95) for device, (sha, p95) in unsaved.items()]
+        )
+        unsaved.clear()
+
+    def _load_baselines(self, rollout_id: str) -> None:
+        """The baseline recorded by earlier controllers of `rollout_id`, then what was heard
+        since `listen` (devices still on their previous bundle)."""
+        observed = self._observed
+        observed.baseline_p95_ms.clear()
+        observed.unsaved_baseline.clear()
+        for device, (sha, p95) in self.store.baselines(rollout_id).items():
+            if self._previous_sha.get(device) == sha:
+                observed.baseline_p95_ms[device] = p95
+        for device, (sha, p95) in observed.p95_ms.items():
+            self._note_baseline(device, sha, p95)
+        self._save_baselines(force=True)
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -726,6 +770,7 @@ class RolloutController:
         try:
             return self._drive(record, stop_when)
         finally:
+            self._driving = None
             self.store.release(rollout_id)
 
     def _options(self, record: RolloutRecord) -> RolloutOptions:
@@ -739,7 +784,8 @@ class RolloutController:
         self._previous_sha = {
             t.device: (t.previous or {}).get("sha256", "") for t in self.store.targets(rollout_id)
         }
-        self._observed.baseline_p95_ms.clear()
+        self._driving = rollout_id
+        self._load_baselines(rollout_id)
         self._revert_started = 0.0
         self._last_heartbeat = 0.0
         self._publish_bundles(record, options)
@@ -762,6 +808,8 @@ class RolloutController:
                 break
             self._heartbeat(rollout_id)
             self._pump(self.poll_s)
+            self._save_baselines()
+        self._save_baselines(force=True)
         final = progress_of(self.store, rollout_id)
         if self.on_progress is not None:
             self.on_progress(final)
@@ -964,10 +1012,6 @@ class RolloutController:
             for device, (sha, p95) in self._observed.p95_ms.items()
             if wave_devices.get(device) == sha
         ]
-        for device, (sha, p95) in self._observed.p95_ms.items():
-            previous = self._previous_sha.get(device)
-            if previous and sha == previous:
-                self._observed.baseline_p95_ms[device] = p95
         drift = [
             psi
             for device, (sha, psi) in self._observed.drift.items()

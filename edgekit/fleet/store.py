@@ -54,6 +54,8 @@ TargetOutcome = Literal[
 ]
 Request = Literal["pause", "resume", "abort", "abort_revert"]
 
+# Additive changes (a new table, `IF NOT EXISTS`) keep the version: an older edgekit reads a
+# newer file and ignores what it does not know; `_SCHEMA` brings an older file up on open.
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +84,11 @@ CREATE TABLE IF NOT EXISTS targets (
     PRIMARY KEY (rollout_id, device)
 );
 CREATE INDEX IF NOT EXISTS targets_by_wave ON targets (rollout_id, wave);
+CREATE TABLE IF NOT EXISTS baselines (
+    rollout_id TEXT NOT NULL, device TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
+    p95_ms REAL NOT NULL, observed_at REAL NOT NULL,
+    PRIMARY KEY (rollout_id, device, bundle_sha256)
+);
 """
 
 
@@ -579,6 +586,36 @@ class RolloutStore:
                     for device, outcome, detail in outcomes
                 ],
             )
+
+    # -- gate baselines ------------------------------------------------------------------------
+
+    def record_baselines(
+        self, rollout_id: str, observations: Sequence[tuple[str, str, float]]
+    ) -> None:
+        """Keep (device, bundle sha256, p95 ms) telemetry the gates compare a wave against.
+
+        One row per device and bundle of `rollout_id` (the latest value wins), so a resumed
+        controller has the baseline of devices that have since moved to the new version.
+        """
+        if not observations:
+            return
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO baselines VALUES (?,?,?,?,?) "
+                "ON CONFLICT(rollout_id, device, bundle_sha256) DO UPDATE SET "
+                "p95_ms=excluded.p95_ms, observed_at=excluded.observed_at",
+                [(rollout_id, device, sha, float(p95), now) for device, sha, p95 in observations],
+            )
+
+    def baselines(self, rollout_id: str) -> dict[str, tuple[str, float]]:
+        """device -> (bundle sha256, p95 ms) recorded for `rollout_id` (latest per device)."""
+        rows = self._db.execute(
+            "SELECT device, bundle_sha256, p95_ms FROM baselines WHERE rollout_id=? "
+            "ORDER BY observed_at",
+            (rollout_id,),
+        )
+        return {str(row[0]): (str(row[1]), float(row[2])) for row in rows}
 
 
 def _bundle(row: sqlite3.Row) -> BundleRecord:
