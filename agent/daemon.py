@@ -355,6 +355,12 @@ def describe_state(config: AgentConfig) -> dict[str, Any]:
                 else None
             )
         result["bad_bundles"] = store.bad_bundles()
+        probation = store.probation()  # the resumable probation record, while one runs
+        result["probation"] = (
+            {key: probation.get(key) for key in ("sequence", "observed_s", "window_s", "baseline")}
+            if probation
+            else None
+        )
         runtime = read_json(store.root / "agent.json", what="agent runtime info") or {}
         result["inference_url"] = runtime.get("inference_url")
         result["pid"] = runtime.get("pid")

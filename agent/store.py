@@ -9,6 +9,9 @@ Layout under the data directory:
     bad.json              bundle sha256 -> sequence and reason it failed at (a record for
                           operators; the directive floor is what prevents a retry)
     journal.json          the update journal (`edgekit.agent.journal`)
+    probation.json        while an update is in activating/probation: the replaced model's
+                          latency baseline and the probation time already observed, so a
+                          restart resumes the window and the p95 check; removed at the end
     downloads/            partial and complete bundle downloads
     queue/                unsent telemetry and events
 
@@ -122,6 +125,7 @@ class Store:
         self._pointer_path = self.root / "pointer.json"
         self._floor_path = self.root / "floor.json"
         self._bad_path = self.root / "bad.json"
+        self.probation_path = self.root / "probation.json"
 
     def ensure_layout(self) -> None:
         """Create the directories; raises `StorageError` naming the directory if it cannot."""
@@ -354,6 +358,28 @@ class Store:
         if isinstance(entry, Mapping) and int(entry.get("sequence", 0)) >= sequence:
             return str(entry.get("reason", "marked bad"))
         return None
+
+    # -- probation baseline ----------------------------------------------------------------
+
+    def probation(self) -> dict[str, Any] | None:
+        """The probation record (`set_probation`), None if there is none; raises
+        `JournalError` if it is corrupt."""
+        document = read_json(self.probation_path, what="probation record")
+        return dict(document) if isinstance(document, dict) else None
+
+    def set_probation(self, document: Mapping[str, Any]) -> None:
+        """Replace the probation record durably (temp file, fsync, rename, fsync dir)."""
+        write_json_atomic(self.probation_path, dict(document))
+
+    def clear_probation(self) -> None:
+        """Remove the probation record (the update committed or rolled back)."""
+        try:
+            self.probation_path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"cannot remove {self.probation_path}: {e.strerror or e}") from e
+        fsync_dir(self.root)
 
     # -- downloads -----------------------------------------------------------------------
 

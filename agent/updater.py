@@ -7,8 +7,14 @@ Every transition is written to the journal (fsync'd) before it takes effect and 
 reported (a `state` event and a retained status). `Updater.start` recovers from whatever the
 journal says: steps before activation are redone (each is idempotent) once and rolled back
 (bundle marked bad) if the agent dies in the same step again, an interrupted activation is
-finished, a probation is restarted once and rolled back if the agent dies in it again, an
-interrupted rollback is finished. A slot reused for an update (a rollback directive naming
+finished, a probation is resumed once and rolled back if the agent dies in it again, an
+interrupted rollback is finished. Before the pointer swap, the replaced model's latency
+baseline is written to `probation.json` (atomically, fsync'd); probation checkpoints the time
+it has observed there, so a resumed probation judges p95 against that baseline and runs only
+the remaining window (at least `_MIN_RESUMED_FRACTION` of it: the new model's statistics
+restart at zero). Shadow comparison stays off after a restart (the previous runtime is not
+loaded again); the `probation` state event's details say so. The record is removed when the
+update commits or rolls back. A slot reused for an update (a rollback directive naming
 the bundle the idle slot still holds) is re-verified against today's trust store and epoch
 floor, as is the serving bundle when a directive names it. `bad.json` records which bundles
 failed and why (shown by `edgekit-agent status`); what keeps a failed directive from being
@@ -22,6 +28,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +43,7 @@ from edgekit.agent.health import HealthReport, run_health_check
 from edgekit.agent.journal import Journal, JournalRecord, StorageError, fault_point
 from edgekit.agent.serving import ModelHost, ModelInfo, read_golden_tolerance
 from edgekit.agent.store import Pointer, SlotInfo, Store
+from edgekit.agent.telemetry import StatsSnapshot
 
 from edgekit import __version__
 from edgekit.bundle import Limits, verify_bundle
@@ -56,7 +64,15 @@ from edgekit.trust import (
     verify_directive,
 )
 
-__all__ = ["AGENT_VERSION", "Reporter", "UpdateFailed", "Updater", "effective_budgets"]
+__all__ = [
+    "AGENT_VERSION",
+    "PROBATION_SCHEMA",
+    "Reporter",
+    "UpdateFailed",
+    "Updater",
+    "effective_budgets",
+    "remaining_probation_s",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +81,10 @@ _MAX_PROBATION_RESTARTS = 1
 _MAX_RESUMES = 1  # restarts resumed in one pre-activation state; dying again rolls back
 _PRE_ACTIVATION = ("downloading", "verifying", "installing", "checking")
 _DOWNLOAD_ATTEMPTS = 5
+PROBATION_SCHEMA = "edgekit.agent-probation/v1"
+_MIN_RESUMED_FRACTION = 0.1  # a resumed probation runs at least this share of the window
+_CHECKPOINT_MIN_S = 0.5  # how often probation records the time it has observed
+_CHECKPOINT_MAX_S = 30.0
 
 
 class Reporter(Protocol):
@@ -93,6 +113,68 @@ def effective_budgets(profile: Profile, config: AgentConfig) -> Budgets:
         max_ram_bytes=over.max_ram_bytes or base.max_ram_bytes,
         max_latency_ms=over.max_latency_ms or base.max_latency_ms,
     )
+
+
+def remaining_probation_s(window_s: float, observed_s: float) -> float:
+    """The probation time left after a restart: the window minus what was observed before
+    it (downtime does not count), at least `_MIN_RESUMED_FRACTION` of the window, at most all
+    of it (an unreadable record counts as nothing observed)."""
+    window = max(0.0, window_s)
+    observed = observed_s if math.isfinite(observed_s) and observed_s > 0 else 0.0
+    return min(window, max(window - observed, window * _MIN_RESUMED_FRACTION))
+
+
+def _snapshot_from(document: Any) -> StatsSnapshot | None:
+    """The baseline snapshot a probation record holds (None if absent or malformed)."""
+    if not isinstance(document, dict):
+        return None
+
+    def number(key: str) -> float | None:
+        value = document.get(key)
+        return float(value) if isinstance(value, int | float) and value >= 0 else None
+
+    try:
+        return StatsSnapshot(
+            requests=int(document.get("requests", 0)),
+            errors=int(document.get("errors", 0)),
+            rejected=int(document.get("rejected", 0)),
+            p50_ms=number("p50_ms"),
+            p95_ms=number("p95_ms"),
+            p99_ms=number("p99_ms"),
+            max_ms=number("max_ms"),
+            window_s=float(document.get("window_s", 0.0)),
+        )
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _ProbationPlan:
+    """How this probation runs: its window, its latency baseline, shadow or not."""
+
+    document: dict[str, Any]  # the probation record, checkpointed while it runs
+    resumed: bool  # after a restart (this process did not swap the models)
+    remaining_s: float
+    observed_s: float  # probation time observed before this run (from the record)
+    baseline: StatsSnapshot | None
+    baseline_source: str | None  # "live" (this process swapped), "persisted", or None
+    shadow: bool
+    shadow_note: str | None
+
+    def details(self, window_s: float) -> dict[str, Any]:
+        baseline = self.baseline
+        details: dict[str, Any] = {
+            "resumed": self.resumed,
+            "window_s": window_s,
+            "remaining_s": round(self.remaining_s, 3),
+            "baseline_source": self.baseline_source,
+            "baseline_requests": baseline.requests if baseline else None,
+            "baseline_p95_ms": baseline.p95_ms if baseline else None,
+            "shadow": self.shadow,
+        }
+        if self.shadow_note:
+            details["shadow_note"] = self.shadow_note
+        return details
 
 
 @dataclass
@@ -137,6 +219,8 @@ class Updater:
         self._busy = False
         self._resume = False
         self._recovered_failure: str | None = None  # a rollback decided at start, to report
+        self._swapped = False  # this process swapped the host to the candidate
+        self._plan: _ProbationPlan | None = None
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -200,8 +284,8 @@ class Updater:
         log.error("%s", message)
         self.emit_event("error", reason=message, details=details, bundle=None)
 
-    def _enter(self, state: str, **changes: Any) -> None:
-        """Journal the transition (durably), then report it."""
+    def _enter(self, state: str, *, details: dict[str, Any] | None = None, **changes: Any) -> None:
+        """Journal the transition (durably), then report it (`details` go in the event)."""
         record = self.record.advance(state, **changes)
         self.journal.write(record)
         self.record = record
@@ -212,7 +296,13 @@ class Updater:
             record.sequence,
             f"{record.bundle.name} {record.bundle.version}" if record.bundle else "no bundle",
         )
-        self.emit_event("state", state=state, sequence=record.sequence, reason=record.reason)
+        self.emit_event(
+            "state",
+            state=state,
+            sequence=record.sequence,
+            reason=record.reason,
+            details=details or {},
+        )
         self._publish_status()
 
     # -- start and recovery --------------------------------------------------------------
@@ -229,6 +319,8 @@ class Updater:
             self.record = JournalRecord(state="idle")
             self.report_error(f"{e}; continuing with the last good model", file="journal")
         self._recover_pointer()
+        if self.record.state not in ("activating", "probation"):
+            self._clear_probation()
         self._load_active()
         if self.host.info is None and self.config.initial_bundle is not None:
             self._install_initial(self.config.initial_bundle)
@@ -327,6 +419,7 @@ class Updater:
         pointer = self.store.pointer()
         if record.slot is not None and pointer.active == record.slot:
             self.store.set_pointer(Pointer(record.previous_slot, record.slot))
+        self._clear_probation()
 
     def _load_active(self) -> None:
         """Serve the pointer's slot after re-hashing it; fall back to the other slot."""
@@ -654,7 +747,13 @@ class Updater:
                     candidate = self._activate(candidate)
                     fault_point("activating/done")
                     restarts = self.record.probation_restarts
-                    self._enter("probation", probation_restarts=restarts)
+                    self._plan = self._plan_probation()
+                    window = self.config.update.probation_s
+                    self._enter(
+                        "probation",
+                        probation_restarts=restarts,
+                        details=self._plan.details(window),
+                    )
                 elif state == "probation":
                     self._probation(stop)
                     fault_point("probation/done")
@@ -679,6 +778,8 @@ class Updater:
         finally:
             self.host.set_shadow(None)
             self._previous_runtime = None
+            self._plan = None
+            self._swapped = False
 
     def _download(self, ref: BundleRef, stop: threading.Event) -> Path:
         if ref.size_bytes > self.config.update.max_bundle_bytes:
@@ -815,27 +916,148 @@ class Updater:
                 candidate = _Candidate(info, open_runtime(info.model_path))
             except EdgekitError as e:
                 raise UpdateFailed(f"cannot load the new model: {first_line(e)}") from e
+        active = self.host.info
+        swap = active is None or active.sha256 != candidate.slot.sha256
+        if swap:
+            # Before the swap takes effect: the serving model's statistics are the baseline a
+            # probation resumed after a restart judges against.
+            self._save_baseline(candidate.slot)
         pointer = self.store.pointer()
         if pointer.active != slot:
             self.store.set_pointer(Pointer(slot, pointer.active))
         fault_point("activating/pointer")
-        active = self.host.info
-        if active is None or active.sha256 != candidate.slot.sha256:
+        if swap:
             self._previous_runtime = self._serving
             self._activate_host(candidate.slot, candidate.runtime)
+            self._swapped = True
         return candidate
+
+    # -- probation -----------------------------------------------------------------------
+
+    def _save_baseline(self, slot: SlotInfo) -> None:
+        serving = self.host.since_activation() if self.host.info is not None else None
+        document = {
+            "schema": PROBATION_SCHEMA,
+            "sequence": self.record.sequence,
+            "bundle_sha256": slot.sha256,
+            "baseline": serving.to_dict() if serving is not None and serving.requests else None,
+            "window_s": self.config.update.probation_s,
+            "observed_s": 0.0,
+            "ts": time.time(),
+        }
+        self.store.set_probation(document)
+
+    def _load_probation(self) -> dict[str, Any] | None:
+        """This update's probation record, None if missing, corrupt or another update's."""
+        try:
+            document = self.store.probation()
+        except StorageError as e:
+            log.warning("ignoring the probation record: %s", first_line(e))
+            return None
+        bundle = self.record.bundle
+        if (
+            document is None
+            or document.get("schema") != PROBATION_SCHEMA
+            or document.get("sequence") != self.record.sequence
+            or bundle is None
+            or document.get("bundle_sha256") != bundle.sha256
+        ):
+            return None
+        return document
+
+    def _clear_probation(self) -> None:
+        try:
+            self.store.clear_probation()
+        except StorageError as e:
+            log.warning("%s", first_line(e))
+
+    def _plan_probation(self) -> _ProbationPlan:
+        settings = self.config.update
+        document = self._load_probation()
+        resumed = not self._swapped
+        persisted = _snapshot_from(document.get("baseline")) if document else None
+        live = None if resumed else self.host.previous_snapshot()
+        baseline = live or persisted
+        source = None if baseline is None else ("live" if live is not None else "persisted")
+        observed = 0.0
+        if resumed and document is not None:
+            value = document.get("observed_s", 0.0)
+            observed = float(value) if isinstance(value, int | float) else 0.0
+        window = settings.probation_s
+        remaining = remaining_probation_s(window, observed) if resumed else window
+        shadow = settings.shadow and self._previous_runtime is not None
+        note = None
+        if settings.shadow and not shadow:
+            note = (
+                "shadow comparison is off after a restart (the previous model is not loaded)"
+                if resumed
+                else "shadow comparison is off: no previous model serves"
+            )
+        if document is None:
+            bundle = self.record.bundle
+            document = {
+                "schema": PROBATION_SCHEMA,
+                "sequence": self.record.sequence,
+                "bundle_sha256": bundle.sha256 if bundle else None,
+                "baseline": None,
+                "window_s": window,
+                "observed_s": 0.0,
+                "ts": time.time(),
+            }
+        return _ProbationPlan(
+            document=document,
+            resumed=resumed,
+            remaining_s=remaining,
+            observed_s=min(observed, window),
+            baseline=baseline,
+            baseline_source=source,
+            shadow=shadow,
+            shadow_note=note,
+        )
+
+    def _checkpoint(self, plan: _ProbationPlan, observed_s: float) -> None:
+        """Record the probation time observed so far (a restart resumes from it)."""
+        document = dict(plan.document, observed_s=round(observed_s, 3), ts=time.time())
+        try:
+            self.store.set_probation(document)
+            plan.document = document
+        except StorageError as e:
+            log.warning("cannot checkpoint probation: %s", first_line(e))
 
     def _probation(self, stop: threading.Event) -> None:
         settings = self.config.update
-        if settings.shadow and self._previous_runtime is not None:
-            previous = self.host.previous_info
-            self.host.set_shadow(self._previous_runtime, previous)
-        deadline = time.monotonic() + settings.probation_s
-        while time.monotonic() < deadline:
-            if stop.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+        plan = self._plan
+        if plan is None:  # resumed after a restart: report how it resumes
+            plan = self._plan = self._plan_probation()
+            log.info(
+                "resuming probation: %.1f s left, baseline %s",
+                plan.remaining_s,
+                plan.baseline_source or "none",
+            )
+            self.emit_event(
+                "state",
+                state="probation",
+                sequence=self.record.sequence,
+                details=plan.details(settings.probation_s),
+            )
+            self._publish_status()
+        if plan.shadow:
+            self.host.set_shadow(self._previous_runtime, self.host.previous_info)
+        interval = min(_CHECKPOINT_MAX_S, max(_CHECKPOINT_MIN_S, settings.probation_s / 20))
+        start = time.monotonic()
+        deadline = start + plan.remaining_s
+        next_checkpoint = start
+        while True:
+            now = time.monotonic()
+            if now >= next_checkpoint:
+                self._checkpoint(plan, min(settings.probation_s, plan.observed_s + now - start))
+                next_checkpoint = now + interval
+            if now >= deadline:
+                break
+            if stop.wait(min(0.2, max(0.0, deadline - now))):
                 raise _Interrupted()
             self._judge(final=False)
-        if settings.shadow:
+        if plan.shadow:
             self.host.wait_shadow_idle(timeout_s=5.0)
         self._judge(final=True)
 
@@ -850,7 +1072,8 @@ class Updater:
             )
         if not final:
             return
-        baseline = self.host.previous_snapshot()
+        plan = self._plan
+        baseline = plan.baseline if plan is not None else self.host.previous_snapshot()
         if (
             enough
             and baseline is not None
@@ -864,7 +1087,8 @@ class Updater:
                     f"p95 latency {snapshot.p95_ms:.2f} ms is {ratio:.2f}x the previous "
                     f"model's {baseline.p95_ms:.2f} ms (limit {settings.max_latency_regression:g}x)"
                 )
-        report = self.host.shadow_report() if settings.shadow else None
+        shadowing = plan.shadow if plan is not None else settings.shadow
+        report = self.host.shadow_report() if shadowing else None
         if report is not None and report.compared >= max(1, settings.min_probation_requests):
             agreement = report.agreement_ratio or 0.0
             if agreement < settings.shadow_agreement:
@@ -875,6 +1099,7 @@ class Updater:
 
     def _commit(self) -> None:
         self._enter("committed", reason=None)
+        self._clear_probation()
         self.emit_event("committed", ok=True, sequence=self.record.sequence)
         bundle = self.record.bundle
         try:
@@ -894,6 +1119,7 @@ class Updater:
             if failure.mark_bad and record.bundle is not None:
                 self.store.mark_bad(record.bundle.sha256, sequence=record.sequence, reason=reason)
             self._enter("rolled_back", reason=reason)
+            self._clear_probation()
             pointer = self.store.pointer()
             if record.slot is not None and pointer.active == record.slot:
                 self.store.set_pointer(Pointer(record.previous_slot, record.slot))

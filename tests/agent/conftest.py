@@ -162,6 +162,29 @@ class Device:
 MakeDevice = Callable[..., Device]
 
 
+def start_device(
+    config_path: Path, truststore: Path, sources: list[Path], hosts: list[ModelHost]
+) -> Device:
+    """An updater (started) over the config's data dir, fetching bundles from `sources`."""
+    config = load_config(config_path, environ={})
+    host = ModelHost("model")
+    hosts.append(host)
+    store = Store(config.data_dir)
+    recorder = Recorder()
+    fetcher = LocalFetcher(sources)
+    updater = Updater(
+        config=config,
+        profile=load_profile(config.profile),
+        store=store,
+        trust=load_truststore(truststore.read_bytes()),
+        host=host,
+        fetcher=fetcher,
+        reporter=recorder,
+    )
+    updater.start()
+    return Device(config, updater, host, store, recorder, fetcher)
+
+
 @pytest.fixture
 def make_device(tmp_path: Path, agent_keys: Keys, bundles: Bundles) -> Iterator[MakeDevice]:
     hosts: list[ModelHost] = []
@@ -177,23 +200,8 @@ def make_device(tmp_path: Path, agent_keys: Keys, bundles: Bundles) -> Iterator[
             initial_bundle=bundles.v1 if initial else None,
             **config_args,
         )
-        config = load_config(config_path, environ={})
-        host = ModelHost("model")
-        hosts.append(host)
-        store = Store(config.data_dir)
-        recorder = Recorder()
-        fetcher = LocalFetcher([getattr(bundles, f) for f in bundles.__dataclass_fields__])
-        updater = Updater(
-            config=config,
-            profile=load_profile(config.profile),
-            store=store,
-            trust=load_truststore(truststore.read_bytes()),
-            host=host,
-            fetcher=fetcher,
-            reporter=recorder,
-        )
-        updater.start()
-        return Device(config, updater, host, store, recorder, fetcher)
+        sources = [getattr(bundles, f) for f in bundles.__dataclass_fields__]
+        return start_device(config_path, truststore, sources, hosts)
 
     yield _make
     for host in hosts:
