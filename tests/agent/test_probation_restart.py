@@ -41,7 +41,7 @@ def slow_bundle(tmp_path_factory: pytest.TempPathFactory, agent_keys: Keys) -> P
     """Within the latency budget below, but many times slower than v1 (a p95 regression)."""
     work = tmp_path_factory.mktemp("slow-ok")
     return make_bundle(
-        work, agent_keys, version="3.1.0", model=lambda p: slow_model(p, seed=3, size=256)
+        work, agent_keys, version="3.1.0", model=lambda p: slow_model(p, seed=3, size=512)
     )
 
 
