@@ -12,7 +12,6 @@ caller still verifies the bundle's signatures.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import ssl
@@ -25,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgekit.agent.journal import StorageError, fsync_dir
+from edgekit.agent.journal import StorageError
 
+from edgekit.bundle import fsync_dir, hash_file
 from edgekit.errors import EdgekitError, TransportError, first_line
 from edgekit.trust import BundleRef
 
@@ -81,11 +81,7 @@ def file_matches(path: Path, *, sha256: str, size: int) -> bool:
             return False
     except OSError:
         return False
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest() == sha256
+    return hash_file(path)[1] == sha256
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgekit.bundle import fsync_dir
 from edgekit.errors import EdgekitError
 from edgekit.topics import AGENT_STATES, ActiveBundle
 
@@ -30,7 +31,6 @@ __all__ = [
     "JournalRecord",
     "StorageError",
     "fault_point",
-    "fsync_dir",
     "read_json",
     "write_json_atomic",
 ]
@@ -56,15 +56,6 @@ def fault_point(name: str) -> None:
     if wanted and name in wanted.split(","):
         log.warning("fault injection: SIGKILL at %s", name)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, document: Any) -> None:

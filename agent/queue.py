@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgekit.bundle import fsync_dir
 from edgekit.errors import EdgekitError
 
 __all__ = ["DiskQueue", "QueueError", "QueuedMessage"]
@@ -97,14 +98,6 @@ def _decode(message_id: int, data: bytes) -> QueuedMessage:
     ):
         raise ValueError("header lacks topic, qos or ts")
     return QueuedMessage(message_id, topic, bytes(body[header_length:]), qos, float(queued_at))
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class DiskQueue:
@@ -228,7 +221,7 @@ class DiskQueue:
                 os.fsync(handle.fileno())
         os.replace(temp, self.directory / _STATE)
         if self._fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -271,7 +264,7 @@ class DiskQueue:
                         os.fsync(handle.fileno())
                 os.replace(temp, self.directory / name)
                 if self._fsync:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
             except OSError as error:
                 with contextlib.suppress(OSError):
                     temp.unlink()

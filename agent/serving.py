@@ -19,7 +19,6 @@ Stdlib, numpy and `edgekit.runtimes` only (no onnx, tensorflow or converter code
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -603,14 +602,6 @@ def read_golden_tolerance(golden: Path) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in document.items() if isinstance(v, (int, float))}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_model(
     path: Path,
     *,
@@ -644,10 +635,12 @@ def load_model(
                 log.warning("ignoring %s: %s", stats, first_line(error))
     runtime = open_runtime(model, threads=threads)
     if info is None:
+        from edgekit.bundle import hash_file  # only for a bare model file (no bundle slot)
+
         info = ModelInfo(
             name=path.stem if path.is_file() else path.name,
             version="0",
-            sha256=_file_sha256(model),
+            sha256=hash_file(model)[1],
             tolerance=tolerance,
         )
     host = ModelHost(name)

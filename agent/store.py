@@ -34,7 +34,6 @@ from typing import Any
 from edgekit.agent.journal import (
     StorageError,
     fault_point,
-    fsync_dir,
     read_json,
     write_json_atomic,
 )
@@ -45,6 +44,7 @@ from edgekit.bundle import (
     Manifest,
     VerifiedBundle,
     extract_bundle,
+    fsync_dir,
     hash_file,
 )
 from edgekit.errors import BundleError

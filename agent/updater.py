@@ -46,7 +46,7 @@ from edgekit.agent.store import Pointer, SlotInfo, Store
 from edgekit.agent.telemetry import StatsSnapshot
 
 from edgekit import __version__
-from edgekit.bundle import Limits, verify_bundle
+from edgekit.bundle import Limits, hash_file, verify_bundle
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
 from edgekit.profiles import Budgets, Profile
 from edgekit.runtimes import Runtime, open_runtime
@@ -473,7 +473,7 @@ class Updater:
         """First boot: install, check and activate the factory bundle from the config."""
         slot = self.store.idle_slot()
         try:
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            _, sha = hash_file(path)
             floor, _ = self.store.floor()
             info = self.store.install(
                 slot,

@@ -61,6 +61,7 @@ from edgekit.converters.passes.tflite_passes import (
     rank_tflite_layers,
     source_kind,
 )
+from edgekit.converters.tflite_compat import blocking_ops, downgrade_options
 from edgekit.converters.validate import ValidationResult, compare_outputs
 
 from edgekit import __version__
@@ -721,10 +722,6 @@ def _tflite_config(
 
 
 def _downgrade_options(profile: Profile) -> tuple[tuple[str, object], ...]:
-    try:
-        from edgekit.converters.tflite_compat import downgrade_options
-    except ImportError:
-        return ()
     return tuple(downgrade_options(profile).items())
 
 
@@ -736,13 +733,6 @@ class _OpVersionCheck:
 
 def _blocking_ops(model: Path, profile: Profile) -> _OpVersionCheck:
     """Ops of `model` the profile's oldest runtime cannot load (from `tflite_compat`)."""
-    try:
-        from edgekit.converters.tflite_compat import blocking_ops
-    except ImportError:
-        return _OpVersionCheck(
-            blocking=(),
-            details={"checked": False, "note": "op-version check unavailable in this build"},
-        )
     found = tuple(blocking_ops(model, profile))
     return _OpVersionCheck(
         blocking=found,
@@ -1088,13 +1078,7 @@ def _write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profi
                 arrays[f"quantization/{side}/{spec.name}"] = np.array(
                     [scale, zero_point], dtype=np.float64
                 )
-    tolerance = {
-        "rtol": profile.health_check.rtol,
-        "atol": profile.health_check.atol,
-        "min_cosine": profile.health_check.min_cosine,
-        "min_top1_agreement": profile.health_check.min_top1_agreement,
-    }
-    arrays["tolerance"] = np.array(json.dumps(tolerance))
+    arrays["tolerance"] = np.array(json.dumps(profile.health_check.to_dict()))
     with path.open("wb") as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
 

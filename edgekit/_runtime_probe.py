@@ -10,7 +10,7 @@ result JSON is rewritten atomically after each stage (`started`, `loaded`, `ran`
 caller knows how far a probe got even when the runtime crashes the process. Outputs are
 written to an `.npz` as `outputs/<i>/<name>` with the golden output names, for the caller
 to compare, with `quantization/outputs/<name>` = [scale, zero_point] for each quantized
-integer output (also in the result JSON's `output_quantization`, by the model's names).
+integer output.
 """
 
 # zip(strict=...) needs Python 3.10; the probe also runs on older device interpreters.
@@ -255,7 +255,6 @@ def main(argv: list[str]) -> int:
         numpy_version=np.__version__,
         inputs=[{"name": n, "dtype": d, "shape": s} for n, d, s in runtime.inputs],
         outputs=list(runtime.outputs),
-        output_quantization=runtime.quantization,
     )
     _write_json(result_path, result)
 

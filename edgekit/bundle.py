@@ -800,8 +800,9 @@ class _FileSink:
             self._file.close()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in the folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -851,7 +852,7 @@ def extract_bundle(
             os.replace(staging / name, dest / name)
         staging.rmdir()
         if fsync:
-            _fsync_dir(dest)
+            fsync_dir(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -1095,7 +1096,7 @@ def write_bundle(
             os.fsync(f.fileno())
         os.chmod(temp, 0o644)
         os.replace(temp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

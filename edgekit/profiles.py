@@ -119,6 +119,15 @@ class HealthCheckTolerance:
     min_cosine: float = 0.98
     min_top1_agreement: float = 0.95
 
+    def to_dict(self) -> dict[str, float]:
+        """The form golden.npz stores as its `tolerance`."""
+        return {
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "min_cosine": self.min_cosine,
+            "min_top1_agreement": self.min_top1_agreement,
+        }
+
 
 @dataclass(frozen=True)
 class ImagePreprocessing:

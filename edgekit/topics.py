@@ -25,10 +25,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from edgekit.errors import EdgekitError
 
@@ -67,17 +66,7 @@ AgentState = Literal[
     "committed",
     "rolled_back",
 ]
-AGENT_STATES: tuple[str, ...] = (
-    "idle",
-    "downloading",
-    "verifying",
-    "installing",
-    "checking",
-    "activating",
-    "probation",
-    "committed",
-    "rolled_back",
-)
+AGENT_STATES: tuple[str, ...] = get_args(AgentState)
 """The updater's states, in DESIGN.md's order ("Agent state machine")."""
 
 EVENT_KINDS: tuple[str, ...] = (
@@ -172,11 +161,6 @@ def parse_device_topic(topic: str) -> tuple[str, str, str]:
     if len(parts) != 6 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or parts[3] != "devices":
         raise MessageError(f"topic {topic[:200]!r} is not an edgekit device topic")
     return parts[2], parts[4], parts[5]
-
-
-def now() -> float:
-    """Seconds since the epoch; messages carry `ts` in this unit."""
-    return time.time()
 
 
 def _load(payload: bytes | str, *, schema: str) -> dict[str, Any]:

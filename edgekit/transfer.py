@@ -24,6 +24,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgekit.bundle import fsync_dir
 from edgekit.errors import TransportError
 from edgekit.topics import BundleMeta, MessageError, Topics
 
@@ -189,11 +190,7 @@ def unpublish_bundle(
 
 def _fsync_dir(path: Path) -> None:
     with suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
 
 class ChunkAssembler:

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edgekit.bundle import fsync_dir
 from edgekit.errors import BundleError, EdgekitError, first_line
 from edgekit.profiles import AccuracyTolerance, HealthCheckTolerance, Profile, RuntimePin
 from edgekit.runtimes import dequantize
@@ -240,9 +241,9 @@ class RuntimeCache:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 _write_synced(building / _MARKER, json.dumps(marker, indent=2) + "\n")
-                _fsync_dir(building)
+                fsync_dir(building)
                 os.rename(building, final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
@@ -299,14 +300,6 @@ def _write_synced(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _usable(venv: Path) -> bool:
@@ -620,9 +613,7 @@ def verify_runtime(
         elif subject.model.suffix == ".onnx":
             report.static_blockers = _onnx_blockers(subject.model, profile.runtime.oldest)
         golden_reference = _read_golden(subject.golden) if subject.golden else None
-        tolerance = (
-            golden_reference[1] if golden_reference else _tolerance_dict(profile.health_check)
-        )
+        tolerance = golden_reference[1] if golden_reference else profile.health_check.to_dict()
         used_threads = threads or max(1, min(profile.threads, os.cpu_count() or 1))
         for end, pin in _selected(profile, which):
             check = RuntimeCheck(
@@ -864,7 +855,7 @@ def _read_golden(path: Path) -> tuple[dict[str, list[Array]], dict[str, float]]:
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise EdgekitError(f"{path}: not a readable golden.npz ({first_line(e)})") from e
     ordered = {name: [arrays[i] for i in sorted(arrays)] for name, arrays in expected.items()}
-    return ordered, tolerance or _tolerance_dict(HealthCheckTolerance())
+    return ordered, tolerance or HealthCheckTolerance().to_dict()
 
 
 def _quantization(archive: Any) -> dict[str, tuple[float, int]]:
@@ -877,15 +868,6 @@ def _quantization(archive: Any) -> dict[str, tuple[float, int]]:
             if values.size == 2 and float(values[0]) > 0:
                 found[parts[2]] = (float(values[0]), int(values[1]))
     return found
-
-
-def _tolerance_dict(health: HealthCheckTolerance) -> dict[str, float]:
-    return {
-        "rtol": health.rtol,
-        "atol": health.atol,
-        "min_cosine": health.min_cosine,
-        "min_top1_agreement": health.min_top1_agreement,
-    }
 
 
 def _probe(
@@ -993,7 +975,6 @@ def _compare(
 ) -> None:
     from edgekit.converters.validate import compare_outputs
 
-    found: dict[str, list[Array]] = {}
     with np.load(outputs_path, allow_pickle=False) as archive:
         quantization = _quantization(archive)
         per_name: dict[str, dict[int, Array]] = {}
@@ -1002,7 +983,7 @@ def _compare(
             if kind == "outputs":
                 per_name.setdefault(name, {})[int(index)] = archive[key]
     # Quantized outputs are compared as real values: scale * (stored - zero_point).
-    found = {
+    found: dict[str, list[Array]] = {
         name: [dequantize(arrays[i], quantization.get(name)) for i in sorted(arrays)]
         for name, arrays in per_name.items()
     }

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekit.bundle import inspect_bundle, verify_bundle
+from edgekit.bundle import hash_file, inspect_bundle, verify_bundle
 from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import Strategy, assign_waves, wave_fractions
 from edgekit.fleet.gates import AllOf, GateResult, WaveObservation, standard_gates
@@ -166,7 +166,6 @@ def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None)
     Without a trust store, the layout and hashes are still checked and the bundle must carry
     at least one signature.
     """
-    from edgekit.bundle import hash_file
 
     bundles = []
     for path in paths:

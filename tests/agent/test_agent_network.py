@@ -239,7 +239,8 @@ def test_outage_of_several_telemetry_intervals_loses_nothing(
                 what=f"telemetry 1..{produced}",
             )
             seqs = [t["seq"] for t in watcher.telemetry]
-            assert seqs == sorted(seqs) or len(set(seqs)) < len(seqs)  # in order (repeats ok)
+            firsts = list(dict.fromkeys(seqs))  # at-least-once: repeats allowed, order not
+            assert firsts == sorted(firsts)
             assert all(t["dropped"] == 0 for t in watcher.telemetry)
             assert all(t["device"] == DEVICE for t in watcher.telemetry)
     finally:

@@ -30,6 +30,7 @@ from edgekit.mosquitto import MosquittoBroker
 from edgekit.topics import Event, Topics
 from edgekit.trust import Directive, parse_envelope
 from tests.fleet.conftest import KEY_NAME, PROFILES, FleetKit
+from tests.fleet.tools_helpers import wait_for
 
 FLEET = "plant"
 
@@ -227,15 +228,6 @@ def test_telemetry_gates_halt_a_regressing_canary(
         assert all(d.active == v1 for d in devices.devices.values())
 
 
-def _wait(predicate: object, *, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def _edgekit(kit: FleetKit, *args: str) -> list[str]:
     return [sys.executable, "-m", "edgekit", "fleet", *args]
 
@@ -292,7 +284,7 @@ def test_controller_killed_mid_rollout_resumes_without_updating_twice(
                 latest = store.latest_rollout()
                 return latest is not None and latest.current_wave >= 1
 
-            _wait(first_wave_passed, timeout_s=60, what="the first wave to pass")
+            wait_for(first_wave_passed, timeout_s=60, what="the first wave to pass")
             controller.send_signal(signal.SIGKILL)
             controller.wait(timeout=10)
         finally:

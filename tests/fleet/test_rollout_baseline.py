@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,20 +24,12 @@ from edgekit.fleet.simulate import Faults, SimulatedFleet, make_device_specs
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
 from tests.fleet.conftest import KEY_NAME, FleetKit
+from tests.fleet.tools_helpers import wait_for
 
 FLEET = "plant"
 DEVICES = 10
 WAVES = (0.2, 1.0)
 TELEMETRY_S = 0.2
-
-
-def _wait(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _edgekit(*args: str) -> list[str]:
@@ -111,7 +102,7 @@ def test_latency_baseline_survives_a_controller_crash(
                     and len(store.baselines(latest.id)) >= len(last_wave)
                 )
 
-            _wait(wave_0_passed_with_baseline, timeout_s=60, what="wave 0 to pass")
+            wait_for(wave_0_passed_with_baseline, timeout_s=60, what="wave 0 to pass")
             controller.send_signal(signal.SIGKILL)
             controller.wait(timeout=10)
         finally:
@@ -135,7 +126,7 @@ def test_latency_baseline_survives_a_controller_crash(
             stderr=subprocess.PIPE,
         )
         try:
-            _wait(
+            wait_for(
                 lambda: all(t.outcome == "succeeded" for t in store.targets(rollout_id, wave=1)),
                 timeout_s=60,
                 what="the last wave to update",

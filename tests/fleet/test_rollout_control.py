@@ -23,17 +23,9 @@ from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.topics import Topics
 from tests.fleet.conftest import FleetKit
+from tests.fleet.tools_helpers import wait_for
 
 FLEET = "plant"
-
-
-def _wait(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_directives_recorded_but_never_published_are_sent_once_on_resume(
@@ -127,11 +119,13 @@ def test_pause_holds_the_next_wave_and_abort_ends_the_rollout(
             ),
         )
         with RolloutStore(db) as store:
-            _wait(lambda: "id" in out or "error" in out, timeout_s=20, what="the plan")
+            wait_for(lambda: "id" in out or "error" in out, timeout_s=20, what="the plan")
             assert "error" not in out, out.get("error")
             rollout_id = str(out["id"])
             store.request(rollout_id, "pause")
-            _wait(lambda: store.rollout(rollout_id).state == "paused", timeout_s=20, what="paused")
+            wait_for(
+                lambda: store.rollout(rollout_id).state == "paused", timeout_s=20, what="paused"
+            )
             # The first wave may finish; the second never starts while paused.
             time.sleep(2.0)
             assert [w.state for w in store.waves(rollout_id)][1] == "planned"

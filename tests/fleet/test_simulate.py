@@ -288,6 +288,7 @@ def test_simulate_cli_requires_a_trust_store(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2
+    assert "cannot read trust store" in result.output and "missing.json" in result.output
 
 
 def test_devices_reconnect_after_a_broker_restart(
