@@ -1,22 +1,30 @@
-"""Conversion benchmark: original vs the toolchain's own defaults (the peer) vs edgekit's choice.
+"""Conversion benchmark: original vs the toolchains' own defaults (the peers) vs edgekit's choice.
 
-ONNX rows: for the digits CNN (trained here), the shared magika and silero models, onnxruntime's
-quantize_dynamic/quantize_static are the peers. TFLite rows: for a Keras digits CNN (trained
-here) and an untrained MobileNetV2 (alpha 0.35, 96x96; architecture only, nothing downloaded),
-the original is the Keras model's plain TFLite fp32 conversion and the peer is TFLiteConverter's
-own default optimization (`optimizations=[tf.lite.Optimize.DEFAULT]`, no representative data:
-dynamic range). Latency (batch 1, this host, all variants timed round-robin in one process),
-file size, zstd size and accuracy (cosine / top-1 against the original on validation inputs).
-Writes JSON; ratios are to fp32.
+ONNX rows: for the digits CNN (trained here), the shared magika and silero models, the peers are
+onnxruntime's `quantize_dynamic`/`quantize_static` and Microsoft Olive's
+`OnnxDynamicQuantization`/`OnnxStaticQuantization` passes at their defaults (Olive runs in its
+own cached venv, `benchmarks/peers/olive_peer.py`; `--no-olive` skips it), all calibrated on the
+same samples as edgekit. Each model's data is split three ways: calibration, validation (what
+edgekit decides on) and a held-out split nobody saw, on which every variant's fidelity is
+reported. edgekit converts each model `--repeats` times (default 5): the rows say how many runs
+chose the same bytes. Latency: every variant timed side by side in one worker, paired per
+round; each ratio to fp32 comes with its 95% interval (`edgekit.converters.benchmark`).
+
+TFLite rows: for a Keras digits CNN (trained here) and an untrained MobileNetV2 (alpha 0.35,
+96x96; architecture only, nothing downloaded), the original is the Keras model's plain TFLite
+fp32 conversion and the peer is TFLiteConverter's own default optimization
+(`optimizations=[tf.lite.Optimize.DEFAULT]`, no representative data: dynamic range).
 
     .venv/bin/python benchmarks/convert.py --out benchmarks/results/convert.json
-    .venv/bin/python benchmarks/convert.py --only tflite --out /tmp/convert-tflite.json
+    .venv/bin/python benchmarks/convert.py --only onnx --repeats 2 --no-olive --out /tmp/c.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -26,7 +34,13 @@ from typing import Any
 
 import numpy as np
 from edgekit.converters import convert
-from edgekit.converters.benchmark import compressed_size, file_size, measure
+from edgekit.converters.benchmark import (
+    compressed_size,
+    file_size,
+    measure_latency,
+    measure_memory,
+    paired_ratio,
+)
 from edgekit.converters.data import load_dataset
 from edgekit.converters.examples import (
     export_digits_cnn,
@@ -34,7 +48,7 @@ from edgekit.converters.examples import (
     magika_inputs,
     silero_stream,
 )
-from edgekit.converters.passes.onnx_passes import _FeedReader, scratch_cwd
+from edgekit.converters.passes.onnx_passes import feed_reader, scratch_cwd
 from edgekit.converters.tflite_examples import export_keras_digits
 from edgekit.converters.validate import compare_outputs
 
@@ -42,34 +56,44 @@ from edgekit.errors import first_line
 from edgekit.profiles import load_profile
 from edgekit.runtimes import LiteRtBackend, OnnxRuntimeBackend, dequantize_output, quantize_input
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers.olive_peer import OlivePeerError, olive_quantize, olive_version
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+SIZE_GOAL = 0.35  # weight-only int8 promise: <= 0.35x fp32 bytes at fp32 latency
 
 
-def _models(workdir: Path) -> dict[str, tuple[Path, Path, Path]]:
+def _split(workdir: Path, name: str, arrays: dict[str, np.ndarray]) -> tuple[Path, Path, Path]:
+    """Every third sample (offset 0, 1, 2) to calibration, validation and held-out test."""
+    paths = []
+    for offset, part in enumerate(("cal", "val", "test")):
+        path = workdir / f"{name}_{part}.npz"
+        np.savez(path, **{k: v[offset::3] if v.ndim else v for k, v in arrays.items()})
+        paths.append(path)
+    return paths[0], paths[1], paths[2]
+
+
+def _models(workdir: Path) -> dict[str, tuple[Path, Path, Path, Path]]:
+    """name -> (model, calibration, validation, held-out test)."""
     digits = export_digits_cnn(workdir / "digits")
-    models = {"digits_cnn": (digits.model_path, digits.calibration_path, digits.validation_path)}
+    with np.load(digits.calibration_path) as cal, np.load(digits.validation_path) as val:
+        pixels = np.concatenate([cal["pixels"], val["pixels"]])
+    models = {"digits_cnn": (digits.model_path, *_split(workdir, "digits", {"pixels": pixels}))}
     x = magika_inputs(machine_files())
     order = np.random.default_rng(0).permutation(len(x))
-    np.savez(workdir / "magika_cal.npz", bytes=x[order[:96]])
-    np.savez(workdir / "magika_val.npz", bytes=x[order[96:256]])
     magika = SHARED / "magika-standard-v3.3" / "model.onnx"
-    models["magika"] = (magika, workdir / "magika_cal.npz", workdir / "magika_val.npz")
+    models["magika"] = (magika, *_split(workdir, "magika", {"bytes": x[order[:360]]}))
     silero = SHARED / "silero-vad-16k-op15" / "model.onnx"
-    stream = silero_stream(silero, chunks=96)
-    np.savez(workdir / "silero_cal.npz", **{k: v[0::2] if v.ndim else v for k, v in stream.items()})
-    np.savez(workdir / "silero_val.npz", **{k: v[1::2] if v.ndim else v for k, v in stream.items()})
-    models["silero_vad"] = (silero, workdir / "silero_cal.npz", workdir / "silero_val.npz")
+    models["silero_vad"] = (silero, *_split(workdir, "silero", silero_stream(silero, chunks=144)))
     return models
 
 
-def _peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | str]:
+def _ort_peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | str]:
     """onnxruntime's quantize_dynamic and quantize_static with their default settings."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
 
     peers: dict[str, Path | str] = {}
-    inputs = OnnxRuntimeBackend(model).inputs
-    data = load_dataset(calibration, inputs)
-    reader = type("_Reader", (_FeedReader, CalibrationDataReader), {})
+    data = load_dataset(calibration, OnnxRuntimeBackend(model).inputs)
     with scratch_cwd(workdir):
         for name in ("ort_quantize_dynamic", "ort_quantize_static"):
             out = workdir / f"{model.parent.name}-{name}.onnx"
@@ -77,7 +101,7 @@ def _peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | st
                 if name == "ort_quantize_dynamic":
                     quantize_dynamic(str(model), str(out))
                 else:
-                    quantize_static(str(model), str(out), reader(list(data.feeds)))
+                    quantize_static(str(model), str(out), feed_reader(list(data.feeds)))
                 OnnxRuntimeBackend(out)
                 peers[name] = out
             except Exception as e:  # noqa: BLE001  (a peer that fails is a result, not a crash)
@@ -85,22 +109,125 @@ def _peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | st
     return peers
 
 
-def _accuracy(reference: Path, candidate: Path, validation: Path) -> dict[str, Any]:
-    runtime = OnnxRuntimeBackend(reference)
-    data = load_dataset(validation, runtime.inputs)
-    other = OnnxRuntimeBackend(candidate)
-    ref: dict[str, list[Any]] = {o.name: [] for o in runtime.outputs}
+def _olive_peers(model: Path, calibration: Path, workdir: Path) -> dict[str, Path | str]:
+    peers: dict[str, Path | str] = {}
+    for kind in ("dynamic", "static"):
+        try:
+            out = olive_quantize(model, calibration, workdir, kind=kind)  # type: ignore[arg-type]
+            OnnxRuntimeBackend(out)
+            peers[f"olive_{kind}"] = out
+        except (OlivePeerError, Exception) as e:  # noqa: BLE001  (a failed peer is a result)
+            peers[f"olive_{kind}"] = f"failed: {first_line(e)[:200]}"
+    return peers
+
+
+def _outputs(path: Path, feeds: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    runtime = OnnxRuntimeBackend(path)
+    names = {spec.name for spec in runtime.inputs}
     found: dict[str, list[Any]] = {o.name: [] for o in runtime.outputs}
-    for feed in data.feeds:
-        for name, value in runtime.run(feed).items():
-            ref[name].append(value)
-        for name, value in other.run(feed).items():
+    for feed in feeds:
+        for name, value in runtime.run({k: v for k, v in feed.items() if k in names}).items():
             found[name].append(value)
-    result = compare_outputs(ref, found, load_profile("raspberrypi").accuracy)
+    return found
+
+
+def _accuracy(
+    reference: dict[str, list[Any]], candidate: Path, feeds: list[dict[str, Any]], profile: str
+) -> dict[str, Any]:
+    result = compare_outputs(
+        reference, _outputs(candidate, feeds), load_profile(profile).accuracy, rule="statistical"
+    )
     outputs: dict[str, Any] = {
-        m.name: {"cosine": m.cosine, "top1_agreement": m.top1_agreement} for m in result.outputs
+        m.name: {
+            "kind": m.kind,
+            "cosine": round(m.cosine, 6),
+            "cosine_lower_bound": round(m.cosine_lower_bound, 6),
+            "top1_agreement": m.top1_agreement,
+        }
+        for m in result.outputs
     }
-    return {"outputs": outputs, "meets_tolerance": result.meets_tolerance}
+    return {"outputs": outputs, "meets_tolerance": result.meets_tolerance, "samples": len(feeds)}
+
+
+def _ratio(estimate: Any) -> dict[str, Any]:
+    data: dict[str, Any] = estimate.to_dict()
+    return data
+
+
+def _onnx_rows(
+    workdir: Path, profile: str, seconds: float, repeats: int, *, olive: bool
+) -> dict[str, Any]:
+    threads = min(load_profile(profile).threads, os.cpu_count() or 1)
+    results: dict[str, Any] = {"profile": profile, "threads": threads, "models": {}}
+    if olive:
+        results["olive_version"] = olive_version()
+    for name, (model, calibration, validation, test) in _models(workdir).items():
+        print(f"== {name}", file=sys.stderr)
+        digests, chosen = [], []
+        for index in range(repeats):
+            converted = convert(
+                model,
+                profile=profile,
+                output_dir=workdir / f"{name}-out-{index}",
+                calibration=calibration,
+                validation=validation,
+                benchmark_seconds=seconds,
+            )
+            digests.append(hashlib.sha256(converted.artifact.read_bytes()).hexdigest())
+            chosen.append(converted.chosen)
+        variants: dict[str, Path | str] = {"original_fp32": model}
+        variants.update(_ort_peers(model, calibration, workdir))
+        if olive:
+            variants.update(_olive_peers(model, calibration, workdir))
+        variants["edgekit"] = converted.artifact
+        runnable = {k: v for k, v in variants.items() if isinstance(v, Path)}
+        inputs = OnnxRuntimeBackend(model).inputs
+        feed = load_dataset(validation, inputs).single_sample_feed()
+        timings = measure_latency(
+            runnable, feed, threads=threads, workdir=workdir, seconds_per_model=seconds * 2
+        )
+        held_out = list(load_dataset(test, inputs).feeds)
+        reference = _outputs(model, held_out)
+        base, base_size = timings["original_fp32"], file_size(model)
+        rows: dict[str, Any] = {}
+        for variant, path in variants.items():
+            if not isinstance(path, Path):
+                rows[variant] = {"error": path}
+                continue
+            t = timings[variant]
+            memory = measure_memory(path, feed, threads=threads, workdir=workdir)
+            rows[variant] = {
+                "p50_ms": t.p50_ms,
+                "p95_ms": t.p95_ms,
+                "latency_vs_fp32": _ratio(paired_ratio(t, base)),
+                "peak_memory_bytes": memory.peak_memory_bytes,
+                "size_bytes": file_size(path),
+                "zstd_bytes": compressed_size(path),
+                "size_ratio_vs_fp32": file_size(path) / base_size,
+                "held_out_fidelity": _accuracy(reference, path, held_out, profile),
+            }
+        edgekit = rows["edgekit"]
+        edgekit["chosen_candidate"] = converted.chosen
+        edgekit["repeat_conversions"] = {
+            "runs": repeats,
+            "same_bytes_as_first": sum(digest == digests[0] for digest in digests),
+            "chosen": chosen,
+        }
+        report_rows = {row["name"]: row for row in converted.report["candidates"]}
+        weight = report_rows.get("weight_int8", {})
+        int8_ok = bool(weight.get("accuracy") and weight["accuracy"]["meets_tolerance"])
+        latency = edgekit["latency_vs_fp32"]
+        at_fp32_speed = (latency["low"] or 0) <= 1.0 <= (latency["high"] or math.inf) or (
+            converted.report["summary"].get("latency_vs_fp32", {}).get("equal") is not None
+        )
+        edgekit["size_goal"] = {
+            "applies": int8_ok,
+            "goal": f"<= {SIZE_GOAL}x fp32 bytes at fp32 latency where int8 weights meet the "
+            "tolerance",
+            "met": (not int8_ok) or (edgekit["size_ratio_vs_fp32"] <= SIZE_GOAL and at_fp32_speed),
+        }
+        results["models"][name] = rows
+    return results
 
 
 def _keras_models(workdir: Path) -> dict[str, tuple[Path, Path, Path]]:
@@ -194,12 +321,8 @@ def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
         original = runnable["original_tflite_fp32"]
         feed = load_dataset(validation, LiteRtBackend(original).inputs).single_sample_feed()
         # The worker feeds each model by its own input names; the variants share one input.
-        timings = measure(
-            runnable,
-            feed,
-            threads=threads,
-            workdir=workdir,
-            seconds_per_model=seconds,
+        timings = measure_latency(
+            runnable, feed, threads=threads, workdir=workdir, seconds_per_model=seconds
         )
         base = timings["original_tflite_fp32"]
         base_size = file_size(original)
@@ -212,11 +335,12 @@ def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
             rows[variant] = {
                 "p50_ms": t.p50_ms,
                 "p95_ms": t.p95_ms,
-                "noise": t.noise,
-                "peak_memory_bytes": t.peak_memory_bytes,
+                "latency_vs_fp32": _ratio(paired_ratio(t, base)),
+                "peak_memory_bytes": measure_memory(
+                    path, feed, threads=threads, workdir=workdir
+                ).peak_memory_bytes,
                 "size_bytes": file_size(path),
                 "zstd_bytes": compressed_size(path),
-                "latency_ratio_vs_fp32": t.p50_ms / base.p50_ms,
                 "size_ratio_vs_fp32": file_size(path) / base_size,
                 "accuracy_vs_original": _tflite_accuracy(original, path, validation),
             }
@@ -224,7 +348,9 @@ def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
         edgekit["chosen_candidate"] = converted.chosen
         peer = rows.get("tflite_converter_default", {})
         if "p50_ms" in peer:
-            edgekit["latency_ratio_vs_peer"] = edgekit["p50_ms"] / peer["p50_ms"]
+            edgekit["latency_vs_peer"] = _ratio(
+                paired_ratio(timings["edgekit"], timings["tflite_converter_default"])
+            )
             edgekit["size_ratio_vs_peer"] = edgekit["size_bytes"] / peer["size_bytes"]
         results["models"][name] = rows
     return results
@@ -234,68 +360,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convert.json"))
     parser.add_argument("--profile", default="raspberrypi")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per variant")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="edgekit conversions per model")
+    parser.add_argument("--no-olive", action="store_true", help="skip the Olive peer")
     parser.add_argument("--only", choices=("all", "onnx", "tflite"), default="all")
     args = parser.parse_args()
     threads = min(load_profile(args.profile).threads, os.cpu_count() or 1)
     results: dict[str, Any] = {
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads},
         "profile": args.profile,
-        "models": {},
     }
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
+        if args.only in ("all", "onnx"):
+            results["onnx"] = _onnx_rows(
+                workdir, args.profile, args.seconds, args.repeats, olive=not args.no_olive
+            )
         if args.only in ("all", "tflite"):
             results["tflite"] = _tflite_rows(workdir, args.seconds)
-        onnx_models = _models(workdir) if args.only in ("all", "onnx") else {}
-        for name, (model, calibration, validation) in onnx_models.items():
-            print(f"== {name}", file=sys.stderr)
-            converted = convert(
-                model,
-                profile=args.profile,
-                output_dir=workdir / f"{name}-out",
-                calibration=calibration,
-                validation=validation,
-            )
-            variants: dict[str, Path | str] = {"original_fp32": model}
-            variants.update(_peers(model, calibration, workdir))
-            variants["edgekit"] = converted.artifact
-            runnable = {k: v for k, v in variants.items() if isinstance(v, Path)}
-            feed = load_dataset(validation, OnnxRuntimeBackend(model).inputs).single_sample_feed()
-            timings = measure(
-                runnable, feed, threads=threads, workdir=workdir, seconds_per_model=args.seconds
-            )
-            rows: dict[str, Any] = {}
-            base = timings["original_fp32"]
-            base_size = file_size(model)
-            for variant, path in variants.items():
-                if not isinstance(path, Path):
-                    rows[variant] = {"error": path}
-                    continue
-                t = timings[variant]
-                rows[variant] = {
-                    "p50_ms": t.p50_ms,
-                    "p95_ms": t.p95_ms,
-                    "noise": t.noise,
-                    "size_bytes": file_size(path),
-                    "zstd_bytes": compressed_size(path),
-                    "latency_ratio_vs_fp32": t.p50_ms / base.p50_ms,
-                    "size_ratio_vs_fp32": file_size(path) / base_size,
-                    "accuracy_vs_original": _accuracy(model, path, validation),
-                }
-            rows["edgekit"]["chosen_candidate"] = converted.chosen
-            # The bar: the fastest of fp32 and the peers that keep the profile's accuracy.
-            best_other = min(
-                rows[v]["p50_ms"]
-                for v in rows
-                if v != "edgekit"
-                and "p50_ms" in rows[v]
-                and rows[v]["accuracy_vs_original"]["meets_tolerance"]
-            )
-            rows["edgekit"]["latency_ratio_vs_best_accurate_other"] = (
-                rows["edgekit"]["p50_ms"] / best_other
-            )
-            results["models"][name] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2)
     args.out.write_text(text + "\n", encoding="utf-8")

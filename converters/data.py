@@ -16,9 +16,10 @@ the input, what the model expects and what the data holds.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from edgekit.errors import InputDataError
 from edgekit.profiles import ImagePreprocessing
 from edgekit.runtimes import TensorSpec
 
-__all__ = ["Dataset", "load_dataset", "synthetic_dataset"]
+__all__ = ["Dataset", "load_dataset", "prepare_datasets", "synthetic_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -355,3 +356,84 @@ def synthetic_dataset(inputs: Sequence[TensorSpec], *, samples: int = 32, seed: 
         else:
             raise InputDataError(f"input {spec.name!r}: cannot synthesize dtype {dtype}")
     return arrays_to_dataset(arrays, inputs, source="synthetic", kind="synthetic", notes=notes)
+
+
+# A single data set is split only when both halves keep at least this many samples.
+_MIN_SPLIT_SAMPLES = 8
+# Every third sample of a single data set validates, the rest calibrate.
+_VALIDATION_STRIDE = 3
+
+
+def _feed_digest(feed: Mapping[str, Array]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(feed):
+        array = np.ascontiguousarray(feed[name])
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _subset(dataset: Dataset, indices: Sequence[int], note: str) -> Dataset:
+    feeds = tuple(dataset.feeds[i] for i in indices)
+    return replace(
+        dataset,
+        feeds=feeds,
+        samples=sum(_feed_rows(feed, dataset.batched_inputs) for feed in feeds),
+        notes=(*dataset.notes, note),
+    )
+
+
+def prepare_datasets(
+    inputs: Sequence[TensorSpec],
+    calibration: Path | None,
+    validation: Path | None,
+    *,
+    preprocessing: ImagePreprocessing | None = None,
+) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """Calibration and validation sets that never share a sample, and notes saying how.
+
+    - Both given: validation samples that also appear in the calibration data are dropped
+      (all of them: the two sets are the same data, handled as one set below).
+    - One given: split deterministically, every third sample validating, when both parts keep
+      at least 8 samples; otherwise both use the same samples and the note says so.
+    - None: synthetic inputs with different seeds for each (accuracy is unvalidated).
+    """
+    cal = load_dataset(calibration, inputs, preprocessing=preprocessing) if calibration else None
+    val = load_dataset(validation, inputs, preprocessing=preprocessing) if validation else None
+    if cal is None and val is None:
+        return (
+            synthetic_dataset(inputs, seed=0),
+            synthetic_dataset(inputs, seed=1),
+            (
+                "synthetic calibration and validation inputs (different seeds): accuracy is "
+                "unvalidated",
+            ),
+        )
+    if cal is not None and val is not None:
+        seen = {_feed_digest(feed) for feed in cal.feeds}
+        fresh = [i for i, feed in enumerate(val.feeds) if _feed_digest(feed) not in seen]
+        if len(fresh) == len(val.feeds):
+            return cal, val, ("calibration and validation data share no sample",)
+        if fresh:
+            dropped = len(val.feeds) - len(fresh)
+            note = f"{dropped} validation sample(s) also in the calibration data were dropped"
+            return cal, _subset(val, fresh, note), (note,)
+        val = None  # the same samples twice: one set
+    single = cal if cal is not None else val
+    assert single is not None
+    given = "--calibration" if cal is not None else "--validation"
+    count = len(single.feeds)
+    held_out = [i for i in range(count) if i % _VALIDATION_STRIDE == _VALIDATION_STRIDE - 1]
+    rest = [i for i in range(count) if i % _VALIDATION_STRIDE != _VALIDATION_STRIDE - 1]
+    if len(held_out) >= _MIN_SPLIT_SAMPLES and len(rest) >= _MIN_SPLIT_SAMPLES:
+        note = (
+            f"one data set given ({given}): split into {len(rest)} calibration and "
+            f"{len(held_out)} validation samples (every third sample validates)"
+        )
+        return _subset(single, rest, note), _subset(single, held_out, note), (note,)
+    note = (
+        f"one data set given ({given}) with {count} samples, too few to split: calibration and "
+        "validation use the same samples, so accuracy is measured on data the quantizer saw"
+    )
+    marked = replace(single, notes=(*single.notes, note))
+    return marked, marked, (note,)

@@ -240,36 +240,70 @@ def magika_inputs(files: list[Path], *, size: int = 1024, padding: int = 256) ->
     return np.asarray(rows, dtype=np.int32)
 
 
+_VOWEL_FORMANTS_HZ = (
+    (730, 1090, 2440),  # a
+    (270, 2290, 3010),  # i
+    (300, 870, 2240),  # u
+    (530, 1840, 2480),  # e
+    (570, 840, 2410),  # o
+)
+_CONTEXT_SAMPLES = 64  # the silero-vad package prepends the previous chunk's last 64 samples
+
+
+def speech_like(seconds: float, *, sample_rate: int = 16000, seed: int = 0) -> Array:
+    """Formant-synthesized vowels: a glottal pulse train (110-150 Hz, drifting) shaped by the
+    first three formants of a, i, u, e, o (150 ms each), with a syllable-rate envelope. Not
+    speech, but close enough that a voice activity detector fires on it (the silero VAD gives
+    0.5-0.99 on the voiced parts)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    pitch = 120 + 10 * rng.standard_normal() + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
+    segment = (t / 0.15).astype(int) % len(_VOWEL_FORMANTS_HZ)
+    signal = np.zeros_like(t)
+    for harmonic in range(1, 40):
+        frequency = harmonic * pitch
+        gain = np.zeros_like(t)
+        for index, formants in enumerate(_VOWEL_FORMANTS_HZ):
+            mask = segment == index
+            gain[mask] = sum(1 / (1 + ((frequency[mask] - f) / 80) ** 2) for f in formants)
+        signal += gain * np.sin(harmonic * phase) / np.sqrt(harmonic)
+    envelope = np.sqrt(np.clip(np.sin(2 * np.pi * 2.5 * t), 0, None))
+    signal *= envelope
+    return np.asarray(0.5 * signal / max(float(np.abs(signal).max()), 1e-9), dtype=np.float64)
+
+
 def silero_stream(
     model_path: Path, *, chunks: int = 96, seed: int = 0, sample_rate: int = 16000
 ) -> dict[str, Array]:
-    """Streaming inputs for the silero VAD: speech-like tones, noise and silence, 512 per chunk.
+    """Streaming inputs for the silero VAD: speech-like vowels, noise and silence.
 
-    The state of each chunk is the state the original model produced for the previous one, so
-    calibration sees realistic LSTM states. Arrays carry a leading samples axis (see data.py).
+    Each input is the previous chunk's last 64 samples followed by a new 512-sample chunk (576
+    values, as the silero-vad package feeds it), and its state is the state the original
+    model produced for the previous chunk, so calibration sees realistic LSTM states. Arrays
+    carry a leading samples axis (see data.py).
     """
     from edgekit.runtimes import OnnxRuntimeBackend
 
     rng = np.random.default_rng(seed)
-    t = np.arange(chunks * 512) / sample_rate
-    # Voiced segments: a 100-220 Hz glottal tone with harmonics and a syllable-rate envelope.
-    pitch = 100 + 120 * rng.random()
-    voiced = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 12))
-    envelope = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 2
-    signal = 0.3 * voiced * envelope
-    third = len(t) // 3
+    total = chunks * 512
+    signal = speech_like(total / sample_rate, sample_rate=sample_rate, seed=seed)
+    third = total // 3
     signal[third : 2 * third] = 0.05 * rng.standard_normal(third)  # background noise
     signal[2 * third + third // 2 :] = 0.0  # silence
-    signal = (signal + 0.002 * rng.standard_normal(len(t))).astype(np.float32)
+    signal = (signal + 0.002 * rng.standard_normal(total)).astype(np.float32)
     runtime = OnnxRuntimeBackend(model_path, threads=1)
     state = np.zeros((2, 1, 128), dtype=np.float32)
+    context = np.zeros(_CONTEXT_SAMPLES, dtype=np.float32)
     inputs, states = [], []
     sr = np.array(sample_rate, dtype=np.int64)
     for index in range(chunks):
-        chunk = signal[index * 512 : (index + 1) * 512][None, :]
-        inputs.append(chunk)
+        chunk = signal[index * 512 : (index + 1) * 512]
+        window = np.concatenate([context, chunk])[None, :]
+        inputs.append(window)
         states.append(state)
-        state = runtime.run({"input": chunk, "state": state, "sr": sr})["stateN"]
+        state = runtime.run({"input": window, "state": state, "sr": sr})["stateN"]
+        context = chunk[-_CONTEXT_SAMPLES:]
     return {"input": np.stack(inputs), "state": np.stack(states), "sr": sr}
 
 

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,7 +23,7 @@ from rich.table import Table
 from edgekit import __version__
 from edgekit.cli_trust import bundle_group, keys_group, trust_group
 from edgekit.errors import EdgekitError
-from edgekit.profiles import builtin_profile_names, load_profile
+from edgekit.profiles import OutputKind, builtin_profile_names, load_profile
 from edgekit.trust import Signer
 
 if TYPE_CHECKING:
@@ -209,6 +210,15 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     help="Then load the artifact in the profile's oldest and newest runtime versions (cached "
     "venvs, see `edgekit verify-runtime`) and replay golden.npz; refuse to sign if one fails.",
 )
+@click.option(
+    "--output-kind",
+    "output_kinds",
+    multiple=True,
+    metavar="NAME=KIND",
+    help="How to judge output NAME: classifier (top-1 + cosine), map (pooled cosine + mask "
+    "IoU), regression or state (repeatable; default: the profile's accuracy.output_kinds, "
+    "else a guess the report names).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(
     model: Path,
@@ -223,6 +233,7 @@ def convert(
     bundle_version: str,
     security_epoch: int,
     verify_runtimes: bool,
+    output_kinds: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Convert MODEL into the fastest artifact that meets the profile's tolerance.
@@ -235,6 +246,7 @@ def convert(
     from edgekit.converters import convert as run_convert
 
     profile = load_profile(profile_name)
+    kinds = _parse_output_kinds(output_kinds)
     signers = _load_signers(sign_keys)  # before the work: a wrong passphrase fails fast
     progress = Progress(
         SpinnerColumn(),
@@ -292,6 +304,7 @@ def convert(
                 progress=on_step,
                 keep_candidates=keep_candidates,
                 device_check=device_check,
+                output_kinds=kinds,
             )
         except EdgekitError as error:
             if verified and signers:
@@ -334,6 +347,20 @@ def convert(
         stdout.print(f"signed bundle: {bundle_path}", soft_wrap=True)
 
 
+def _parse_output_kinds(given: tuple[str, ...]) -> dict[str, OutputKind]:
+    kinds: dict[str, OutputKind] = {}
+    allowed = typing.get_args(OutputKind)
+    for item in given:
+        name, sep, kind = item.partition("=")
+        if not sep or not name or kind not in allowed:
+            raise click.BadParameter(
+                f"{item!r}: expected NAME=KIND with KIND one of {', '.join(allowed)}",
+                param_hint="--output-kind",
+            )
+        kinds[name] = typing.cast(OutputKind, kind)
+    return kinds
+
+
 def _record_verify_runtime(path: Path, runtime_report: VerifyReport) -> None:
     """Add the device check's summary to the converter's report.json (atomically)."""
     import os
@@ -371,17 +398,30 @@ def _fmt_bytes(value: int | None) -> str:
     return str(value)  # pragma: no cover
 
 
+def _fmt_ratio(row: dict[str, Any], chosen: str) -> str:
+    if row["name"] == chosen:
+        return "chosen"
+    if row.get("equal_latency_to"):
+        return f"= {row['equal_latency_to']}"
+    comparison = row.get("comparison") or {}
+    if comparison.get("against") != chosen or comparison.get("ratio") is None:
+        return "-"
+    low, high = comparison.get("low"), comparison.get("high")
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+    return f"{comparison['ratio']:.2f}x{interval}"
+
+
 def print_report(report: dict[str, Any], output_dir: Path) -> None:
     """The human summary of a conversion report: one row per candidate, then the reasons."""
     table = Table(title=f"{Path(report['source']['path']).name} for {report['profile']}")
     for column in (
         "candidate",
         "p50 ms",
-        "p95 ms",
+        "vs chosen (95% CI)",
         "size",
         "zstd",
         "peak mem",
-        "cosine",
+        "cosine (low)",
         "top-1",
         "verdict",
     ):
@@ -391,18 +431,21 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
         latency = row["latency_ms"] or {}
         outputs = (row["accuracy"] or {}).get("outputs", {})
         cosines = [metrics["cosine"] for metrics in outputs.values()]
-        top1s = [m["top1_agreement"] for m in outputs.values() if m["top1_agreement"] is not None]
+        lows = [
+            metrics.get("cosine_lower_bound", metrics["cosine"]) for metrics in outputs.values()
+        ]
+        top1 = [m for m in outputs.values() if m["top1_agreement"] is not None]
         verdict = row["verdict"] if row["status"] == "ok" else "failed"
         style = {"chosen": "bold green", "reference": "dim", "failed": "red"}.get(verdict, "")
         table.add_row(
             row["name"],
             f"{latency['p50']:.3f}" if latency else "-",
-            f"{latency['p95']:.3f}" if latency else "-",
+            _fmt_ratio(row, report["chosen"]),
             _fmt_bytes(row["size_bytes"]),
             _fmt_bytes(row["compressed_size_bytes"]),
             _fmt_bytes(row["peak_memory_bytes"]),
-            f"{min(cosines):.4f}" if cosines else "-",
-            f"{min(top1s):.3f}" if top1s else "-",
+            f"{min(cosines):.4f} ({min(lows):.4f})" if cosines else "-",
+            ", ".join(f"{m['top1_agree']}/{m['rows']}" for m in top1) if top1 else "-",
             f"[{style}]{verdict}[/]" if style else verdict,
         )
     stdout.print(table)
@@ -410,6 +453,10 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
         stdout.print(f"  {row['name']}: {row['reason']}", highlight=False, soft_wrap=True)
         if row["float_nodes"]:
             stdout.print(f"    kept in float: {', '.join(row['float_nodes'])}", soft_wrap=True)
+    for note in report["data"].get("notes", []):
+        stdout.print(f"data: {note}", highlight=False, soft_wrap=True)
+    for warning in report.get("warnings", []):
+        stdout.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if report["data"]["accuracy"] == "unvalidated":
         stdout.print(
             "[bold red]accuracy unvalidated:[/] no --validation/--calibration data was given; "
@@ -418,11 +465,15 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
     summary = report.get("summary") or {}
     artifact = report["artifact"]
     line = f"chosen [bold]{report['chosen']}[/] -> {output_dir / artifact['path']}"
-    if summary:
-        line += (
-            f" ({summary['speedup_vs_fp32']:.2f}x fp32 speed, "
-            f"{summary['size_ratio_vs_fp32']:.2f}x fp32 size)"
-        )
+    latency_vs_fp32 = summary.get("latency_vs_fp32")
+    if latency_vs_fp32:
+        if latency_vs_fp32.get("equal"):
+            speed = "fp32 speed by construction"
+        else:
+            speed = f"{latency_vs_fp32['ratio']:.2f}x fp32 latency"
+            if latency_vs_fp32.get("low") and latency_vs_fp32.get("high"):
+                speed += f" [{latency_vs_fp32['low']:.2f}, {latency_vs_fp32['high']:.2f}]"
+        line += f" ({speed}, {summary['size_ratio_vs_fp32']:.2f}x fp32 size)"
     stdout.print(line, soft_wrap=True)
     ops = artifact.get("op_versions")
     if isinstance(ops, dict):

@@ -27,6 +27,7 @@ __all__ = [
     "Budgets",
     "HealthCheckTolerance",
     "ImagePreprocessing",
+    "OutputKind",
     "Profile",
     "PruningSpec",
     "QuantizationSpec",
@@ -48,6 +49,7 @@ IntType = Literal["int8", "uint8"]
 IoType = Literal["float32", "int8", "uint8"]
 Priority = Literal["latency", "size"]
 Layout = Literal["NCHW", "NHWC"]
+OutputKind = Literal["classifier", "map", "regression", "state"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class QuantizationSpec:
     weight_type: IntType = "int8"
     # Input/output tensor type of full-int8 TFLite models (Coral wants uint8).
     io_type: IoType = "float32"
-    # How many times int8 may be retried with the worst nodes kept in float.
-    fallback_attempts: int = 3
+    # Builds the accuracy fallback may spend searching for the fewest tensors kept in float.
+    fallback_attempts: int = 8
+    # A candidate beats a smaller or earlier one only when its latency ratio's confidence
+    # interval lies entirely below 1 - min_speedup (5%: differences below that are noise).
+    min_speedup: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,20 @@ class Budgets:
 
 @dataclass(frozen=True)
 class AccuracyTolerance:
-    """How close a candidate's outputs must stay to the original model's, per output."""
+    """How close a candidate's outputs must stay to the original model's, per output.
+
+    See docs/converter.md ("Accuracy decisions") for how sample size enters each limit.
+    """
 
     min_top1_agreement: float = 0.99  # classifier outputs only
     min_cosine: float = 0.99
     min_snr_db: float | None = None
     max_abs_error: float | None = None
+    min_iou: float = 0.9  # map outputs: mask IoU at map_threshold
+    map_threshold: float | None = None  # None: 0.5 for maps within [0, 1], else 0 (logits)
+    confidence: float = 0.95  # one-sided confidence of the bounds the decisions use
+    # Output name -> classifier | map | regression | state (others are guessed).
+    output_kinds: dict[str, OutputKind] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -297,6 +310,16 @@ def _coerce(hint: Any, value: Any, *, path: str, source: str) -> Any:
                 f"found {_kind(value)}"
             )
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ProfileError(f"{source}: {path}: expected a mapping, found {_kind(value)}")
+        key_hint, value_hint = get_args(hint)
+        return {
+            _coerce(key_hint, key, path=f"{path}.{key}", source=source): _coerce(
+                value_hint, item, path=f"{path}.{key}", source=source
+            )
+            for key, item in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ProfileError(f"{source}: {path}: expected a list, found {_kind(value)}")
@@ -347,10 +370,20 @@ def _check_semantics(profile: Profile, source: str) -> None:
         fail("quantization.candidates", "expected at least one candidate kind")
     if profile.quantization.fallback_attempts < 0:
         fail("quantization.fallback_attempts", "expected 0 or more")
-    for name in ("min_top1_agreement", "min_cosine"):
+    for name in ("min_top1_agreement", "min_cosine", "min_iou"):
         value = getattr(profile.accuracy, name)
         if not 0.0 <= value <= 1.0:
             fail(f"accuracy.{name}", f"expected a fraction in [0, 1], found {value}")
+    if not 0.5 <= profile.accuracy.confidence < 1.0:
+        fail(
+            "accuracy.confidence",
+            f"expected a level in [0.5, 1), found {profile.accuracy.confidence}",
+        )
+    if not 0.0 <= profile.quantization.min_speedup < 1.0:
+        fail(
+            "quantization.min_speedup",
+            f"expected a fraction in [0, 1), found {profile.quantization.min_speedup}",
+        )
     onnx_runtimes = {"onnxruntime"}
     for end in ("oldest", "newest"):
         pin: RuntimePin = getattr(profile.runtime, end)

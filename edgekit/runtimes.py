@@ -28,6 +28,7 @@ __all__ = [
     "dequantize",
     "dequantize_output",
     "load_litert",
+    "model_feed",
     "open_runtime",
     "quantize_input",
 ]
@@ -113,6 +114,15 @@ def dequantize(
 
 
 Feeds = Mapping[str, npt.NDArray[Any]]
+
+
+def model_feed(runtime: Runtime, feed: Feeds) -> dict[str, npt.NDArray[Any]]:
+    """A feed of real values in the model's own input dtypes (quantized for int8/uint8 I/O);
+    entries the model has no input for are left out."""
+    specs = {spec.name: spec for spec in runtime.inputs}
+    return {
+        name: quantize_input(specs[name], value) for name, value in feed.items() if name in specs
+    }
 
 
 class Runtime(abc.ABC):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from edgekit.converters.data import Dataset
-from edgekit.converters.pipeline import _write_golden
+from edgekit.converters.outputs import write_golden as _write_golden
 
 from edgekit.profiles import load_profile
 from edgekit.runtimes import LiteRtBackend

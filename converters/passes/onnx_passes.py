@@ -1,4 +1,10 @@
-"""The ONNX passes: load, optimize, weight-only int8, pruning, dynamic/static int8, fp16, compat."""
+"""The ONNX passes: load, canonicalize, optimize, weight-only int8, pruning, dynamic/static int8,
+fp16 and compat.
+
+Every model an ONNX pass writes is canonical (`edgekit.converters.onnx_graph.canonicalize`):
+weights are initializers, nodes are named and topologically sorted, so the next pass sees the
+same graph whichever tools ran before it, and the same inputs give the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,30 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from edgekit.converters.compat import onnx_limits_for_onnxruntime
-from edgekit.converters.passes.base import Pass, PassContext, PassResult
+from edgekit.converters.onnx_graph import (
+    all_graphs,
+    canonicalize,
+    opset_version,
+    weight_tensors,
+)
+from edgekit.converters.passes.base import Pass, PassContext, PassResult, configure
 
 from edgekit.errors import ConversionError, first_line
+from edgekit.profiles import Profile
 
 if TYPE_CHECKING:
     import onnx
 
 __all__ = [
+    "CanonicalizePass",
     "CompatPass",
     "DynamicInt8Pass",
     "Fp16Pass",
@@ -32,15 +46,21 @@ __all__ = [
     "StaticInt8Pass",
     "WeightInt8Pass",
     "load_model",
+    "rank_nodes_by_quantization_error",
+    "rank_weights_by_error",
     "save_model",
     "scratch_cwd",
 ]
 
 log = logging.getLogger(__name__)
 
+Feed = Mapping[str, npt.NDArray[Any]]
+
 # protobuf cannot serialize a message over 2 GiB: bigger models keep their weights outside.
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 _EXTERNAL_DATA_THRESHOLD_BYTES = 1800 * 2**20
+# Per-channel DequantizeLinear (the `axis` attribute) needs opset 13.
+_PER_CHANNEL_MIN_OPSET = 13
 
 
 def load_model(path: Path, *, what: str = "model") -> onnx.ModelProto:
@@ -73,9 +93,11 @@ def load_model(path: Path, *, what: str = "model") -> onnx.ModelProto:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Write a model; one over the protobuf limit keeps its weights in `<name>.data` beside it."""
+    """Canonicalize and write a model; one over the protobuf limit keeps its weights in
+    `<name>.data` beside it."""
     import onnx
 
+    canonicalize(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = model.ByteSize()
     if size > _EXTERNAL_DATA_THRESHOLD_BYTES:
@@ -89,6 +111,13 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def _canonicalize_file(path: Path) -> None:
+    """Rewrite a model another tool wrote (onnxruntime's quantizers) in canonical form."""
+    model = load_model(path)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    save_model(model, path)
 
 
 @contextlib.contextmanager
@@ -118,6 +147,10 @@ def _check(model_path: Path) -> None:
         ) from e
 
 
+def _node_count(model: onnx.ModelProto) -> int:
+    return sum(len(graph.node) for graph in all_graphs(model.graph))
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """Shape inference can be skipped for models it cannot handle."""
@@ -126,12 +159,16 @@ class LoadConfig:
 
 
 class LoadPass(Pass):
-    """Read, check (ONNX checker) and shape-infer the source model."""
+    """Read, check (ONNX checker), canonicalize and shape-infer the source model."""
 
     name = "load"
 
     def __init__(self, config: LoadConfig | None = None) -> None:
         self.config = config or LoadConfig()
+
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> LoadConfig:
+        return configure(LoadConfig(), options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         import onnx
@@ -139,48 +176,81 @@ class LoadPass(Pass):
         model = load_model(source)
         notes = []
         _check(source)
+        details: dict[str, Any] = {
+            "ir_version": model.ir_version,
+            "opsets": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
+            "nodes": len(model.graph.node),
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        }
+        changes = canonicalize(model)
+        if changes["constants"]:
+            notes.append(
+                f"{changes['constants']} Constant node(s) turned into initializers, so every "
+                "pass sees the model's weights"
+            )
+        details["canonical"] = changes
         if self.config.infer_shapes:
             try:
                 model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
             except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as e:
-                notes.append(f"shape inference failed, continuing without it: {e}")
+                notes.append(f"shape inference failed, continuing without it: {first_line(e)}")
         save_model(model, destination)
-        return PassResult(
-            notes=tuple(notes),
-            details={
-                "ir_version": model.ir_version,
-                "opsets": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
-                "nodes": len(model.graph.node),
-                "producer": f"{model.producer_name} {model.producer_version}".strip(),
-            },
-        )
+        return PassResult(notes=tuple(notes), details=details)
+
+
+class CanonicalizePass(Pass):
+    """The canonical form alone (see `edgekit.converters.onnx_graph`)."""
+
+    name = "canonicalize"
+
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        model = load_model(source)
+        changes = canonicalize(model)
+        save_model(model, destination)
+        return PassResult(details=changes)
 
 
 @dataclass(frozen=True)
 class OptimizeConfig:
-    """`auto` measures onnxslim and onnxruntime's basic offline optimization; keeps the faster."""
+    """`auto` tries onnxslim and onnxruntime's basic offline optimization (see OptimizePass)."""
 
     method: str = "auto"  # auto | onnxslim | ort | none
 
 
+# The fixed order that breaks ties between optimizers (first wins).
+_OPTIMIZER_ORDER = ("onnxslim", "ort", "none")
+
+
 class OptimizePass(Pass):
-    """Graph simplification that stays portable (no hardware-specific layouts or fused kernels)."""
+    """Graph simplification that stays portable (no hardware-specific layouts or fused kernels).
+
+    `auto` runs both optimizers, drops any whose outputs differ from the source's, and keeps
+    the graph with the fewest nodes (ties: onnxslim, then onnxruntime, then the model as
+    loaded). The rule is structural on purpose: timing the variants decided on 3-6%
+    differences that flipped under load, and the device's runtime optimizes the graph again
+    when it loads it; what this step buys is a smaller, simpler graph for the quantizers.
+    """
 
     name = "optimize"
 
     def __init__(self, config: OptimizeConfig | None = None) -> None:
         self.config = config or OptimizeConfig()
 
-    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
-        from edgekit.converters.benchmark import quick_latency_ms
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> OptimizeConfig:
+        return configure(OptimizeConfig(), options, cls.name)
 
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         methods = ["onnxslim", "ort"] if self.config.method == "auto" else [self.config.method]
+        source_model = load_model(source)
+        outcomes: dict[str, Any] = {"none": {"nodes": _node_count(source_model)}}
+        choices: list[tuple[int, int, str, Path]] = [
+            (_node_count(source_model), _OPTIMIZER_ORDER.index("none"), "none", source)
+        ]
         if methods == ["none"]:
             shutil.copyfile(source, destination)
-            return PassResult(details={"method": "none"})
+            return PassResult(details={"method": "none", "measured": outcomes})
         feed = context.validation.single_sample_feed() if context.validation else None
-        outcomes: dict[str, Any] = {}
-        best: tuple[float, str, Path] | None = None
         for method in methods:
             out = context.workdir / f"optimized-{method}.onnx"
             try:
@@ -194,31 +264,25 @@ class OptimizePass(Pass):
             except ConversionError as e:
                 outcomes[method] = {"error": str(e)}
                 continue
-            if feed is None or len(methods) == 1:
-                latency = 0.0
-            else:
-                latency = quick_latency_ms(out, feed, threads=context.threads)
-                if not _same_outputs(source, out, feed):
-                    outcomes[method] = {"error": "outputs differ from the source model"}
-                    continue
-            outcomes[method] = {"latency_ms": latency}
-            # The first method that works is the default; another must be clearly faster (3%)
-            # to replace it, so run-to-run noise does not flip the graph between conversions.
-            if best is None or latency < best[0] * 0.97:
-                best = (latency, method, out)
-        if best is None:
-            shutil.copyfile(source, destination)
-            return PassResult(
-                notes=("no optimizer succeeded; using the model as loaded",),
-                details={"method": "none", "measured": outcomes},
-            )
-        if feed is not None and len(methods) > 1:
-            source_latency = quick_latency_ms(source, feed, threads=context.threads)
-            outcomes["none"] = {"latency_ms": source_latency}
-            if source_latency < best[0] * 0.97:
-                best = (source_latency, "none", source)
-        shutil.copyfile(best[2], destination)
-        return PassResult(details={"method": best[1], "measured": outcomes})
+            if feed is not None and not _same_outputs(source, out, feed):
+                outcomes[method] = {"error": "outputs differ from the source model"}
+                continue
+            nodes = _node_count(load_model(out))
+            outcomes[method] = {"nodes": nodes}
+            choices.append((nodes, _OPTIMIZER_ORDER.index(method), method, out))
+        if self.config.method != "auto":
+            choices = [choice for choice in choices if choice[2] == self.config.method] or choices
+        _, _, method, path = min(choices)
+        shutil.copyfile(path, destination)
+        notes = () if method != "none" else ("no optimizer made the graph smaller",)
+        return PassResult(
+            notes=notes,
+            details={
+                "method": method,
+                "rule": "fewest nodes; ties: onnxslim, ort, none",
+                "measured": outcomes,
+            },
+        )
 
 
 def _optimize_onnxslim(source: Path, destination: Path) -> None:
@@ -227,7 +291,7 @@ def _optimize_onnxslim(source: Path, destination: Path) -> None:
     try:
         model = onnxslim.slim(str(source))
     except Exception as e:
-        raise ConversionError(f"onnxslim failed: {e}") from e
+        raise ConversionError(f"onnxslim failed: {first_line(e)}") from e
     if model is None:
         raise ConversionError("onnxslim returned no model")
     save_model(model, destination)
@@ -244,10 +308,11 @@ def _optimize_ort_basic(source: Path, destination: Path) -> None:
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ConversionError(f"onnxruntime offline optimization failed: {e}") from e
+        raise ConversionError(f"onnxruntime offline optimization failed: {first_line(e)}") from e
+    _canonicalize_file(destination)
 
 
-def _same_outputs(reference: Path, candidate: Path, feed: dict[str, npt.NDArray[Any]]) -> bool:
+def _same_outputs(reference: Path, candidate: Path, feed: Feed) -> bool:
     from edgekit.runtimes import OnnxRuntimeBackend
 
     expected = OnnxRuntimeBackend(reference).run(feed)
@@ -266,61 +331,44 @@ def _same_outputs(reference: Path, candidate: Path, feed: dict[str, npt.NDArray[
 
 # -- weight-only int8 ---------------------------------------------------------------------------
 
-# (op type, input index) -> the axis that holds output channels, for per-channel scales.
-_WEIGHT_INPUTS: dict[tuple[str, int], int] = {
-    ("Conv", 1): 0,
-    ("MatMul", 1): -1,
-    ("Gemm", 1): -1,  # replaced by 0 when transB=1
-    ("Gather", 0): 0,  # embedding tables
-}
+
+def _int8_per_channel(
+    values: npt.NDArray[np.float32], axis: int
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """Symmetric per-channel int8 of `values` along `axis`: (int8 values, broadcastable scale)."""
+    reduce_axes = tuple(i for i in range(values.ndim) if i != axis)
+    scale = np.abs(values).max(axis=reduce_axes) / 127.0
+    scale[scale == 0] = 1.0
+    broadcast = [1] * values.ndim
+    broadcast[axis] = -1
+    scale_b = scale.reshape(broadcast).astype(np.float32)
+    quantized = np.clip(np.rint(values / scale_b), -127, 127).astype(np.int8)
+    return quantized, scale_b
 
 
-@dataclass(frozen=True)
-class _WeightTensor:
-    name: str
-    axis: int
-
-
-def _weight_tensors(model: onnx.ModelProto, *, min_elements: int) -> Iterator[_WeightTensor]:
-    """Float32 initializers of the main graph used as Conv/MatMul/Gemm weights or embeddings."""
-    import onnx
-
-    inits = {init.name: init for init in model.graph.initializer}
-    graph_inputs = {value.name for value in model.graph.input}
-    seen = set()
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            key = (node.op_type, index)
-            if key not in _WEIGHT_INPUTS or name not in inits or name in seen:
-                continue
-            init = inits[name]
-            if init.data_type != onnx.TensorProto.FLOAT or name in graph_inputs:
-                continue
-            elements = math.prod(init.dims)
-            if elements < min_elements or len(init.dims) < 2:
-                continue
-            axis = _WEIGHT_INPUTS[key]
-            if node.op_type == "Gemm":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                axis = 0 if trans_b else 1
-            seen.add(name)
-            yield _WeightTensor(name=name, axis=axis % len(init.dims))
+def int8_round_trip(values: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:
+    """What `weight_int8` turns `values` into once the runtime folds it back to float."""
+    quantized, scale = _int8_per_channel(values, axis)
+    return (quantized.astype(np.float32) * scale).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class WeightInt8Config:
-    """Weights of at least `min_elements` are stored as symmetric per-channel int8."""
+    """Weights of at least `min_elements` are stored as symmetric per-channel int8, except the
+    tensors named in `float_tensors` (the accuracy fallback's choice)."""
 
     min_elements: int = 256
+    float_tensors: tuple[str, ...] = ()
 
 
 class WeightInt8Pass(Pass):
     """Weight-only int8: int8 storage, float compute.
 
-    Each weight becomes `Cast(int8 initializer) * per-channel scale`: a quarter of the bytes on
-    disk and over the air, and every runtime folds the two constant nodes back into a float
-    weight when it loads the model, so inference runs exactly as fast as fp32 (unlike
-    DequantizeLinear, which onnxruntime keeps unfolded and runs on every call).
+    Each weight becomes `Cast(int8 initializer) * per-channel scale`, in the graph (or `If`/
+    `Loop` body) that holds it: a quarter of the bytes on disk and over the air, and every
+    runtime folds the two constant nodes back into a float weight when it loads the model, so
+    inference runs exactly as fast as fp32 (unlike DequantizeLinear, which onnxruntime keeps
+    unfolded and runs on every call).
     """
 
     name = "weight_int8"
@@ -328,50 +376,111 @@ class WeightInt8Pass(Pass):
     def __init__(self, config: WeightInt8Config | None = None) -> None:
         self.config = config or WeightInt8Config()
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> WeightInt8Config:
+        return configure(WeightInt8Config(), options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         import onnx
         from onnx import helper, numpy_helper
 
         model = load_model(source)
-        inits = {init.name: init for init in model.graph.initializer}
-        new_nodes = []
-        quantized = []
-        for weight in list(_weight_tensors(model, min_elements=self.config.min_elements)):
-            values = numpy_helper.to_array(inits[weight.name]).astype(np.float32)
-            reduce_axes = tuple(i for i in range(values.ndim) if i != weight.axis)
-            scale = np.abs(values).max(axis=reduce_axes) / 127.0
-            scale[scale == 0] = 1.0
-            broadcast = [1] * values.ndim
-            broadcast[weight.axis] = -1
-            scale_b = scale.reshape(broadcast).astype(np.float32)
-            q = np.clip(np.rint(values / scale_b), -127, 127).astype(np.int8)
-            model.graph.initializer.remove(inits[weight.name])
+        graphs = list(all_graphs(model.graph))
+        keep_float = set(self.config.float_tensors)
+        quantized: list[str] = []
+        stored_bytes = 0
+        for weight in weight_tensors(model, min_elements=self.config.min_elements):
+            if weight.name in keep_float:
+                continue
+            graph = graphs[weight.graph_index]
+            init = next(init for init in graph.initializer if init.name == weight.name)
+            values = numpy_helper.to_array(init).astype(np.float32)
+            q, scale_b = _int8_per_channel(values, weight.axis)
+            graph.initializer.remove(init)
             q_name, s_name, f_name = (
                 f"{weight.name}__int8",
                 f"{weight.name}__scale",
                 f"{weight.name}__float",
             )
-            model.graph.initializer.extend(
+            graph.initializer.extend(
                 [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale_b, s_name)]
             )
-            new_nodes.append(
+            new_nodes = [
                 helper.make_node(
                     "Cast", [q_name], [f_name], to=onnx.TensorProto.FLOAT, name=f"{q_name}/cast"
-                )
-            )
-            new_nodes.append(
-                helper.make_node("Mul", [f_name, s_name], [weight.name], name=f"{q_name}/scale")
-            )
+                ),
+                helper.make_node("Mul", [f_name, s_name], [weight.name], name=f"{q_name}/scale"),
+            ]
+            for node in reversed(new_nodes):
+                graph.node.insert(0, node)
             quantized.append(weight.name)
+            stored_bytes += q.nbytes + scale_b.nbytes
         if not quantized:
             raise ConversionError(
                 f"no float weight tensor of {self.config.min_elements} or more elements to store "
                 "as int8"
             )
-        for node in reversed(new_nodes):
-            model.graph.node.insert(0, node)
         save_model(model, destination)
-        return PassResult(details={"weights": len(quantized)})
+        return PassResult(
+            details={
+                "weights": len(quantized),
+                "float_tensors": sorted(keep_float),
+                "int8_bytes": stored_bytes,
+            }
+        )
+
+
+def rank_weights_by_error(
+    float_model: Path, feeds: Sequence[Feed], *, min_elements: int
+) -> list[tuple[str, float]]:
+    """Weight tensors ranked worst first by the output error their int8 storage alone causes.
+
+    For each weight `weight_int8` would store as int8, the float model runs with just that
+    tensor replaced by its int8 round trip; the score is the error energy relative to the
+    signal energy, summed over the float outputs (each output normalized on its own, so a
+    small output such as a probability is not drowned by a large one such as a state).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.runtimes import OnnxRuntimeBackend
+
+    model = load_model(float_model)
+    graphs = list(all_graphs(model.graph))
+    reference_runtime = OnnxRuntimeBackend(float_model)
+    reference = [reference_runtime.run(feed) for feed in feeds]
+    float_outputs = [
+        name for name, value in reference[0].items() if np.asarray(value).dtype.kind == "f"
+    ]
+    energy = {
+        name: sum(float(np.sum(np.asarray(out[name], np.float64) ** 2)) for out in reference)
+        for name in float_outputs
+    }
+    ranked: list[tuple[str, float]] = []
+    for weight in weight_tensors(model, min_elements=min_elements):
+        graph = graphs[weight.graph_index]
+        init = next(init for init in graph.initializer if init.name == weight.name)
+        original = onnx.TensorProto()
+        original.CopyFrom(init)
+        values = numpy_helper.to_array(init).astype(np.float32)
+        init.CopyFrom(numpy_helper.from_array(int8_round_trip(values, weight.axis), weight.name))
+        try:
+            runtime = OnnxRuntimeBackend(model.SerializeToString())
+            error = dict.fromkeys(float_outputs, 0.0)
+            for feed, expected in zip(feeds, reference, strict=True):
+                found = runtime.run(feed)
+                for name in float_outputs:
+                    diff = np.asarray(expected[name], np.float64) - np.asarray(
+                        found[name], np.float64
+                    )
+                    error[name] += float(np.sum(diff**2))
+        finally:
+            init.CopyFrom(original)
+        score = sum(
+            error[name] / energy[name] if energy[name] > 0 else error[name] for name in error
+        )
+        ranked.append((weight.name, score))
+    return sorted(ranked, key=lambda item: (-item[1], item[0]))
 
 
 @dataclass(frozen=True)
@@ -383,7 +492,7 @@ class PruneConfig:
 
 
 class PrunePass(Pass):
-    """Zero the smallest-magnitude fraction of each weight tensor (unstructured).
+    """Zero the smallest-magnitude fraction of each weight tensor (unstructured), in any graph.
 
     Dense CPU kernels run no faster on zeros; what pruning buys is a smaller compressed bundle
     (zstd over int8 zeros), which the report shows as `compressed_size_bytes`.
@@ -394,17 +503,27 @@ class PrunePass(Pass):
     def __init__(self, config: PruneConfig | None = None) -> None:
         self.config = config or PruneConfig()
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> PruneConfig:
+        defaults = PruneConfig(
+            sparsity=profile.pruning.sparsity or 0.5,
+            min_elements=profile.pruning.min_tensor_elements,
+        )
+        return configure(defaults, options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         from onnx import numpy_helper
 
         if not 0.0 < self.config.sparsity < 1.0:
             raise ConversionError(f"pruning sparsity must be in (0, 1), got {self.config.sparsity}")
         model = load_model(source)
-        inits = {init.name: init for init in model.graph.initializer}
+        graphs = list(all_graphs(model.graph))
         pruned = 0
         total = 0
-        for weight in list(_weight_tensors(model, min_elements=self.config.min_elements)):
-            values = numpy_helper.to_array(inits[weight.name]).astype(np.float32)
+        for weight in weight_tensors(model, min_elements=self.config.min_elements):
+            graph = graphs[weight.graph_index]
+            init = next(init for init in graph.initializer if init.name == weight.name)
+            values = numpy_helper.to_array(init).astype(np.float32)
             flat = np.abs(values).ravel()
             k = int(flat.size * self.config.sparsity)
             if k == 0:
@@ -412,7 +531,7 @@ class PrunePass(Pass):
             threshold = np.partition(flat, k - 1)[k - 1]
             mask = np.abs(values) <= threshold
             values = np.where(mask, np.float32(0.0), values).astype(np.float32)
-            inits[weight.name].CopyFrom(numpy_helper.from_array(values, weight.name))
+            init.CopyFrom(numpy_helper.from_array(values, weight.name))
             pruned += int(mask.sum())
             total += values.size
         if total == 0:
@@ -442,6 +561,12 @@ class DynamicInt8Pass(Pass):
     def __init__(self, config: DynamicInt8Config | None = None) -> None:
         self.config = config or DynamicInt8Config()
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> DynamicInt8Config:
+        quant = profile.quantization
+        defaults = DynamicInt8Config(per_channel=quant.per_channel, weight_type=quant.weight_type)
+        return configure(defaults, options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -455,6 +580,7 @@ class DynamicInt8Pass(Pass):
             )
         except Exception as e:
             raise ConversionError(f"quantize_dynamic failed: {first_line(e)}") from e
+        _canonicalize_file(destination)
         return PassResult()
 
 
@@ -495,6 +621,34 @@ class _FeedReader:
         return len(self._feeds)
 
 
+def feed_reader(feeds: Sequence[dict[str, npt.NDArray[Any]]]) -> Any:
+    """An onnxruntime `CalibrationDataReader` over `feeds`."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    reader_cls = type("_Reader", (_FeedReader, CalibrationDataReader), {})
+    return reader_cls(feeds)
+
+
+def _upgrade_opset(source: Path, destination: Path, opset: int) -> str | None:
+    """Write `source` at opset >= `opset` to `destination`; the change made, or None."""
+    from onnx import version_converter
+
+    model = load_model(source)
+    current = opset_version(model)
+    if current >= opset:
+        shutil.copyfile(source, destination)
+        return None
+    try:
+        upgraded = version_converter.convert_version(model, opset)
+    except Exception as e:
+        raise ConversionError(
+            f"per-channel int8 needs opset {opset} and the model's opset {current} cannot be "
+            f"converted up: {first_line(e)}; re-export the model at opset >= {opset}"
+        ) from e
+    save_model(upgraded, destination)
+    return f"opset {current} -> {opset} (per-channel DequantizeLinear needs opset {opset})"
+
+
 class StaticInt8Pass(Pass):
     """Static int8 (QDQ, per-channel) calibrated on the calibration data."""
 
@@ -503,9 +657,51 @@ class StaticInt8Pass(Pass):
     def __init__(self, config: StaticInt8Config | None = None) -> None:
         self.config = config or StaticInt8Config()
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> StaticInt8Config:
+        quant = profile.quantization
+        defaults = StaticInt8Config(
+            quant_format=quant.format,
+            per_channel=quant.per_channel,
+            activation_type=quant.activation_type,
+            weight_type=quant.weight_type,
+            calibration_method=quant.calibration_method,
+        )
+        return configure(defaults, options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        if context.calibration is None:
+            raise ConversionError("static int8 needs calibration data")
+        feeds = context.calibration.head_samples(self.config.max_calibration_samples).feeds
+        notes: list[str] = []
+        config = self.config
+        self._quantize(source, destination, context, config, feeds, notes)
+        broken = _runs_or_why(destination, feeds[0]) if config.per_channel else None
+        if broken is not None:
+            # A quantizer bug seen on graphs that onnxruntime's optimizer had rewritten: a
+            # per-channel scale that does not match its axis. Per-tensor weights avoid it.
+            config = replace(config, per_channel=False)
+            notes.append(f"per-channel int8 does not run ({broken}); rebuilt per-tensor")
+            self._quantize(source, destination, context, config, feeds, notes)
+        return PassResult(
+            notes=tuple(notes),
+            details={
+                "calibration_feeds": len(feeds),
+                "per_channel": config.per_channel,
+                "float_nodes": list(config.nodes_to_exclude),
+            },
+        )
+
+    def _quantize(
+        self,
+        source: Path,
+        destination: Path,
+        context: PassContext,
+        config: StaticInt8Config,
+        feeds: Sequence[dict[str, npt.NDArray[Any]]],
+        notes: list[str],
+    ) -> None:
         from onnxruntime.quantization import (
-            CalibrationDataReader,
             CalibrationMethod,
             QuantFormat,
             QuantType,
@@ -513,37 +709,40 @@ class StaticInt8Pass(Pass):
         )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        if context.calibration is None:
-            raise ConversionError("static int8 needs calibration data")
-        notes = []
+        upgraded = context.workdir / f"{destination.stem}-opset.onnx"
+        needed = _PER_CHANNEL_MIN_OPSET if config.per_channel else 10
+        change = _upgrade_opset(source, upgraded, needed)
+        if change:
+            notes.append(change)
         prepared = context.workdir / f"{destination.stem}-prep.onnx"
         try:
-            quant_pre_process(str(source), str(prepared), skip_optimization=True)
+            quant_pre_process(str(upgraded), str(prepared), skip_optimization=True)
         except Exception as e:  # noqa: BLE001  (symbolic shape inference fails on some graphs)
             notes.append(f"quantization pre-processing skipped: {first_line(e)}")
-            shutil.copyfile(source, prepared)
-        reader_cls = type("_Reader", (_FeedReader, CalibrationDataReader), {})
-        feeds = context.calibration.head_samples(self.config.max_calibration_samples).feeds
+            shutil.copyfile(upgraded, prepared)
         types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
         methods = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }
-        extra: dict[str, Any] = {"ActivationSymmetric": self.config.activation_type == "int8"}
+        extra: dict[str, Any] = {"ActivationSymmetric": config.activation_type == "int8"}
+        qdq = config.quant_format == "qdq"
         arguments: dict[str, Any] = {
-            "quant_format": QuantFormat.QDQ
-            if self.config.quant_format == "qdq"
-            else QuantFormat.QOperator,
-            "per_channel": self.config.per_channel,
-            "activation_type": types[self.config.activation_type],
-            "weight_type": types[self.config.weight_type],
-            "calibrate_method": methods[self.config.calibration_method],
-            "nodes_to_exclude": list(self.config.nodes_to_exclude),
+            "quant_format": QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+            "per_channel": config.per_channel,
+            "activation_type": types[config.activation_type],
+            "weight_type": types[config.weight_type],
+            "calibrate_method": methods[config.calibration_method],
+            "nodes_to_exclude": list(config.nodes_to_exclude),
         }
         try:
             quantize_static(
-                str(prepared), str(destination), reader_cls(feeds), **arguments, extra_options=extra
+                str(prepared),
+                str(destination),
+                feed_reader(feeds),
+                **arguments,
+                extra_options=extra,
             )
         except Exception as first:  # noqa: BLE001  (the quantizer raises bare exceptions)
             # Some onnxruntime releases fail while widening weight scales for int32 biases on
@@ -553,20 +752,25 @@ class StaticInt8Pass(Pass):
                 quantize_static(
                     str(prepared),
                     str(destination),
-                    reader_cls(feeds),
+                    feed_reader(feeds),
                     **arguments,
                     extra_options=extra,
                 )
             except Exception as e:
                 raise ConversionError(f"quantize_static failed: {first_line(e)}") from e
             notes.append(f"int32 bias scale adjustment disabled ({first_line(first)})")
-        return PassResult(
-            notes=tuple(notes),
-            details={
-                "calibration_feeds": len(feeds),
-                "float_nodes": list(self.config.nodes_to_exclude),
-            },
-        )
+        _canonicalize_file(destination)
+
+
+def _runs_or_why(model: Path, feed: Feed) -> str | None:
+    """None when onnxruntime loads `model` and runs `feed`, else its message."""
+    from edgekit.runtimes import OnnxRuntimeBackend
+
+    try:
+        OnnxRuntimeBackend(model, threads=1).run(feed)
+    except Exception as e:  # noqa: BLE001  (load errors and onnxruntime's own run errors)
+        return first_line(e)
+    return None
 
 
 def rank_nodes_by_quantization_error(
@@ -579,7 +783,6 @@ def rank_nodes_by_quantization_error(
     minus the worst among its outputs, so the node where the error appears ranks first, not
     every node downstream of it.
     """
-    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_signal_to_quantization_noice_ratio,
@@ -587,12 +790,11 @@ def rank_nodes_by_quantization_error(
         modify_model_output_intermediate_tensors,
     )
 
-    reader_cls = type("_Reader", (_FeedReader, CalibrationDataReader), {})
     collected = []
     for model_path in (float_model, qdq_model):
         augmented = workdir / f"{model_path.stem}-debug.onnx"
         modify_model_output_intermediate_tensors(str(model_path), str(augmented))
-        collected.append(collect_activations(str(augmented), reader_cls(list(feeds))))
+        collected.append(collect_activations(str(augmented), feed_reader(list(feeds))))
     float_acts, qdq_acts = collected
     sqnr: dict[str, float] = {}
     for tensor, pair in create_activation_matching(qdq_acts, float_acts).items():
@@ -612,7 +814,7 @@ def rank_nodes_by_quantization_error(
         drop = min(before, 200.0) - min(*outs, 200.0)
         if math.isfinite(drop):
             ranked.append((node.name, drop))
-    return sorted(ranked, key=lambda item: item[1], reverse=True)
+    return sorted(ranked, key=lambda item: (-item[1], item[0]))
 
 
 # -- fp16 ---------------------------------------------------------------------------------------
@@ -633,6 +835,10 @@ class Fp16Pass(Pass):
 
     def __init__(self, config: Fp16Config | None = None) -> None:
         self.config = config or Fp16Config()
+
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> Fp16Config:
+        return configure(Fp16Config(), options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         from onnxconverter_common import float16
@@ -680,6 +886,11 @@ class CompatPass(Pass):
     def __init__(self, config: CompatConfig | None = None) -> None:
         self.config = config or CompatConfig()
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> CompatConfig:
+        defaults = CompatConfig(runtime_version=profile.runtime.oldest.version)
+        return configure(defaults, options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         import onnx
         from onnx import version_converter
@@ -700,7 +911,9 @@ class CompatPass(Pass):
                     "runtime"
                 ) from e
             changes.append(f"opset {current} -> {limits.max_opset}")
-        used_domains = {node.domain or "ai.onnx" for node in _all_nodes(model.graph)}
+        used_domains = {
+            node.domain or "ai.onnx" for graph in all_graphs(model.graph) for node in graph.node
+        }
         for imp in list(model.opset_import):
             if imp.domain == "ai.onnx.ml" and imp.version > limits.max_ml_opset:
                 if "ai.onnx.ml" in used_domains:
@@ -736,16 +949,6 @@ class CompatPass(Pass):
                 "changes": changes,
             }
         )
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.g.node:
-                yield from _all_nodes(attribute.g)
-            for sub in attribute.graphs:
-                yield from _all_nodes(sub)
 
 
 def _types_needing_ir(model: onnx.ModelProto, max_ir: int) -> list[str]:

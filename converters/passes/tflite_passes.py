@@ -30,16 +30,21 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from edgekit.converters.passes.base import Pass, PassContext, PassResult
+from edgekit.converters.passes.base import Pass, PassContext, PassResult, configure
+from edgekit.converters.tflite_compat import blocking_ops, downgrade_options
 
 from edgekit.errors import ConversionError, first_line
+from edgekit.profiles import Profile
 from edgekit.runtimes import Feeds, Runtime, TensorSpec
 
 __all__ = [
     "LITERT_QUANTIZER_RECIPES",
     "SIGNATURE_KEY",
+    "BlockedOpsError",
     "LiteRtQuantizeConfig",
     "LiteRtQuantizePass",
+    "OpVersionsConfig",
+    "OpVersionsPass",
     "SourceKind",
     "TensorFlowModel",
     "Tf2OnnxConfig",
@@ -128,6 +133,10 @@ class TfLoadPass(Pass):
 
     def __init__(self, config: TfLoadConfig) -> None:
         self.config = config
+
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> TfLoadConfig:
+        return configure(TfLoadConfig(kind="saved_model"), options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         tf = _tf()
@@ -275,16 +284,43 @@ class TfliteConvertConfig:
 
 
 class TfliteConvertPass(Pass):
-    """TFLiteConverter from the SavedModel: fp32, fp16, dynamic-range int8 or full int8."""
+    """TFLiteConverter from the SavedModel: fp32, fp16, dynamic-range int8 or full int8.
+
+    When the profile's oldest runtime cannot load an operator version the build emits, the
+    model is rebuilt once with `tflite_compat.downgrade_options` (e.g. per-tensor dense weights
+    for tflite-runtime 2.14), and the note says so; `op_versions` makes the final check.
+    """
 
     name = "tflite_convert"
 
     def __init__(self, config: TfliteConvertConfig) -> None:
         self.config = config
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> TfliteConvertConfig:
+        defaults = TfliteConvertConfig(kind="fp32", io_type=profile.quantization.io_type)
+        return configure(defaults, options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        result = self._convert(source, destination, context, self.config)
+        blocking = blocking_ops(destination, context.profile)
+        downgrade = tuple(downgrade_options(context.profile).items())
+        if not blocking or not downgrade:
+            return result
+        # Rebuild with the settings that keep op versions loadable on the oldest runtime.
+        config = replace(self.config, converter_options=downgrade)
+        rebuilt = self._convert(source, destination, context, config)
+        oldest = context.profile.runtime.oldest
+        note = (
+            f"rebuilt with {', '.join(option for option, _ in downgrade)} so that "
+            f"{oldest.package} {oldest.version} loads it (was: {'; '.join(blocking)})"
+        )
+        return PassResult(notes=(note, *rebuilt.notes), details=rebuilt.details)
+
+    def _convert(
+        self, source: Path, destination: Path, context: PassContext, config: TfliteConvertConfig
+    ) -> PassResult:
         tf = _tf()
-        config = self.config
         notes: list[str] = []
         try:
             with _quiet_converter():
@@ -311,6 +347,73 @@ class TfliteConvertPass(Pass):
                 "converter_options": dict(config.converter_options),
             },
         )
+
+
+class BlockedOpsError(ConversionError):
+    """The profile's oldest runtime cannot load operator versions of a built model."""
+
+    def __init__(self, message: str, *, ops: Sequence[str], details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.ops = tuple(ops)
+        self.details = details
+
+
+@dataclass(frozen=True)
+class OpVersionsConfig:
+    """The I/O dtype the built model must have (`profile`: the profile's `io_type`)."""
+
+    io_type: Literal["float32", "int8", "uint8", "profile"] = "float32"
+
+
+class OpVersionsPass(Pass):
+    """Check a TFLite model's operator versions against the profile's oldest runtime and its
+    input/output dtypes against what the candidate promises; the file passes through as is."""
+
+    name = "op_versions"
+
+    def __init__(self, config: OpVersionsConfig | None = None) -> None:
+        self.config = config or OpVersionsConfig()
+
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> OpVersionsConfig:
+        config = configure(OpVersionsConfig(), options, cls.name)
+        if config.io_type == "profile":
+            config = OpVersionsConfig(io_type=profile.quantization.io_type)
+        return config
+
+    def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        from edgekit.runtimes import LiteRtBackend, RuntimeLoadError
+
+        profile = context.profile
+        oldest = profile.runtime.oldest
+        blocking = blocking_ops(source, profile)
+        details: dict[str, Any] = {
+            "checked": True,
+            "oldest_runtime": f"{oldest.package} {oldest.version}",
+            "blocking": list(blocking),
+        }
+        if blocking:
+            raise BlockedOpsError(
+                f"blocked: {oldest.package} {oldest.version} (the profile's oldest runtime) "
+                f"cannot load it: {'; '.join(blocking)}",
+                ops=blocking,
+                details=details,
+            )
+        shutil.copyfile(source, destination)
+        try:
+            built = LiteRtBackend(destination)
+        except RuntimeLoadError:
+            return PassResult(details=details)  # the host runtime's refusal shows in validation
+        specs = (*built.inputs, *built.outputs)
+        wanted = self.config.io_type
+        details["io_types"] = sorted({spec.dtype for spec in specs})
+        wrong = [f"{spec.name} is {spec.dtype}" for spec in specs if spec.dtype != wanted]
+        if wrong:
+            raise ConversionError(
+                f"wrong I/O type: inputs/outputs are not {wanted} ({', '.join(wrong)}); the "
+                f"profile wants {wanted} I/O"
+            )
+        return PassResult(details=details)
 
 
 @contextlib.contextmanager
@@ -536,6 +639,10 @@ class LiteRtQuantizePass(Pass):
     def __init__(self, config: LiteRtQuantizeConfig) -> None:
         self.config = config
 
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> LiteRtQuantizeConfig:
+        return configure(LiteRtQuantizeConfig(kind="dynamic_int8"), options, cls.name)
+
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         try:
             quantizer = importlib.import_module("ai_edge_quantizer.quantizer")
@@ -595,6 +702,10 @@ class Tf2OnnxPass(Pass):
 
     def __init__(self, config: Tf2OnnxConfig | None = None) -> None:
         self.config = config or Tf2OnnxConfig()
+
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> Tf2OnnxConfig:
+        return configure(Tf2OnnxConfig(), options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         _tf()

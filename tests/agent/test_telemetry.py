@@ -26,7 +26,7 @@ from edgekit.agent.telemetry import (
     resource_usage,
 )
 from edgekit.converters.data import Dataset
-from edgekit.converters.pipeline import reference_stats
+from edgekit.converters.outputs import reference_stats
 
 from edgekit.runtimes import TensorSpec
 from edgekit.topics import ActiveBundle, Telemetry

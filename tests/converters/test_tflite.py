@@ -235,10 +235,15 @@ def test_full_int8_fallback_keeps_the_worst_layers_in_float(
     row = next(r for r in result.candidates if r["name"] == "full_int8")
     assert row["status"] == "ok"
     assert row["float_nodes"], row
-    assert len(row["fallback"]) >= 2 and row["fallback"][0]["float_layers"] == 0
-    assert row["fallback"][0]["meets_tolerance"] is False
+    attempts = row["fallback"]["attempts"]
+    assert len(attempts) >= 2 and attempts[0]["float"] == 0
+    assert attempts[0]["meets_tolerance"] is False
     assert any("kept in float" in note for note in row["notes"])
-    assert row["details"]["layer_errors"]  # the quantization debugger's ranking
+    ranking = row["fallback"]["ranking"]  # the quantization debugger's
+    assert ranking["worst"] and "TF debugger" in ranking["method"]
+    assert (
+        row["float_nodes"] == [item["name"] for item in ranking["worst"]][: len(row["float_nodes"])]
+    )
     kept_logits, dtype = _litert_logits(
         tmp_path / "out" / "candidates" / "full_int8.tflite", keras_digits.x_test
     )
@@ -252,10 +257,10 @@ def test_full_int8_fallback_keeps_uint8_io_for_coral(
     """A float layer next to a graph input/output leaves that input/output float32 (TF keeps
     its original type). For a uint8-I/O profile the fallback never ranks those layers, and a
     build whose I/O is not uint8 is refused with the reason."""
+    from edgekit.converters.candidates import build_candidate, recipes_for
     from edgekit.converters.data import load_dataset
     from edgekit.converters.passes import PassContext
-    from edgekit.converters.passes.tflite_passes import rank_tflite_layers
-    from edgekit.converters.pipeline import _build_tflite_candidate, _tflite_config
+    from edgekit.converters.passes.tflite_passes import TfliteConvertPass, rank_tflite_layers
 
     from edgekit.profiles import load_profile
     from edgekit.runtimes import TensorSpec
@@ -271,7 +276,7 @@ def test_full_int8_fallback_keeps_uint8_io_for_coral(
             profile=load_profile(profile), workdir=folder, threads=1, calibration=data,
             validation=data,
         )  # fmt: skip
-        config = _tflite_config("full_int8", context.profile)
+        config = TfliteConvertPass.config_for(context.profile, kind="full_int8")
         return context, [name for name, _ in rank_tflite_layers(saved, context, config)]
 
     coral, ranked_uint8 = ranked("coral-edgetpu")
@@ -279,19 +284,19 @@ def test_full_int8_fallback_keeps_uint8_io_for_coral(
     edge = [name for name in ranked_float if name not in ranked_uint8]
     assert edge and ranked_uint8, (ranked_float, ranked_uint8)
     refused = []
+    (recipe, _) = recipes_for("full_int8", "tflite")
     for index, layer in enumerate(ranked_float):
-        build = _build_tflite_candidate(
-            "full_int8", saved, coral, float_layers=(layer,), label=f"fb{index}"
-        )
-        assert build.path is not None
-        runtime = LiteRtBackend(build.path)
-        dtypes = {spec.dtype for spec in (*runtime.inputs, *runtime.outputs)}
-        assert build.details["tflite_convert"]["io_type"] == "/".join(sorted(dtypes))
-        if dtypes == {"uint8"}:
-            assert build.status == "ok", build.to_dict()
+        attempt = recipe.with_option("tflite_convert", float_layers=(layer,))
+        build = build_candidate(attempt, saved, coral, label=f"fb{index}")
+        if build.status == "ok":
+            assert build.path is not None
+            runtime = LiteRtBackend(build.path)
+            dtypes = {spec.dtype for spec in (*runtime.inputs, *runtime.outputs)}
+            assert dtypes == {"uint8"}, build.to_dict()
+            assert build.details["op_versions"]["io_types"] == ["uint8"]
             continue
         # TF left an input or output float32: refused, with the reason.
-        assert build.status == "failed" and build.error is not None
+        assert build.error is not None
         assert "float32" in build.error and "the profile wants uint8 I/O" in build.error
         refused.append(layer)
     # Exactly those (the first conv, the logits layer) are missing from the uint8 ranking.
