@@ -34,6 +34,9 @@ def env(runtime_cache: Path, tmp_path: Path) -> dict[str, str]:
         "EDGEKIT_RUNTIME_CACHE": str(runtime_cache),
         "EDGEKIT_HOME": str(tmp_path / "home"),
         "EDGEKIT_KEY_PASSPHRASE": "pw",
+        # These tests are about the host venvs; the emulated aarch64 rows have their own tests
+        # (tests/test_emulation.py).
+        "EDGEKIT_EMULATION": "off",
     }
 
 
@@ -258,7 +261,9 @@ def test_onnx_too_new_for_an_uninstallable_oldest_runtime_fails_statically(
     # no wheel for this Python, so only the static check speaks for it.
     model = _deform_conv_model(tmp_path / "deform.onnx")
     profile = load_profile(str(_profile_with_oldest(tmp_path, "1.10.0")))
-    report = verify_runtime(model, profile, cache_dir=runtime_cache, latency_seconds=0.1)
+    report = verify_runtime(
+        model, profile, cache_dir=runtime_cache, latency_seconds=0.1, emulation="off"
+    )
     rows = {check.version: check for check in report.checks}
     assert rows["1.10.0"].status == "not installed"
     assert rows["1.32.0"].status == "pass"
@@ -566,7 +571,9 @@ def test_quantized_outputs_are_compared_as_real_values(
             if keep_quantization or not key.startswith("quantization/")
         }
         np.savez(golden, **kept)
-        report = verify_runtime(model, loaded, cache_dir=runtime_cache, which="newest")
+        report = verify_runtime(
+            model, loaded, cache_dir=runtime_cache, which="newest", emulation="off"
+        )
         (row,) = report.checks
         assert row.loads, row.to_dict()
         return row.to_dict()
