@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import sys
 import time
 import traceback
@@ -254,6 +255,7 @@ def main(argv: list[str]) -> int:
         stage="loaded",
         runtime_version=runtime.version,
         numpy_version=np.__version__,
+        machine=platform.machine(),
         inputs=[{"name": n, "dtype": d, "shape": s} for n, d, s in runtime.inputs],
         outputs=list(runtime.outputs),
     )

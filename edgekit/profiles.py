@@ -383,7 +383,7 @@ def _check_semantics(profile: Profile, source: str) -> None:
         if cpu not in known_cpus:
             fail(
                 f"cpu[{index}]",
-                f"expected a {profile.arch} CPU model edgekit can emulate "
+                f"expected an {profile.arch} CPU model edgekit can emulate "
                 f"({', '.join(known_cpus) or 'none known for this arch'}), found {cpu!r}",
             )
     if len(set(profile.cpu)) != len(profile.cpu):

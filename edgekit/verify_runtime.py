@@ -484,6 +484,7 @@ class RuntimeCheck:
     latency_p95_ms: float | None = None
     reported_version: str | None = None
     numpy_version: str | None = None
+    machine: str | None = None  # what the runtime's process saw (`aarch64` under emulation)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -551,6 +552,7 @@ class RuntimeCheck:
             },
             "reported_version": self.reported_version,
             "numpy_version": self.numpy_version,
+            "machine": self.machine,
             "notes": list(self.notes),
         }
 
@@ -1186,6 +1188,7 @@ def _probe(
     stage = result.get("stage", "not started")
     check.reported_version = result.get("runtime_version")
     check.numpy_version = result.get("numpy_version")
+    check.machine = result.get("machine")
     check.notes.extend(result.get("notes", []))
     died = crash != 0
     if stage == "import_failed" and check.emulated:

@@ -306,7 +306,15 @@ def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: 
     check.installed = True
     environment = vr.RuntimeEnvironment(RuntimePin("tflite-runtime", "2.14.0"), here, (), False, 0)
     subject = vr._Subject(MAGIKA, None, "none", "n/a")
-    vr._probe(check, environment, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+
+    def probe(check: vr.RuntimeCheck, environment: vr.RuntimeEnvironment) -> None:
+        vr._probe(
+            check, [str(environment.python)], environment.path, environment.pin.package,
+            subject, workdir=tmp_path, outputs=tmp_path / "outputs.npz", threads=1,
+            latency_seconds=0.1, max_samples=None,
+        )  # fmt: skip
+
+    probe(check, environment)
     assert check.status == "not installed"
     assert check.loads is None
     assert "does not import" in (check.install_error or "")
@@ -318,7 +326,7 @@ def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: 
     check = vr.RuntimeCheck(end="newest", package="onnxruntime", version="1.32.0")
     check.installed = True
     environment = vr.RuntimeEnvironment(RuntimePin("onnxruntime", "1.32.0"), bare, (), False, 0)
-    vr._probe(check, environment, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+    probe(check, environment)
     assert check.status == "not installed"
     assert "does not import: numpy" in (check.install_error or "")
 
@@ -327,7 +335,7 @@ def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: 
         RuntimePin("onnxruntime", "1.16.3"), tmp_path / "gone", (), False, 0
     )
     with pytest.raises(RuntimeInstallError, match=r"cannot run .*gone/bin/python"):
-        vr._probe(check, gone, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+        probe(check, gone)
 
 
 def test_pip_time_limit_holds_while_pip_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
