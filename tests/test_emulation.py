@@ -262,7 +262,7 @@ def test_magika_and_silero_bundles_on_emulated_pi(
         chunks = validation["input"][:4].astype(np.float32)
         states = validation["state"][:4].astype(np.float32)
     silero_feeds = [
-        {"input": chunks[i : i + 1], "state": states[i], "sr": np.array(16000, dtype=np.int64)}
+        {"input": chunks[i], "state": states[i], "sr": np.array(16000, dtype=np.int64)}
         for i in range(len(chunks))
     ]
     silero = _golden_folder(SILERO, silero_feeds, tmp_path / "silero")
@@ -294,3 +294,27 @@ def test_pip_builds_the_same_environment_as_uv(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert done.stdout.split() == ["aarch64", "1.16.3"]
+
+
+@pytest.mark.slow
+def test_convert_verify_runtime_checks_the_winner_on_the_emulated_pi(
+    digits: DigitsExample, env: dict[str, str], tmp_path: Path
+) -> None:
+    profile = tmp_path / "int8.yaml"
+    profile.write_text(
+        "extends: raspberrypi\nname: pi-int8\ndescription: dynamic int8 only\n"
+        "quantization:\n  candidates: [dynamic_int8]\n"
+    )
+    done = _edgekit(
+        "convert", digits.model_path, "-p", profile, "-o", tmp_path / "out",
+        "--validation", digits.validation_path, "--verify-runtime", "--json", env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    verified = json.loads(done.stdout)["verify_runtime"]
+    assert verified["passed"] is True and verified["target"]["arch"] == "aarch64"
+    rows = _rows(verified)
+    assert set(rows) == PI_ROWS
+    # The int8 kernels that judged the candidate were the device's (aarch64), per CPU.
+    assert all(row["machine"] == "aarch64" and row["emulated"] for row in rows.values())
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["verify_runtime"]["target"]["cpus"] == ["cortex-a72", "cortex-a76"]
