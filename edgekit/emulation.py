@@ -46,6 +46,7 @@ from edgekit.verify_runtime import (
     _stream,
     build_cached,
     default_cache_dir,
+    make_cache_root,
     runtime_requirements,
 )
 
@@ -478,7 +479,7 @@ class EmulationCache:
     def sysroot(self, *, progress: ProgressCallback | None = None) -> Sysroot:
         """The cached sysroot, built first if needed (~5 s and ~65 MB on a fast mirror)."""
         key = self.sysroot_key()
-        self._mkroot()
+        make_cache_root(self.root)
         self._raise_remembered(key)
         try:
             path, created = build_cached(
@@ -575,15 +576,6 @@ class EmulationCache:
             time.monotonic() - started,
             installer,
         )
-
-    def _mkroot(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RuntimeInstallError(
-                f"cannot create the runtime cache {self.root}: {e}; pass --cache-dir or set "
-                "EDGEKIT_RUNTIME_CACHE to a writable folder"
-            ) from e
 
     def _raise_remembered(self, key: str) -> None:
         failure = EmulationCache._failures.get(str(self.root / key))

@@ -65,6 +65,7 @@ __all__ = [
     "Which",
     "build_cached",
     "default_cache_dir",
+    "make_cache_root",
     "runtime_requirements",
     "verify_runtime",
 ]
@@ -209,13 +210,7 @@ class RuntimeCache:
         requirements = runtime_requirements(pin)
         key = self.key(pin)
         final = self.root / key
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RuntimeInstallError(
-                f"cannot create the runtime cache {self.root}: {e}; pass --cache-dir or set "
-                "EDGEKIT_RUNTIME_CACHE to a writable folder"
-            ) from e
+        make_cache_root(self.root)
         if _usable(final):
             return RuntimeEnvironment(pin, final, requirements, False, time.monotonic() - started)
         remembered = (str(final.absolute()), *(os.environ.get(name, "") for name in _PIP_SOURCES))
@@ -307,6 +302,17 @@ def _write_synced(path: Path, text: str) -> None:
 def _usable(venv: Path) -> bool:
     python = venv / "bin" / "python"
     return (venv / _MARKER).is_file() and python.exists()  # exists() follows the symlink
+
+
+def make_cache_root(root: Path) -> None:
+    """Create the runtime cache folder; raises `RuntimeInstallError` naming what to do."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeInstallError(
+            f"cannot create the runtime cache {root}: {e}; pass --cache-dir or set "
+            "EDGEKIT_RUNTIME_CACHE to a writable folder"
+        ) from e
 
 
 def build_cached(

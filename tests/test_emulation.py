@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from edgekit.emulation import EmulationCache, cpuinfo_text, find_qemu
 from edgekit.profiles import EMULATED_CPUS, RuntimePin, load_profile
 from edgekit.trust import Signer
 from tests.conftest import MAGIKA, SILERO
+from tests.test_verify_runtime import _edgekit
 
 PI_ROWS = {
     ("1.16.3", "cortex-a72"),
@@ -44,16 +44,6 @@ def env(runtime_cache: Path, tmp_path: Path) -> dict[str, str]:
     }
     environment.pop("EDGEKIT_EMULATION", None)  # the default: auto
     return environment
-
-
-def _edgekit(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgekit", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
 
 
 def _rows(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
