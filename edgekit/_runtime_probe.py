@@ -5,7 +5,8 @@ REQUEST.json`), where edgekit is not installed. It may import only the standard 
 (1.x or 2.x) and the runtime under test, and must run on Python 3.9+.
 
 The request (JSON) names the engine, the model, an optional golden `.npz` (`inputs/<i>/<name>`,
-`outputs/<i>/<name>`), thread count, latency repetitions and where to write results. The
+`outputs/<i>/<name>`) and how many of its samples to replay (`max_samples`, for slow emulated
+runs), thread count, latency repetitions and where to write results. The
 result JSON is rewritten atomically after each stage (`started`, `loaded`, `ran`), so the
 caller knows how far a probe got even when the runtime crashes the process. Outputs are
 written to an `.npz` as `outputs/<i>/<name>` with the golden output names, for the caller
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import sys
 import time
 import traceback
@@ -253,6 +255,7 @@ def main(argv: list[str]) -> int:
         stage="loaded",
         runtime_version=runtime.version,
         numpy_version=np.__version__,
+        machine=platform.machine(),
         inputs=[{"name": n, "dtype": d, "shape": s} for n, d, s in runtime.inputs],
         outputs=list(runtime.outputs),
     )
@@ -264,6 +267,10 @@ def main(argv: list[str]) -> int:
             feeds, output_names = _golden_samples(golden)
             if not feeds:
                 raise ValueError(f"{golden} holds no inputs/<i>/<name> samples")
+            result["samples_available"] = len(feeds)
+            if request.get("max_samples"):  # emulated runs keep the golden set small
+                feeds = feeds[: int(request["max_samples"])]
+                output_names = output_names[: len(feeds)]
         else:
             feeds, output_names = [_synthetic_feed(runtime.inputs)], [[]]
         arrays: dict[str, Any] = {}

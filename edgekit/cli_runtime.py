@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekit.profiles import Profile, load_profile
-from edgekit.verify_runtime import ProgressCallback, VerifyReport, Which
+from edgekit.verify_runtime import EmulationMode, ProgressCallback, VerifyReport, Which
 from edgekit.verify_runtime import verify_runtime as check_runtimes
 
 __all__ = [
@@ -54,11 +54,20 @@ def run_with_progress(
     cache_dir: Path | None,
     which: Which = "all",
     trust: Path | None = None,
+    emulation: EmulationMode | None = None,
+    cpus: tuple[str, ...] = (),
 ) -> VerifyReport:
     """`verify_runtime` with a rich spinner on stderr (venv creation, installs, probes)."""
     with _progress(Console(stderr=True)) as update:
         return check_runtimes(
-            source, profile, cache_dir=cache_dir, which=which, trust=trust, progress=update
+            source,
+            profile,
+            cache_dir=cache_dir,
+            which=which,
+            trust=trust,
+            emulation=emulation,
+            cpus=cpus or None,
+            progress=update,
         )
 
 
@@ -72,23 +81,37 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     """The human summary: one row per runtime version, then where samples came from and why
     anything failed."""
     table = Table(title=f"{report.model} on the runtimes of profile {report.profile}")
-    for column in ("runtime", "end", "installed", "loads", "within tolerance", "p50 ms", "result"):
+    columns = ("runtime", "end", "arch", "cpu", "installed", "loads", "within tolerance")
+    for column in (*columns, "p50 ms", "result"):
         table.add_column(column, no_wrap=column != "result")
     for check in report.checks:
         status = {"pass": "[bold green]pass[/]", "fail": "[bold red]FAIL[/]"}.get(
             check.status, "[yellow]not installed[/]"
         )
         within = _yes_no(check.within_tolerance, none="n/a" if check.loads else "-")
+        latency = "-"
+        if check.latency_p50_ms is not None:
+            latency = f"{check.latency_p50_ms:.3f}" + (" (emulated)" if check.emulated else "")
         table.add_row(
-            check.runtime,
+            f"{check.package} {check.version}",
             check.end,
+            check.arch,
+            (check.cpu or "host") + (" (qemu)" if check.emulated else ""),
             _yes_no(check.installed) + (" (cached)" if check.cached else ""),
             _yes_no(check.loads),
             within,
-            f"{check.latency_p50_ms:.3f}" if check.latency_p50_ms is not None else "-",
+            latency,
             status,
         )
     console.print(table)
+    if report.emulated_cpus:
+        console.print(
+            f"{report.arch} rows ran under QEMU user-mode emulation on this host: outputs come "
+            "from the device's runtime builds and kernels; emulated latency is the emulator's, "
+            "not the device's",
+            soft_wrap=True,
+            highlight=False,
+        )
     for check in report.checks:
         if check.status != "pass":
             console.print(f"  {escape(check.runtime)}: {escape(check.reason)}", soft_wrap=True)
@@ -136,6 +159,21 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Trust store to check a bundle's signatures with (without it: not checked).",
 )
+@click.option(
+    "--emulation",
+    type=click.Choice(["auto", "require", "off"]),
+    default=None,
+    help="For a profile whose arch is not this host's: run the runtimes' builds for the "
+    "device's arch under QEMU, once per CPU the profile names (auto, the default: when "
+    "qemu-user-static is installed; require: fail otherwise; off: this host's builds). "
+    "Default: $EDGEKIT_EMULATION, else auto.",
+)
+@click.option(
+    "--cpu",
+    "cpus",
+    multiple=True,
+    help="Emulate only this CPU of the profile's `cpu:` list (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def verify_runtime_command(
     source: Path,
@@ -143,14 +181,26 @@ def verify_runtime_command(
     which: Which,
     cache_dir: Path | None,
     trust: Path | None,
+    emulation: EmulationMode | None,
+    cpus: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Load SOURCE (a .ekb bundle, a model, or a converter output folder) in the oldest and
     newest runtime versions the profile declares, each in its own cached venv, and replay the
-    golden samples there. Exit code 2 when any installed runtime refuses the model or misses
-    the tolerance; a runtime that cannot be installed here is reported, not failed."""
+    golden samples there; for a device of another arch (a Raspberry Pi), the device's builds
+    under QEMU, one row per runtime version and CPU. Exit code 2 when any installed runtime
+    refuses the model or misses the tolerance; a runtime that cannot be installed here is
+    reported, not failed."""
     profile = load_profile(profile_name)
-    report = run_with_progress(source, profile, cache_dir=cache_dir, which=which, trust=trust)
+    report = run_with_progress(
+        source,
+        profile,
+        cache_dir=cache_dir,
+        which=which,
+        trust=trust,
+        emulation=emulation,
+        cpus=cpus,
+    )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -9,6 +9,7 @@ built-in one with `extends: NAME`. Every field is typed and checked; an invalid 
 from __future__ import annotations
 
 import dataclasses
+import platform
 import re
 import types
 import typing
@@ -23,6 +24,7 @@ import yaml
 from edgekit.errors import ProfileError
 
 __all__ = [
+    "EMULATED_CPUS",
     "AccuracyTolerance",
     "Budgets",
     "HealthCheckTolerance",
@@ -34,6 +36,7 @@ __all__ = [
     "RuntimePin",
     "RuntimeRange",
     "builtin_profile_names",
+    "host_arch",
     "load_profile",
     "parse_profile",
 ]
@@ -50,6 +53,21 @@ IoType = Literal["float32", "int8", "uint8"]
 Priority = Literal["latency", "size"]
 Layout = Literal["NCHW", "NHWC"]
 OutputKind = Literal["classifier", "map", "regression", "state"]
+
+# The CPU models a profile may name in `cpu:`, per architecture: the ones user-mode QEMU
+# (Debian bookworm's 7.2) emulates and `edgekit.emulation` knows the /proc/cpuinfo of.
+# QEMU's `max` is left out on purpose: it enables SVE, which no Raspberry Pi has, and runs
+# about 20 times slower.
+EMULATED_CPUS: dict[str, tuple[str, ...]] = {
+    "aarch64": (
+        "cortex-a35",
+        "cortex-a53",
+        "cortex-a57",
+        "cortex-a72",
+        "cortex-a76",
+        "neoverse-n1",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,9 @@ class Profile:
     target_format: TargetFormat
     runtime: RuntimeRange
     arch: str = "aarch64"
+    # The device's CPU models (`cortex-a72` for a Pi 4, `cortex-a76` for a Pi 5): verify-runtime
+    # runs the golden samples under emulation of each. One name or a list in YAML.
+    cpu: tuple[str, ...] = ()
     ram_bytes: int | None = None
     threads: int = 4
     priority: Priority = "latency"
@@ -187,6 +208,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
+
+
+def host_arch() -> str:
+    """This machine's architecture in profile terms (`x86_64`, `aarch64`)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def builtin_profile_names() -> list[str]:
@@ -222,6 +249,8 @@ def parse_profile(data: Mapping[str, Any], *, source: str = "<memory>") -> Profi
     """Build a `Profile` from a mapping, checking every field; raises `ProfileError`."""
     fields = dict(data)
     fields.pop("source", None)
+    if isinstance(fields.get("cpu"), str):
+        fields["cpu"] = [fields["cpu"]]  # `cpu: cortex-a72` is a list of one
     profile = _build(Profile, fields, path="", source=source)
     profile = dataclasses.replace(profile, source=source)
     _check_semantics(profile, source)
@@ -366,6 +395,22 @@ def _check_semantics(profile: Profile, source: str) -> None:
         fail("threads", f"expected at least 1, found {profile.threads}")
     if not 0.0 <= profile.pruning.sparsity < 1.0:
         fail("pruning.sparsity", f"expected a fraction in [0, 1), found {profile.pruning.sparsity}")
+    known_cpus = EMULATED_CPUS.get(profile.arch, ())
+    for index, cpu in enumerate(profile.cpu):
+        if cpu == "max":
+            fail(
+                f"cpu[{index}]",
+                "QEMU's `max` CPU is no device (it takes SVE paths and runs ~20x slower); name "
+                f"the device's core: one of {', '.join(known_cpus) or 'none for this arch'}",
+            )
+        if cpu not in known_cpus:
+            fail(
+                f"cpu[{index}]",
+                f"expected an {profile.arch} CPU model edgekit can emulate "
+                f"({', '.join(known_cpus) or 'none known for this arch'}), found {cpu!r}",
+            )
+    if len(set(profile.cpu)) != len(profile.cpu):
+        fail("cpu", f"names a CPU twice: {list(profile.cpu)}")
     if not profile.quantization.candidates:
         fail("quantization.candidates", "expected at least one candidate kind")
     if profile.quantization.fallback_attempts < 0:

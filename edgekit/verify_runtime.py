@@ -7,6 +7,12 @@ cached; `_runtime_probe.py` then loads the model there and replays the golden sa
 version reports: installed (or why not), loads (or the runtime's own error), outputs within the
 golden tolerance (metrics as `edgekit.converters.validate` computes them) and p50 latency.
 
+For a profile whose `arch` is not this host's (a Raspberry Pi on an x86 workstation), the
+same probe runs the **aarch64** builds of those runtime versions under user-mode QEMU, once per
+CPU model the profile names (`cpu: [cortex-a72, cortex-a76]`), in environments
+`edgekit.emulation` builds and caches; the rows then say `arch: aarch64`, the CPU, and that
+their latency was measured under emulation.
+
 Cache layout (`default_cache_dir()`): `<key>/` a finished venv, `<key>.lock` the lock two runs
 take before building, `.<key>.build-*` a venv being built. A venv is built in its build folder
 and renamed into place only once pip succeeded, numpy and the runtime import there and the
@@ -39,10 +45,17 @@ import numpy.typing as npt
 
 from edgekit.bundle import fsync_dir
 from edgekit.errors import BundleError, EdgekitError, first_line
-from edgekit.profiles import AccuracyTolerance, HealthCheckTolerance, Profile, RuntimePin
+from edgekit.profiles import (
+    AccuracyTolerance,
+    HealthCheckTolerance,
+    Profile,
+    RuntimePin,
+    host_arch,
+)
 from edgekit.runtimes import dequantize
 
 __all__ = [
+    "EmulationMode",
     "RuntimeCache",
     "RuntimeCheck",
     "RuntimeConformanceError",
@@ -50,7 +63,9 @@ __all__ = [
     "RuntimeInstallError",
     "VerifyReport",
     "Which",
+    "build_cached",
     "default_cache_dir",
+    "make_cache_root",
     "runtime_requirements",
     "verify_runtime",
 ]
@@ -58,6 +73,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Which = Literal["oldest", "newest", "all"]
+# auto: emulate the profile's arch when it is not the host's and QEMU is installed;
+# require: the same, but an error when it cannot; off: the host's runtime builds only.
+EmulationMode = Literal["auto", "require", "off"]
+_EMULATION_MODES = ("auto", "require", "off")
 ProgressCallback = Callable[[str], None]
 Array = npt.NDArray[Any]
 
@@ -69,6 +88,10 @@ _PROBE = Path(__file__).with_name("_runtime_probe.py")
 _VENV_TIMEOUT_S = 300.0
 _PIP_TIMEOUT_S = 1800.0
 _PROBE_TIMEOUT_S = 600.0
+_EMULATED_PROBE_TIMEOUT_S = 3600.0
+# Emulated fp32 runs ~330x slower than native: replay a few golden samples, time a few runs.
+EMULATED_SAMPLES = 4
+_EMULATED_TIMED_RUNS = 3
 _IMPORT_TIMEOUT_S = 300.0
 _MODEL_FILES = ("model.onnx", "model.tflite")
 # What the probe imports for each runtime package (checked in a new venv before it is trusted).
@@ -187,13 +210,7 @@ class RuntimeCache:
         requirements = runtime_requirements(pin)
         key = self.key(pin)
         final = self.root / key
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RuntimeInstallError(
-                f"cannot create the runtime cache {self.root}: {e}; pass --cache-dir or set "
-                "EDGEKIT_RUNTIME_CACHE to a writable folder"
-            ) from e
+        make_cache_root(self.root)
         if _usable(final):
             return RuntimeEnvironment(pin, final, requirements, False, time.monotonic() - started)
         remembered = (str(final.absolute()), *(os.environ.get(name, "") for name in _PIP_SOURCES))
@@ -214,41 +231,21 @@ class RuntimeCache:
         *,
         progress: ProgressCallback | None,
     ) -> RuntimeEnvironment:
-        final = self.root / key
-        with _locked(self.root / f"{key}.lock", progress=progress, what=requirements[0]):
-            if _usable(final):  # another run built it while we waited
-                return RuntimeEnvironment(
-                    pin, final, requirements, False, time.monotonic() - started
-                )
-            for stale in self.root.glob(f".{key}.build-*"):
-                log.info("removing %s left by an interrupted build", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():
-                log.info("removing unusable cached environment %s", final)
-                shutil.rmtree(final, ignore_errors=True)
-            building = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=self.root))
-            try:
-                self._build(building, pin, requirements, progress=progress)
-                _check_import(building, pin, requirements)
-                seconds = time.monotonic() - started
-                marker = {
-                    "package": pin.package,
-                    "version": pin.version,
-                    "requirements": list(requirements),
-                    "python": platform.python_version(),
-                    "platform": sysconfig.get_platform(),
-                    "build_seconds": round(seconds, 1),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-                _write_synced(building / _MARKER, json.dumps(marker, indent=2) + "\n")
-                fsync_dir(building)
-                os.rename(building, final)
-                fsync_dir(self.root)
-            except BaseException:
-                shutil.rmtree(building, ignore_errors=True)
-                raise
-        log.info("built %s in %.1f s", final, seconds)
-        return RuntimeEnvironment(pin, final, requirements, True, seconds)
+        def build(folder: Path) -> dict[str, Any]:
+            self._build(folder, pin, requirements, progress=progress)
+            _check_import(folder, pin, requirements)
+            return {
+                "package": pin.package,
+                "version": pin.version,
+                "requirements": list(requirements),
+                "python": platform.python_version(),
+                "platform": sysconfig.get_platform(),
+            }
+
+        final, created = build_cached(
+            self.root, key, build=build, what=requirements[0], progress=progress
+        )
+        return RuntimeEnvironment(pin, final, requirements, created, time.monotonic() - started)
 
     def _build(
         self,
@@ -305,6 +302,68 @@ def _write_synced(path: Path, text: str) -> None:
 def _usable(venv: Path) -> bool:
     python = venv / "bin" / "python"
     return (venv / _MARKER).is_file() and python.exists()  # exists() follows the symlink
+
+
+def make_cache_root(root: Path) -> None:
+    """Create the runtime cache folder; raises `RuntimeInstallError` naming what to do."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeInstallError(
+            f"cannot create the runtime cache {root}: {e}; pass --cache-dir or set "
+            "EDGEKIT_RUNTIME_CACHE to a writable folder"
+        ) from e
+
+
+def build_cached(
+    root: Path,
+    key: str,
+    *,
+    build: Callable[[Path], dict[str, Any]],
+    what: str,
+    progress: ProgressCallback | None,
+    marker: str = _MARKER,
+    ready: Callable[[Path], bool] = _usable,
+) -> tuple[Path, bool]:
+    """`root/key`, built first by `build(folder)` if it is not there yet: (path, created).
+
+    The folder is built in `root/.key.build-*` under the lock `root/key.lock` and renamed into
+    place only after `build` returned and the marker file (`build`'s JSON document plus the
+    build time) was written and fsynced, so a killed run never leaves a folder a later run
+    would trust; leftovers of interrupted builds are removed by the next one. `ready(folder)`
+    tells a finished folder (default: a venv with its marker file).
+    """
+    final = root / key
+    if ready(final):
+        return final, False
+    started = time.monotonic()
+    with _locked(root / f"{key}.lock", progress=progress, what=what):
+        if ready(final):  # another run built it while we waited
+            return final, False
+        for stale in root.glob(f".{key}.build-*"):
+            log.info("removing %s left by an interrupted build", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists() or final.is_symlink():
+            log.info("removing unusable cached folder %s", final)
+            shutil.rmtree(final, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{key}.build-", dir=root))
+        try:
+            document = build(building)
+            seconds = time.monotonic() - started
+            document = {
+                **document,
+                "build_seconds": round(seconds, 1),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            _write_synced(building / marker, json.dumps(document, indent=2) + "\n")
+            fsync_dir(building)
+            os.rename(building, final)
+            fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+    log.info("built %s in %.1f s", final, seconds)
+    return final, True
 
 
 @contextlib.contextmanager
@@ -412,6 +471,9 @@ class RuntimeCheck:
     package: str
     version: str
     requirements: tuple[str, ...] = ()
+    arch: str = field(default_factory=host_arch)
+    cpu: str | None = None  # the emulated CPU model; None: this host's CPU
+    emulated: bool = False
     installed: bool = False
     install_error: str | None = None
     install_seconds: float | None = None
@@ -423,16 +485,25 @@ class RuntimeCheck:
     failures: tuple[str, ...] = ()
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: int = 0
+    samples_available: int | None = None  # golden samples in the file (emulation replays a few)
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     reported_version: str | None = None
     numpy_version: str | None = None
+    machine: str | None = None  # what the runtime's process saw (`aarch64` under emulation)
     notes: list[str] = field(default_factory=list)
 
     @property
     def runtime(self) -> str:
-        """`package version`."""
-        return f"{self.package} {self.version}"
+        """`package version`, plus `on <cpu>` for an emulated row."""
+        base = f"{self.package} {self.version}"
+        return f"{base} on {self.cpu}" if self.cpu else base
+
+    @property
+    def latency_source(self) -> str:
+        """Where the latency was measured: `emulated:<cpu>` (QEMU on this host, not the
+        device's latency) or `host`."""
+        return f"emulated:{self.cpu}" if self.emulated else "host"
 
     @property
     def status(self) -> str:
@@ -462,6 +533,9 @@ class RuntimeCheck:
             "end": self.end,
             "package": self.package,
             "version": self.version,
+            "arch": self.arch,
+            "cpu": self.cpu,
+            "emulated": self.emulated,
             "status": self.status,
             "reason": self.reason,
             "requirements": list(self.requirements),
@@ -476,9 +550,15 @@ class RuntimeCheck:
             "failures": list(self.failures),
             "metrics": self.metrics,
             "samples": self.samples,
-            "latency_ms": {"p50": self.latency_p50_ms, "p95": self.latency_p95_ms},
+            "samples_available": self.samples_available,
+            "latency_ms": {
+                "p50": self.latency_p50_ms,
+                "p95": self.latency_p95_ms,
+                "source": self.latency_source,
+            },
             "reported_version": self.reported_version,
             "numpy_version": self.numpy_version,
+            "machine": self.machine,
             "notes": list(self.notes),
         }
 
@@ -495,6 +575,8 @@ class VerifyReport:
     checks: list[RuntimeCheck]
     static_blockers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    arch: str = field(default_factory=host_arch)  # the arch the rows ran as
+    emulated_cpus: tuple[str, ...] = ()
 
     @property
     def failed(self) -> list[RuntimeCheck]:
@@ -544,6 +626,11 @@ class VerifyReport:
             "problems": self.problems(),
             "static_blockers": list(self.static_blockers),
             "runtimes": [check.to_dict() for check in self.checks],
+            "target": {
+                "arch": self.arch,
+                "emulated": bool(self.emulated_cpus),
+                "cpus": list(self.emulated_cpus),
+            },
             "notes": list(self.notes),
             "host": {
                 "python": platform.python_version(),
@@ -582,17 +669,29 @@ def verify_runtime(
     trust: Path | None = None,
     threads: int | None = None,
     latency_seconds: float = 1.0,
+    emulation: EmulationMode | None = None,
+    cpus: Sequence[str] | None = None,
+    emulated_samples: int = EMULATED_SAMPLES,
     progress: ProgressCallback | None = None,
 ) -> VerifyReport:
     """Load `source` (a bundle, a model file, or a converter output folder) in each runtime
     version `profile` declares and replay its golden samples there.
 
+    When the profile's arch is not this host's, each version's build for the device's arch runs
+    under QEMU once per CPU model of `profile.cpu` (or `cpus`, a subset), replaying the first
+    `emulated_samples` golden samples. `emulation` (default: `$EDGEKIT_EMULATION`, else
+    `auto`) is `auto` (emulate when possible, else check on the host and say so), `require`
+    or `off`.
+
     Never raises for a runtime that refuses or cannot be installed: that is the report's
     content (`VerifyReport.passed`, `raise_for_failures`). Raises `EdgekitError` when the
-    source itself is unusable (unreadable, untrusted bundle, wrong format for the profile).
+    source itself is unusable (unreadable, untrusted bundle, wrong format for the profile), or
+    when emulation is required but impossible.
     """
     cache = RuntimeCache(cache_dir)
     source = Path(source)
+    mode = _mode(emulation)
+    targets, emulation_note = _emulation_targets(profile, mode, cpus)
     with tempfile.TemporaryDirectory(prefix="edgekit-verify-runtime-") as scratch:
         workdir = Path(scratch)
         subject = _resolve(source, workdir, trust=trust, progress=progress)
@@ -606,6 +705,8 @@ def verify_runtime(
             checks=[],
             notes=list(subject.notes),
         )
+        if emulation_note:
+            report.notes.append(emulation_note)
         if subject.model.suffix == ".tflite":
             from edgekit.converters.tflite_compat import blocking_ops
 
@@ -615,6 +716,22 @@ def verify_runtime(
         golden_reference = _read_golden(subject.golden) if subject.golden else None
         tolerance = golden_reference[1] if golden_reference else profile.health_check.to_dict()
         used_threads = threads or max(1, min(profile.threads, os.cpu_count() or 1))
+        run = _Run(subject, workdir, used_threads, latency_seconds, golden_reference, tolerance)
+        if targets:
+            report.arch = profile.arch
+            report.emulated_cpus = tuple(targets)
+            _check_emulated(
+                report,
+                profile,
+                which,
+                targets,
+                run,
+                cache_root=cache.root,
+                samples=emulated_samples,
+                required=mode == "require",
+                progress=progress,
+            )
+            return report
         for end, pin in _selected(profile, which):
             check = RuntimeCheck(
                 end=end,
@@ -634,17 +751,161 @@ def verify_runtime(
             check.install_seconds = round(environment.seconds, 2)
             if progress is not None:
                 progress(f"loading {subject.model.name} in {pin.package} {pin.version}")
-            _probe(
-                check,
-                environment,
-                subject,
-                workdir=workdir,
-                threads=used_threads,
-                latency_seconds=latency_seconds,
-            )
-            if golden_reference is not None and check.loads and check.run_error is None:
-                _compare(check, golden_reference[0], tolerance, workdir / f"{end}-outputs.npz")
+            run.probe(check, [str(environment.python)], environment.path, pin.package)
     return report
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every runtime row of one check shares."""
+
+    subject: _Subject
+    workdir: Path
+    threads: int
+    latency_seconds: float
+    golden_reference: tuple[dict[str, list[Array]], dict[str, float]] | None
+    tolerance: dict[str, float]
+
+    def probe(
+        self,
+        check: RuntimeCheck,
+        interpreter: Sequence[str],
+        environment: Path,
+        engine: str,
+        *,
+        max_samples: int | None = None,
+    ) -> None:
+        """Run the probe with `interpreter` and compare its outputs with the golden ones."""
+        outputs = self.workdir / f"{check.end}-{check.cpu or 'host'}-outputs.npz"
+        _probe(
+            check,
+            interpreter,
+            environment,
+            engine,
+            self.subject,
+            workdir=self.workdir,
+            outputs=outputs,
+            threads=self.threads,
+            latency_seconds=self.latency_seconds,
+            max_samples=max_samples,
+        )
+        if self.golden_reference is not None and check.loads and check.run_error is None:
+            expected = self.golden_reference[0]
+            if max_samples is not None:
+                expected = {name: arrays[:max_samples] for name, arrays in expected.items()}
+            _compare(check, expected, self.tolerance, outputs)
+
+
+def _mode(emulation: str | None) -> EmulationMode:
+    chosen = emulation or os.environ.get("EDGEKIT_EMULATION") or "auto"
+    if chosen not in _EMULATION_MODES:
+        raise EdgekitError(
+            f"emulation mode {chosen!r} (--emulation or EDGEKIT_EMULATION): expected one of "
+            f"{', '.join(_EMULATION_MODES)}"
+        )
+    return chosen  # type: ignore[return-value]
+
+
+def _emulation_targets(
+    profile: Profile, mode: EmulationMode, cpus: Sequence[str] | None
+) -> tuple[list[str], str | None]:
+    """The CPU models to emulate (empty: check on the host) and a note when a profile whose
+    arch is not the host's is checked on the host all the same."""
+    from edgekit.emulation import EmulationError, find_qemu
+
+    host = host_arch()
+    if cpus:
+        unknown = [cpu for cpu in cpus if cpu not in profile.cpu]
+        if unknown:
+            raise EdgekitError(
+                f"--cpu {unknown[0]}: profile {profile.name} names the CPUs "
+                f"{', '.join(profile.cpu) or '(none)'}; pick one of them"
+            )
+    if profile.arch == host:
+        return [], None
+    unverified = (
+        f"profile {profile.name} runs on {profile.arch} but was checked with this host's "
+        f"{host} runtime builds (outputs and latency from {host} kernels, not the device's)"
+    )
+    if mode == "off":
+        return [], f"{unverified}: emulation off"
+    if not profile.cpu:
+        if mode == "require":
+            raise EdgekitError(
+                f"profile {profile.name} names no CPU to emulate; add `cpu:` to it (e.g. "
+                "cortex-a72) or check on the host with --emulation off"
+            )
+        return [], f"{unverified}: the profile names no `cpu:` to emulate"
+    try:
+        find_qemu(profile.arch)
+    except EmulationError as e:
+        if mode == "require":
+            raise
+        return [], f"{unverified}: {e}"
+    return list(cpus or profile.cpu), None
+
+
+def _check_emulated(
+    report: VerifyReport,
+    profile: Profile,
+    which: Which,
+    targets: Sequence[str],
+    run: _Run,
+    *,
+    cache_root: Path,
+    samples: int,
+    required: bool,
+    progress: ProgressCallback | None,
+) -> None:
+    """One row per (runtime version x CPU model), each under QEMU in the aarch64 build."""
+    from edgekit.emulation import EmulationCache, EmulationError
+
+    emulation = EmulationCache(cache_root, arch=profile.arch)
+    for end, pin in _selected(profile, which):
+        rows = [
+            RuntimeCheck(
+                end=end,
+                package=pin.package,
+                version=pin.version,
+                requirements=runtime_requirements(pin),
+                arch=profile.arch,
+                cpu=cpu,
+                emulated=True,
+            )
+            for cpu in targets
+        ]
+        report.checks.extend(rows)
+        try:
+            environment = emulation.runtime(pin, progress=progress)
+        except EmulationError as e:
+            if required:
+                raise
+            for check in rows:
+                check.install_error = f"cannot emulate {profile.arch} here: {e}"
+            log.warning("%s", e)
+            continue
+        except RuntimeInstallError as e:
+            for check in rows:
+                check.install_error = str(e)
+            log.warning("%s", e)
+            continue
+        for check in rows:
+            check.installed = True
+            check.cached = not environment.created
+            check.install_seconds = round(environment.seconds, 2)
+            cpu = str(check.cpu)
+            if progress is not None:
+                progress(
+                    f"loading {run.subject.model.name} in {pin.package} {pin.version} "
+                    f"({profile.arch}, emulated {cpu})"
+                )
+            run.probe(
+                check,
+                environment.command([], cpu=cpu),
+                environment.path,
+                pin.package,
+                max_samples=samples,
+            )
 
 
 def _onnx_blockers(model: Path, pin: RuntimePin) -> list[str]:
@@ -872,36 +1133,48 @@ def _quantization(archive: Any) -> dict[str, tuple[float, int]]:
 
 def _probe(
     check: RuntimeCheck,
-    environment: RuntimeEnvironment,
+    interpreter: Sequence[str],
+    environment: Path,
+    engine: str,
     subject: _Subject,
     *,
     workdir: Path,
+    outputs: Path,
     threads: int,
     latency_seconds: float,
+    max_samples: int | None,
 ) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{check.end}-", dir=workdir))
     probe = run_dir / "probe.py"
     shutil.copyfile(_PROBE, probe)
     result_path = run_dir / "result.json"
-    request = {
-        "engine": environment.pin.package,
+    request: dict[str, Any] = {
+        "engine": engine,
         "model": str(subject.model.absolute()),
         "golden": str(subject.golden.absolute()) if subject.golden else None,
         "threads": threads,
         "latency_seconds": latency_seconds,
         "result": str(result_path),
-        "outputs": str(workdir / f"{check.end}-outputs.npz"),
+        "outputs": str(outputs),
     }
+    timeout = _PROBE_TIMEOUT_S
+    env = _clean_env()
+    if check.emulated:
+        from edgekit.emulation import emulation_env
+
+        request.update(max_samples=max_samples, warmup=1, max_runs=_EMULATED_TIMED_RUNS)
+        timeout = _EMULATED_PROBE_TIMEOUT_S
+        env = emulation_env()
     request_path = run_dir / "request.json"
     request_path.write_text(json.dumps(request))
-    command = [str(environment.python), "-I", str(probe), str(request_path)]
+    command = [*interpreter, "-I", str(probe), str(request_path)]
     try:
         completed = subprocess.run(
             command,
             capture_output=True,
             text=True,
-            timeout=_PROBE_TIMEOUT_S,
-            env=_clean_env(),
+            timeout=timeout,
+            env=env,
             cwd=run_dir,
             check=False,
         )
@@ -909,11 +1182,11 @@ def _probe(
         stderr_tail = completed.stderr.strip().splitlines()[-3:]
     except subprocess.TimeoutExpired:
         crash = None
-        stderr_tail = [f"timed out after {_PROBE_TIMEOUT_S:.0f} s"]
+        stderr_tail = [f"timed out after {timeout:.0f} s"]
     except OSError as e:
         raise RuntimeInstallError(
-            f"cannot run {environment.python} ({check.runtime}): {first_line(e)}; delete "
-            f"{environment.path} so that the next run installs it again"
+            f"cannot run {interpreter[0]} ({check.runtime}): {first_line(e)}; delete "
+            f"{environment} so that the next run installs it again"
         ) from e
     result: dict[str, Any] = {}
     if result_path.is_file():
@@ -921,13 +1194,22 @@ def _probe(
     stage = result.get("stage", "not started")
     check.reported_version = result.get("runtime_version")
     check.numpy_version = result.get("numpy_version")
+    check.machine = result.get("machine")
     check.notes.extend(result.get("notes", []))
     died = crash != 0
+    if stage == "import_failed" and check.emulated:
+        # It imported on the build's check CPU: not importing on this core is the device's
+        # failure (a wheel built for newer cores), not a broken install.
+        check.loads = False
+        check.load_error = (
+            f"the runtime does not import on {check.cpu}: {_short(result.get('import_error', ''))}"
+        )
+        return
     if stage == "import_failed":
         # The runtime itself is broken here: nothing was said about the model.
         check.installed = False
         check.install_error = (
-            f"{check.runtime} is installed in {environment.path} but does not import: "
+            f"{check.runtime} is installed in {environment} but does not import: "
             f"{_short(result.get('import_error', ''))}; delete that folder to reinstall it"
         )
         return
@@ -945,6 +1227,8 @@ def _probe(
             check.run_error = _died("while running the samples", crash, stderr_tail)
         else:
             check.samples = int(result.get("samples", 0))
+            available = result.get("samples_available")
+            check.samples_available = int(available) if available is not None else None
             latency = result.get("latency_ms") or {}
             check.latency_p50_ms = latency.get("p50")
             check.latency_p95_ms = latency.get("p95")

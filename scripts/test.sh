@@ -8,12 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # The MQTT tests start their own Mosquitto (Debian package `mosquitto`) on free loopback ports.
+# The emulated-device tests run aarch64 runtimes under user-mode QEMU (`qemu-user-static`).
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+apt_install() {
+  echo "== installing $* (apt-get)"
+  $SUDO apt-get install -y -q "$@" >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "$@" >/dev/null; }
+}
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing mosquitto (apt-get)"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get install -y -q mosquitto mosquitto-clients >/dev/null \
-    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q mosquitto mosquitto-clients >/dev/null; }
+  apt_install mosquitto mosquitto-clients
+fi
+if ! command -v qemu-aarch64-static >/dev/null; then
+  apt_install qemu-user-static
 fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

@@ -82,6 +82,13 @@ def test_user_profile_extends_builtin(tmp_path: Path) -> None:
             "runtime: {oldest: {package: onnxruntime, version: '1.\u00b2.0'}}\n",
             r"runtime.oldest.version: expected a version like 1.16.3",
         ),
+        ("extends: raspberrypi\ncpu: max\n", r"cpu\[0\]: QEMU's `max` CPU is no device"),
+        (
+            "extends: raspberrypi\ncpu: [cortex-a72, cortex-a9]\n",
+            r"cpu\[1\]: expected an aarch64 CPU model edgekit can emulate \(cortex-a35, ",
+        ),
+        ("extends: raspberrypi\ncpu: [cortex-a72, cortex-a72]\n", r"cpu: names a CPU twice"),
+        ("extends: cortex-m\ncpu: cortex-a53\n", r"cpu\[0\]: .*none known for this arch"),
         ("- just\n- a list\n", r"expected a mapping of profile fields"),
         ("extends: raspberrypi\nthreads: [\n", r"not valid YAML"),
     ],

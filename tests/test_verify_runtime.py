@@ -34,6 +34,9 @@ def env(runtime_cache: Path, tmp_path: Path) -> dict[str, str]:
         "EDGEKIT_RUNTIME_CACHE": str(runtime_cache),
         "EDGEKIT_HOME": str(tmp_path / "home"),
         "EDGEKIT_KEY_PASSPHRASE": "pw",
+        # These tests are about the host venvs; the emulated aarch64 rows have their own tests
+        # (tests/test_emulation.py).
+        "EDGEKIT_EMULATION": "off",
     }
 
 
@@ -258,7 +261,9 @@ def test_onnx_too_new_for_an_uninstallable_oldest_runtime_fails_statically(
     # no wheel for this Python, so only the static check speaks for it.
     model = _deform_conv_model(tmp_path / "deform.onnx")
     profile = load_profile(str(_profile_with_oldest(tmp_path, "1.10.0")))
-    report = verify_runtime(model, profile, cache_dir=runtime_cache, latency_seconds=0.1)
+    report = verify_runtime(
+        model, profile, cache_dir=runtime_cache, latency_seconds=0.1, emulation="off"
+    )
     rows = {check.version: check for check in report.checks}
     assert rows["1.10.0"].status == "not installed"
     assert rows["1.32.0"].status == "pass"
@@ -301,7 +306,15 @@ def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: 
     check.installed = True
     environment = vr.RuntimeEnvironment(RuntimePin("tflite-runtime", "2.14.0"), here, (), False, 0)
     subject = vr._Subject(MAGIKA, None, "none", "n/a")
-    vr._probe(check, environment, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+
+    def probe(check: vr.RuntimeCheck, environment: vr.RuntimeEnvironment) -> None:
+        vr._probe(
+            check, [str(environment.python)], environment.path, environment.pin.package,
+            subject, workdir=tmp_path, outputs=tmp_path / "outputs.npz", threads=1,
+            latency_seconds=0.1, max_samples=None,
+        )  # fmt: skip
+
+    probe(check, environment)
     assert check.status == "not installed"
     assert check.loads is None
     assert "does not import" in (check.install_error or "")
@@ -313,7 +326,7 @@ def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: 
     check = vr.RuntimeCheck(end="newest", package="onnxruntime", version="1.32.0")
     check.installed = True
     environment = vr.RuntimeEnvironment(RuntimePin("onnxruntime", "1.32.0"), bare, (), False, 0)
-    vr._probe(check, environment, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+    probe(check, environment)
     assert check.status == "not installed"
     assert "does not import: numpy" in (check.install_error or "")
 
@@ -322,7 +335,7 @@ def test_a_runtime_that_does_not_import_is_not_installed_not_refusing(tmp_path: 
         RuntimePin("onnxruntime", "1.16.3"), tmp_path / "gone", (), False, 0
     )
     with pytest.raises(RuntimeInstallError, match=r"cannot run .*gone/bin/python"):
-        vr._probe(check, gone, subject, workdir=tmp_path, threads=1, latency_seconds=0.1)
+        probe(check, gone)
 
 
 def test_pip_time_limit_holds_while_pip_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -566,7 +579,9 @@ def test_quantized_outputs_are_compared_as_real_values(
             if keep_quantization or not key.startswith("quantization/")
         }
         np.savez(golden, **kept)
-        report = verify_runtime(model, loaded, cache_dir=runtime_cache, which="newest")
+        report = verify_runtime(
+            model, loaded, cache_dir=runtime_cache, which="newest", emulation="off"
+        )
         (row,) = report.checks
         assert row.loads, row.to_dict()
         return row.to_dict()

@@ -294,11 +294,12 @@ def write_config(
     telemetry_interval_s: float = 30.0,
     max_latency_ms: float = 30.0,
     extra_update: str = "",
+    profile: str = PROFILE,
 ) -> Path:
     lines = [
         f'device_id = "{DEVICE}"',
         f'fleet = "{FLEET}"',
-        f'profile = "{PROFILE}"',
+        f'profile = "{profile}"',
         'group = "bench"',
         f'truststore = "{truststore}"',
         f'data_dir = "{data_dir}"',
@@ -429,22 +430,37 @@ class Watcher:
 class AgentProcess:
     """`python -m edgekit.agent.cli run --config FILE` as a real process."""
 
-    def __init__(self, config: Path, data_dir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        python: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.data_dir = data_dir
         self.log = data_dir.parent / f"agent-{time.monotonic_ns()}.log"
         environment = dict(os.environ)
         environment.pop("EDGEKIT_AGENT_CRASH_AT", None)
         environment.update(env or {})
+        # `python`: another interpreter command (e.g. an emulated aarch64 one).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgekit.agent.cli", "run", "--config", str(config)],
+            [
+                *(python or [sys.executable]),
+                "-m",
+                "edgekit.agent.cli",
+                "run",
+                "--config",
+                str(config),
+            ],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             env=environment,
             cwd=REPO,
         )
 
-    def url(self, timeout: float = 30) -> str:
+    def url(self, timeout: float = 30.0) -> str:
         """The inference URL this process wrote to agent.json."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
