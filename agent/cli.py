@@ -131,6 +131,155 @@ def status_command(config_path: Path, as_json: bool) -> None:
         click.echo(f"{'error':<20}{state['error']}")
 
 
+def _throttles(given: tuple[str, ...]) -> dict[str, float]:
+    throttles: dict[str, float] = {}
+    for item in given:
+        name, sep, factor = item.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = 0.0
+        if not sep or not name or not 1.0 <= value <= 100.0:
+            raise click.BadParameter(
+                f"{item!r}: expected NAME=FACTOR with FACTOR from 1 to 100", param_hint="--throttle"
+            )
+        throttles[name] = value
+    return throttles
+
+
+@agent_group.command("bench")
+@click.argument(
+    "candidates", nargs=-1, required=True, type=click.Path(path_type=Path, exists=False)
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the measurements JSON here (default: measurements-<device>.json).",
+)
+@click.option(
+    "--device-id",
+    help="The device's id in the measurements (default: the agent "
+    "config's device_id, else the host name).",
+)
+@click.option(
+    "--threads", type=click.IntRange(1, 256), help="Inference threads (default: all cores)."
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(0.1, 600),
+    default=2.0,
+    show_default=True,
+    help="Timing budget per candidate.",
+)
+@click.option(
+    "--trust",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trust store to verify .ekb bundles with (default: the agent config's).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help=f"Agent config (device id, trust store); also ${CONFIG_ENV}.",
+)
+@click.option(
+    "--throttle",
+    multiple=True,
+    metavar="NAME=FACTOR",
+    help="Make one candidate FACTOR times slower (a test aid for the measurement "
+    "loop: a device that disagrees with the host).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements JSON.")
+def bench_command(
+    candidates: tuple[Path, ...],
+    output: Path | None,
+    device_id: str | None,
+    threads: int | None,
+    seconds: float,
+    trust: Path | None,
+    config_path: Path | None,
+    throttle: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Measure CANDIDATES on this device: load time, p50/p95/p99 latency with intervals, peak
+    memory and fidelity against the reference outputs, in child processes at low priority.
+
+    CANDIDATES are .onnx/.tflite files, the candidates/ folder `edgekit convert
+    --keep-candidates` writes, converter output folders or .ekb bundles. Copy the file it
+    writes back and run `edgekit convert ... --measurements FILE` to choose by these numbers.
+    """
+    import socket
+
+    from edgekit.agent.bench import collect_subjects, default_workdir, run_bench
+
+    config = None
+    config_file = config_path or (
+        Path(os.environ[CONFIG_ENV]) if CONFIG_ENV in os.environ else None
+    )
+    if config_file is not None:
+        from edgekit.agent.config import load_config
+
+        config = load_config(config_file)
+    device = device_id or (config.device_id if config else socket.gethostname().split(".")[0])
+    store = None
+    trust_file = trust or (config.truststore if config else None)
+    if trust_file is not None:
+        from edgekit.trust import load_truststore
+
+        try:
+            store = load_truststore(trust_file.read_bytes())
+        except OSError as e:
+            raise EdgekitError(f"cannot read trust store {trust_file}: {e}") from e
+    with default_workdir() as scratch:
+        subjects = collect_subjects(list(candidates), workdir=Path(scratch), trust=store)
+
+        def say(message: str) -> None:
+            click.echo(f"bench: {message}", err=True)
+
+        measurements = run_bench(
+            subjects,
+            device_id=device,
+            threads=threads or (os.cpu_count() or 1),
+            seconds_per_model=seconds,
+            throttle=_throttles(throttle),
+            workdir=Path(scratch),
+            progress=say,
+        )
+    target = output or Path(f"measurements-{measurements.device.id}.json")
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(measurements.to_json(), encoding="utf-8")
+    os.replace(temporary, target)
+    if as_json:
+        click.echo(measurements.to_json(), nl=False)
+        return
+    device_line = measurements.device
+    click.echo(
+        f"{device_line.id}: {device_line.machine}, {device_line.cpu_model}, {device_line.cores} "
+        f"cores, {', '.join(f'{k} {v}' for k, v in measurements.runtime.items())}"
+    )
+    for row in measurements.candidates:
+        if row.error:
+            click.echo(f"  {row.name:<20} failed: {row.error}")
+            continue
+        low, high = row.intervals.get("p50", (0.0, 0.0))
+        fidelity = row.fidelity or {}
+        verdict = (
+            "-"
+            if not fidelity
+            else "within tolerance"
+            if fidelity["meets_tolerance"]
+            else "outside tolerance: " + "; ".join(fidelity["failures"][:2])
+        )
+        click.echo(
+            f"  {row.name:<20} p50 {row.latency_ms['p50']:.3f} ms [{low:.3f}, {high:.3f}] "
+            f"p95 {row.latency_ms['p95']:.3f} ms, load {row.load_ms:.0f} ms, peak "
+            f"{(row.peak_rss_bytes or 0) / 2**20:.1f} MiB, {verdict}"
+        )
+    click.echo(f"measurements: {target}")
+
+
 def main() -> None:
     """Entry point of the `edgekit-agent` console script."""
     agent_group(prog_name="edgekit-agent")

@@ -50,8 +50,8 @@ from edgekit.converters.examples import (
 )
 from edgekit.converters.passes.onnx_passes import feed_reader, scratch_cwd
 from edgekit.converters.tflite_examples import export_keras_digits
-from edgekit.converters.validate import compare_outputs
 
+from edgekit.accuracy import compare_outputs
 from edgekit.errors import first_line
 from edgekit.profiles import load_profile
 from edgekit.runtimes import LiteRtBackend, OnnxRuntimeBackend, dequantize_output, quantize_input

@@ -6,7 +6,7 @@ runs in the same round saw the same background load. On the workstation each run
 its thread's CPU time on one thread: the work an inference does, which other processes taking
 the CPU do not change (wall-clock at the profile's thread count is measured beside it, for the
 report). The comparison of two models is the per-round log-ratio, summarized by its median and
-a distribution-free confidence interval (`edgekit.converters.stats.median_interval`).
+a distribution-free confidence interval (`edgekit.stats.median_interval`).
 
 Two candidates that are the same graph once the runtime folds constants at load time (weight-
 only int8 and fp32: `Cast(int8) * scale` folds to a float weight) are equal by construction:
@@ -16,12 +16,8 @@ only int8 and fp32: `Cast(int8) * scale` folds to a float weight) are equal by c
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from edgekit.converters.stats import median_interval
 
+from edgekit._bench_worker import BenchWorkerError, run_worker
 from edgekit.errors import ConversionError
+from edgekit.stats import median_interval
 
 __all__ = [
     "LatencySamples",
@@ -193,25 +190,10 @@ def compressed_size(path: Path, *, level: int = 10) -> int:
 
 
 def _run_worker(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(
-        "w", suffix=".json", dir=workdir, delete=False, encoding="utf-8"
-    ) as handle:
-        json.dump(spec, handle)
-        spec_path = handle.name
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    completed = subprocess.run(
-        [sys.executable, "-m", "edgekit._bench_worker", spec_path],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if completed.returncode != 0:
-        tail = completed.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise ConversionError(f"benchmark worker failed: {tail[0]}")
-    result: dict[str, Any] = json.loads(completed.stdout)
-    return result
+    try:
+        return run_worker(spec, workdir=workdir)
+    except BenchWorkerError as e:
+        raise ConversionError(str(e)) from e
 
 
 def _feed_file(feed: Feed, workdir: Path) -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 
 from edgekit.converters.benchmark import LatencySamples, Measurement, compressed_size, file_size
 from edgekit.converters.passes.base import PassContext, Step
-from edgekit.converters.validate import ValidationResult
 
+from edgekit.accuracy import ValidationResult
 from edgekit.errors import ConversionError, EdgekitError
 from edgekit.profiles import Profile, TargetFormat
 

@@ -1,6 +1,6 @@
 """The choice: which eligible candidate ships, by rules that state their uncertainty.
 
-1. *Eligible*: within the accuracy tolerance (`edgekit.converters.validate`) and the size and
+1. *Eligible*: within the accuracy tolerance (`edgekit.accuracy`) and the size and
    RAM budgets.
 2. *Preference order*: smaller file first, then more accurate (worst cosine), then smaller zstd
    size, then the fixed candidate order (`CANDIDATE_ORDER`). This order alone decides with
@@ -81,6 +81,15 @@ def _eligible(candidates: Sequence[CandidateReport], profile: Profile) -> list[C
         eligible.append(row)
     if not eligible:
         detail = "; ".join(f"{row.name}: {row.reason}" for row in candidates)
+        unmeasured = [row for row in candidates if row.reason.startswith("not measured on ")]
+        if unmeasured and len(unmeasured) == len([r for r in candidates if r.status != "ok"]):
+            where = unmeasured[0].reason.removeprefix("not measured on ")
+            raise ConversionError(
+                f"none of the candidates this conversion built was measured on {where}: the "
+                "measurements are for other bytes (another model, data, profile or edgekit "
+                "version); convert with --keep-candidates, run `edgekit-agent bench` on "
+                "out/candidates on the device, and convert again with the file it writes"
+            )
         raise ConversionError(
             f"no candidate meets profile {profile.name}: {detail}; loosen the profile's accuracy "
             "tolerance or budgets, or give calibration data closer to real inputs"

@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "reference_stats",
     "staging_parent",
     "write_golden",
+    "write_reference",
 ]
 
 Array = npt.NDArray[Any]
@@ -140,6 +141,35 @@ def write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profil
                     [scale, zero_point], dtype=np.float64
                 )
     arrays["tolerance"] = np.array(json.dumps(profile.health_check.to_dict()))
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+
+
+REFERENCE_SAMPLES = 32
+
+
+def write_reference(
+    path: Path,
+    dataset: Dataset,
+    reference: Mapping[str, Sequence[Array]],
+    profile: Profile,
+    *,
+    kinds: Mapping[str, str],
+) -> None:
+    """Validation inputs with the *original* model's outputs and the profile's accuracy
+    tolerance, beside the kept candidates: what `edgekit-agent bench` judges each candidate's
+    outputs on the device against, by the converter's own rules (`inputs/<i>/<name>`,
+    `outputs/<i>/<name>` as real values, `tolerance` = {"accuracy": ...})."""
+    arrays: dict[str, Array] = {}
+    count = min(REFERENCE_SAMPLES, len(dataset.feeds))
+    for index in range(count):
+        for name, value in dataset.feeds[index].items():
+            arrays[f"inputs/{index}/{name}"] = np.asarray(value)
+        for name, values in reference.items():
+            arrays[f"outputs/{index}/{name}"] = np.asarray(values[index])
+    accuracy = profile.to_dict()["accuracy"]
+    accuracy["output_kinds"] = {**dict(kinds), **accuracy.get("output_kinds", {})}
+    arrays["tolerance"] = np.array(json.dumps({"accuracy": accuracy}))
     with path.open("wb") as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
 

@@ -4,7 +4,7 @@ Orchestration only. The pieces live beside it:
 
 - `sources`: read the ONNX/Keras/SavedModel source, the reference runtime;
 - `candidates`: each candidate kind as a recipe of registered passes, and the builder;
-- `validate`: accuracy per output kind, with the sample-size-aware decision rules;
+- `edgekit.accuracy`: accuracy per output kind, with the sample-size-aware decision rules;
 - `fallback`: the fewest tensors kept in float that meet the tolerance;
 - `benchmark` and `choice`: paired latency measurements and the stated decision rule;
 - `outputs`: artifact, golden samples, reference statistics, report, atomic publish.
@@ -26,14 +26,6 @@ from typing import Any
 
 import numpy.typing as npt
 from edgekit.converters import outputs
-from edgekit.converters.benchmark import (
-    LatencySamples,
-    RatioEstimate,
-    folded_signature,
-    measure_latency,
-    measure_memory,
-    paired_ratio,
-)
 from edgekit.converters.candidates import (
     CandidateReport,
     Recipe,
@@ -41,9 +33,10 @@ from edgekit.converters.candidates import (
     order_key,
     recipes_for,
 )
-from edgekit.converters.choice import choose, latency_class, verdict
+from edgekit.converters.choice import choose
 from edgekit.converters.data import Dataset, prepare_datasets
 from edgekit.converters.fallback import FALLBACK_KINDS, rank_float_candidates, search_float_set
+from edgekit.converters.latency import DeviceLatency, HostLatency
 from edgekit.converters.passes.base import PassContext, PassResult, Step
 from edgekit.converters.passes.onnx_passes import scratch_cwd
 from edgekit.converters.passes.tflite_passes import (
@@ -52,9 +45,10 @@ from edgekit.converters.passes.tflite_passes import (
     source_kind,
 )
 from edgekit.converters.sources import LoadedSource, load_source
-from edgekit.converters.validate import OUTPUT_KINDS, compare_outputs
 
+from edgekit.accuracy import OUTPUT_KINDS, compare_outputs
 from edgekit.errors import ConversionError, EdgekitError, InputDataError, first_line
+from edgekit.measurements import Measurements, MeasurementsError, parse_measurements
 from edgekit.profiles import OutputKind, Profile, load_profile
 from edgekit.runtimes import Runtime, dequantize_output, model_feed, open_runtime
 
@@ -66,8 +60,6 @@ Array = npt.NDArray[Any]
 ProgressCallback = Callable[[str, int, int], None]
 DeviceCheck = Callable[[Path, Path], "str | None"]
 """(model, golden.npz) -> None when the profile's runtimes load and match it, else why not."""
-# Extra paired measurement runs an inconclusive comparison may ask for, over the whole choice.
-_EXTRA_LATENCY_RUNS = 4
 
 
 @dataclass(frozen=True)
@@ -99,6 +91,7 @@ def convert(
     keep_candidates: bool = False,
     device_check: DeviceCheck | None = None,
     output_kinds: Mapping[str, OutputKind] | None = None,
+    measurements: Measurements | Path | None = None,
 ) -> ConvertResult:
     """Convert `model` for `profile`, writing `model.onnx` or `model.tflite` and `report.json`.
 
@@ -107,7 +100,10 @@ def convert(
     self-test) and `reference_stats.json` (input distribution for drift), which bundles carry.
     With `keep_candidates`, every candidate that was built is kept in `output_dir/candidates/`.
     `output_kinds` names how outputs are judged (classifier, map, regression, state) where the
-    profile's `accuracy.output_kinds` and the guess are not what you want.
+    profile's `accuracy.output_kinds` and the guess are not what you want. `measurements` (what
+    `edgekit-agent bench` measured on the device, or its file) replaces this host's latency and
+    memory: candidates are matched by sha256, and one the device did not measure, or measured
+    outside the tolerance, is not eligible.
 
     `device_check(model, golden)` proves a candidate on the device's runtimes (see
     `edgekit.verify_runtime`): it gets the candidate as `model.onnx`/`model.tflite` with its
@@ -122,6 +118,7 @@ def convert(
     validation = validation.absolute() if validation else None
     kind = source_kind(model)
     outputs.check_output_dir(output_dir)
+    device = _read_measurements(measurements)
     host_threads = os.cpu_count() or 1
     used_threads = threads or min(chosen_profile.threads, host_threads)
     recipes = _recipes(chosen_profile, verified=device_check is not None)
@@ -164,7 +161,11 @@ def convert(
             candidates.append(_candidate(recipe, prepared, context, judge))
         _refuse_if_all_blocked(candidates, chosen_profile)
 
-        steps.advance("benchmarking candidates on this host")
+        steps.advance(
+            f"applying the measurements of {device.source}"
+            if device is not None
+            else "benchmarking candidates on this host"
+        )
         source_row = CandidateReport(
             name="original", passes=(), path=loaded.runnable, verdict="reference"
         )
@@ -174,17 +175,23 @@ def convert(
                 f"the source runs in {loaded.original.engine} {loaded.original.version}, not on "
                 "the device runtime: its outputs are the reference, its latency is not measured"
             )
-        latency = _HostLatency(
-            validation_set.single_sample_feed(),
-            used_threads,
-            workdir,
-            benchmark_seconds,
-            margin=chosen_profile.quantization.min_speedup,
-        )
-        latency.measure([source_row, *candidates])
+        latency: HostLatency | DeviceLatency
+        if device is not None:
+            latency = DeviceLatency(device, profile=chosen_profile)
+            latency.apply(candidates)
+        else:
+            latency = HostLatency(
+                validation_set.single_sample_feed(),
+                threads=used_threads,
+                workdir=workdir,
+                seconds=benchmark_seconds,
+                profile=chosen_profile,
+            )
+            latency.measure([source_row, *candidates])
 
         steps.advance("choosing")
-        winner = choose(candidates, chosen_profile, latency.compare)
+        note = latency.note()
+        winner = choose(candidates, chosen_profile, latency.compare, latency_note=note)
         while device_check is not None:
             refusal = _device_refusal(winner, device_check, validation_set, chosen_profile)
             if refusal is None:
@@ -195,7 +202,7 @@ def convert(
             for row in candidates:
                 row.reason = "" if row.status == "ok" else row.reason
                 row.comparison = {}
-            winner = choose(candidates, chosen_profile, latency.compare)
+            winner = choose(candidates, chosen_profile, latency.compare, latency_note=note)
 
         steps.advance("writing the artifact, golden samples and report")
         report = _write_outputs(
@@ -212,7 +219,8 @@ def convert(
             winner=winner,
             threads=used_threads,
             keep_candidates=keep_candidates,
-            decision=latency.decision(chosen_profile),
+            decision={**_decision_rule(chosen_profile), **latency.decision()},
+            reference=judge.reference,
         )
     return ConvertResult(
         artifact=output_dir / f"model.{chosen_profile.target_format}",
@@ -220,6 +228,33 @@ def convert(
         report=report,
         chosen=winner.name,
     )
+
+
+def _read_measurements(given: Measurements | Path | None) -> Measurements | None:
+    if given is None or isinstance(given, Measurements):
+        return given
+    try:
+        payload = given.read_bytes()
+    except OSError as e:
+        raise InputDataError(f"cannot read measurements {given}: {e}") from e
+    try:
+        return parse_measurements(payload, where=str(given))
+    except MeasurementsError as e:
+        raise InputDataError(str(e)) from e
+
+
+def _decision_rule(profile: Profile) -> dict[str, Any]:
+    return {
+        "rule": (
+            "eligible = within tolerance and budgets; preference = smaller file, more "
+            "accurate, smaller zstd, fixed candidate order; a less preferred candidate wins "
+            "only when its latency ratio's confidence interval lies below 1 - min_speedup"
+            if profile.priority == "latency"
+            else "eligible = within tolerance and budgets; the smallest file wins"
+        ),
+        "min_speedup": profile.quantization.min_speedup,
+        "confidence": 0.95,
+    }
 
 
 def _recipes(profile: Profile, *, verified: bool) -> list[tuple[Recipe, str | None]]:
@@ -383,105 +418,6 @@ def _refuse_if_all_blocked(candidates: Sequence[CandidateReport], profile: Profi
     )
 
 
-class _HostLatency:
-    """Paired latency on this host, with equal-by-construction classes and extra runs for
-    comparisons the first run leaves inconclusive."""
-
-    def __init__(
-        self,
-        feed: Mapping[str, Array],
-        threads: int,
-        workdir: Path,
-        seconds: float,
-        *,
-        margin: float,
-    ) -> None:
-        self._feed = feed
-        self._threads = threads
-        self._workdir = workdir
-        self._seconds = seconds
-        self._paths: dict[str, Path] = {}
-        self._samples: dict[str, LatencySamples] = {}
-        self._runs = 0
-        self._margin = margin
-        self._classes: list[list[str]] = []
-
-    def measure(self, rows: Sequence[CandidateReport]) -> None:
-        """Memory of every built row, latency of one row per equal-by-construction class."""
-        measured = [row for row in rows if row.status == "ok" and row.path is not None]
-        signatures: dict[str, CandidateReport] = {}
-        for row in sorted(measured, key=lambda item: order_key(item.name)):
-            assert row.path is not None
-            row.measurement = measure_memory(
-                row.path, self._feed, threads=self._threads, workdir=self._workdir
-            )
-            signature = folded_signature(row.path) if row.verdict != "reference" else None
-            if signature is not None and signature in signatures:
-                twin = signatures[signature]
-                row.equal_to = latency_class(twin)
-                row.notes.append(
-                    f"same graph as {row.equal_to} once onnxruntime folds constants at load: "
-                    "equal latency by construction, not raced"
-                )
-                continue
-            if signature is not None:
-                signatures[signature] = row
-            self._paths[row.name] = row.path
-        measure_latency(
-            self._paths,
-            self._feed,
-            threads=self._threads,
-            workdir=self._workdir,
-            seconds_per_model=self._seconds,
-            into=self._samples,
-        )
-        for row in measured:
-            row.latency = self._samples[latency_class(row)]
-        self._classes = [
-            [row.name for row in measured if latency_class(row) == name] for name in self._paths
-        ]
-
-    def compare(
-        self, challenger: CandidateReport, incumbent: CandidateReport, more: bool
-    ) -> RatioEstimate:
-        """latency(challenger) / latency(incumbent), measuring again while inconclusive."""
-        a, b = latency_class(challenger), latency_class(incumbent)
-        estimate = paired_ratio(self._samples[a], self._samples[b])
-        while more and self._runs < _EXTRA_LATENCY_RUNS:
-            if verdict(estimate, self._margin) != "inconclusive":
-                break
-            self._runs += 1
-            log.info("measuring %s and %s again (run %d): %s", a, b, self._runs, estimate)
-            measure_latency(
-                {a: self._paths[a], b: self._paths[b]},
-                self._feed,
-                threads=self._threads,
-                workdir=self._workdir,
-                seconds_per_model=self._seconds,
-                run=self._runs,
-                into=self._samples,
-            )
-            estimate = paired_ratio(self._samples[a], self._samples[b])
-        return estimate
-
-    def decision(self, profile: Profile) -> dict[str, Any]:
-        """The decision rule and what was measured, for the report."""
-        return {
-            "rule": (
-                "eligible = within tolerance and budgets; preference = smaller file, more "
-                "accurate, smaller zstd, fixed candidate order; a less preferred candidate wins "
-                "only when its latency ratio's confidence interval lies below 1 - min_speedup"
-                if profile.priority == "latency"
-                else "eligible = within tolerance and budgets; the smallest file wins"
-            ),
-            "min_speedup": profile.quantization.min_speedup,
-            "confidence": 0.95,
-            "latency_source": "host",
-            "latency_classes": [group for group in self._classes if group],
-            "extra_measurement_runs": self._runs,
-        }
-
-
 class _Steps:
     def __init__(self, callback: ProgressCallback | None, *, total: int) -> None:
         self._callback = callback
@@ -517,6 +453,13 @@ def _run_all(runtime: Runtime, dataset: Dataset, *, what: str) -> dict[str, list
     return results
 
 
+def _row_kinds(row: CandidateReport) -> dict[str, str]:
+    """The output kinds the winner was judged by (given or guessed), for the device bench."""
+    if row.validation is None:
+        return {}
+    return {metric.name: metric.kind for metric in row.validation.outputs}
+
+
 def _device_refusal(
     candidate: CandidateReport, check: DeviceCheck, dataset: Dataset, profile: Profile
 ) -> str | None:
@@ -546,6 +489,7 @@ def _write_outputs(
     threads: int,
     keep_candidates: bool,
     decision: dict[str, Any],
+    reference: Mapping[str, Sequence[Array]],
 ) -> dict[str, Any]:
     import json
 
@@ -563,6 +507,9 @@ def _write_outputs(
             for row in candidates:
                 if row.path is not None and row.status == "ok":
                     outputs.copy_artifact(row.path, kept / f"{row.name}{row.path.suffix}")
+            outputs.write_reference(
+                kept / "reference.npz", validation_set, reference, profile, kinds=_row_kinds(winner)
+            )
         chosen_runtime = open_runtime(artifact, threads=threads)
         outputs.write_golden(staging / "golden.npz", chosen_runtime, validation_set, profile)
         device_data = replace(

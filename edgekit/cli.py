@@ -219,6 +219,13 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     "IoU), regression or state (repeatable; default: the profile's accuracy.output_kinds, "
     "else a guess the report names).",
 )
+@click.option(
+    "--measurements",
+    "measurements_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Choose by the device's numbers: the JSON `edgekit-agent bench` wrote on the device "
+    "(candidates matched by sha256; convert with --keep-candidates, bench them there).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(
     model: Path,
@@ -234,6 +241,7 @@ def convert(
     security_epoch: int,
     verify_runtimes: bool,
     output_kinds: tuple[str, ...],
+    measurements_path: Path | None,
     as_json: bool,
 ) -> None:
     """Convert MODEL into the fastest artifact that meets the profile's tolerance.
@@ -305,6 +313,7 @@ def convert(
                 keep_candidates=keep_candidates,
                 device_check=device_check,
                 output_kinds=kinds,
+                measurements=measurements_path,
             )
         except EdgekitError as error:
             if verified and signers:
@@ -453,6 +462,18 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
         stdout.print(f"  {row['name']}: {row['reason']}", highlight=False, soft_wrap=True)
         if row["float_nodes"]:
             stdout.print(f"    kept in float: {', '.join(row['float_nodes'])}", soft_wrap=True)
+    decision = report.get("decision") or {}
+    source = decision.get("latency_source", "host")
+    if source != "host":
+        stdout.print(f"latency measured on {source}", highlight=False, soft_wrap=True)
+    elif str(decision.get("target_latency", "")).startswith("unmeasured"):
+        stdout.print(
+            f"[yellow]latency on the target ({decision.get('target_arch')}) is unmeasured:[/] "
+            f"the ranking used {decision.get('host_arch')} host CPU time as a proxy; measure "
+            "on the device with `edgekit-agent bench` and convert with --measurements",
+            highlight=False,
+            soft_wrap=True,
+        )
     for note in report["data"].get("notes", []):
         stdout.print(f"data: {note}", highlight=False, soft_wrap=True)
     for warning in report.get("warnings", []):

@@ -5,7 +5,7 @@ For each runtime version of the profile's range (oldest and newest), an isolated
 environment holding just that runtime (and the numpy it was built against) is created once and
 cached; `_runtime_probe.py` then loads the model there and replays the golden samples. Each
 version reports: installed (or why not), loads (or the runtime's own error), outputs within the
-golden tolerance (metrics as `edgekit.converters.validate` computes them) and p50 latency.
+golden tolerance (metrics as `edgekit.accuracy` computes them) and p50 latency.
 
 For a profile whose `arch` is not this host's (a Raspberry Pi on an x86 workstation), the
 same probe runs the **aarch64** builds of those runtime versions under user-mode QEMU, once per
@@ -1257,7 +1257,7 @@ def _compare(
     tolerance: Mapping[str, float],
     outputs_path: Path,
 ) -> None:
-    from edgekit.converters.validate import compare_outputs
+    from edgekit.accuracy import compare_outputs
 
     with np.load(outputs_path, allow_pickle=False) as archive:
         quantization = _quantization(archive)

@@ -545,12 +545,19 @@ class PrunePass(Pass):
 # -- onnxruntime quantization -------------------------------------------------------------------
 
 
+# ConvInteger with int8 weights first runs in onnxruntime 1.24 (microsoft/onnxruntime#26585);
+# older releases refuse the model ("Could not find an implementation for ConvInteger(10)").
+_CONV_INTEGER_INT8_SINCE = (1, 24)
+
+
 @dataclass(frozen=True)
 class DynamicInt8Config:
     """onnxruntime's `quantize_dynamic`: int8 weights, activations quantized at run time."""
 
     per_channel: bool = True
     weight_type: str = "int8"
+    # Op types left in float (Conv for runtimes without an int8-weight ConvInteger).
+    exclude_op_types: tuple[str, ...] = ()
 
 
 class DynamicInt8Pass(Pass):
@@ -563,25 +570,43 @@ class DynamicInt8Pass(Pass):
 
     @classmethod
     def config_for(cls, profile: Profile, **options: Any) -> DynamicInt8Config:
+        from edgekit.converters.compat import parse_version
+
         quant = profile.quantization
-        defaults = DynamicInt8Config(per_channel=quant.per_channel, weight_type=quant.weight_type)
+        oldest = parse_version(profile.runtime.oldest.version)
+        int8_conv = quant.weight_type != "int8" or oldest >= _CONV_INTEGER_INT8_SINCE
+        defaults = DynamicInt8Config(
+            per_channel=quant.per_channel,
+            weight_type=quant.weight_type,
+            exclude_op_types=() if int8_conv else ("Conv",),
+        )
         return configure(defaults, options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
 
         weight_type = QuantType.QInt8 if self.config.weight_type == "int8" else QuantType.QUInt8
+        excluded = set(self.config.exclude_op_types)
+        op_types = sorted(set(IntegerOpsRegistry) - excluded) if excluded else None
         try:
             quantize_dynamic(
                 str(source),
                 str(destination),
                 per_channel=self.config.per_channel,
                 weight_type=weight_type,
+                op_types_to_quantize=op_types,
             )
         except Exception as e:
             raise ConversionError(f"quantize_dynamic failed: {first_line(e)}") from e
         _canonicalize_file(destination)
-        return PassResult()
+        notes: tuple[str, ...] = ()
+        if "Conv" in excluded:
+            notes = (
+                f"Conv stays float: onnxruntime {context.profile.runtime.oldest.version} (the "
+                "profile's oldest) has no ConvInteger with int8 weights (added in 1.24)",
+            )
+        return PassResult(notes=notes, details={"float_op_types": sorted(excluded)})
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from edgekit.converters.candidates import CandidateReport, Recipe
 from edgekit.converters.choice import choose, verdict
 from edgekit.converters.fallback import Ranking, search_float_set
 from edgekit.converters.passes.base import Step
-from edgekit.converters.validate import compare_outputs
 
+from edgekit.accuracy import compare_outputs
 from edgekit.profiles import AccuracyTolerance, load_profile
 
 

@@ -64,10 +64,10 @@ def test_constant_weights_at_opset12_get_int8_candidates_that_load_on_onnxruntim
         )
         report = verify_runtime(folder, load_profile("raspberrypi"), cache_dir=runtime_cache,
                                 which="oldest")  # fmt: skip
-        (check,) = report.checks
-        assert check.version == "1.16.3" and check.loads and check.within_tolerance, (
-            report.to_dict()
-        )
+        assert report.checks, report.to_dict()  # one per CPU the profile names (aarch64)
+        for check in report.checks:
+            assert check.version == "1.16.3", report.to_dict()
+            assert check.loads and check.within_tolerance, report.to_dict()
 
 
 def _validation(digits: DigitsExample, model: Path):  # type: ignore[no-untyped-def]

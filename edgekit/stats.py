@@ -28,6 +28,7 @@ __all__ = [
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "median_interval",
+    "quantile_interval",
     "regularized_beta",
     "samples_to_show_rate",
     "t_lower_bound",
@@ -187,6 +188,38 @@ def bootstrap_lower_bound(
     draws = rng.integers(0, samples, size=(resamples, samples), dtype=np.int64)
     values = np.array([statistic(row) for row in draws], dtype=np.float64)
     return float(np.quantile(values, 1.0 - confidence, method="lower"))
+
+
+def quantile_interval(
+    values: Sequence[float] | npt.NDArray[np.float64], q: float, confidence: float
+) -> tuple[float, float, float]:
+    """(quantile, low, high): a distribution-free two-sided interval for the q-quantile.
+
+    From order statistics: [x_(l), x_(u)] with the number of values below the true quantile
+    ~ Binomial(n, q), each tail holding at most (1 - confidence) / 2; an infinite bound when
+    too few values leave room for it (p99 needs hundreds of runs).
+    """
+    array = np.sort(np.asarray(values, dtype=np.float64))
+    n = int(array.size)
+    if n == 0:
+        return math.nan, -math.inf, math.inf
+    estimate = float(np.quantile(array, q))
+    tail = (1.0 - confidence) / 2.0
+    low_index = 0  # 1-based order statistic; 0 means no finite lower bound
+    for j in range(1, n + 1):
+        if binomial_cdf(j - 1, n, q) <= tail + _EPS:
+            low_index = j
+        else:
+            break
+    high_index = 0
+    for j in range(n, 0, -1):
+        if 1.0 - binomial_cdf(j - 1, n, q) <= tail + _EPS:
+            high_index = j
+        else:
+            break
+    low = float(array[low_index - 1]) if low_index else -math.inf
+    high = float(array[high_index - 1]) if high_index else math.inf
+    return estimate, low, high
 
 
 def median_interval(

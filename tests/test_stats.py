@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgekit.converters import stats
 from scipy import special
 from scipy import stats as reference
+
+from edgekit import stats
 
 
 @pytest.mark.parametrize(("a", "b", "x"), [(0.5, 0.5, 0.2), (2.5, 3.5, 0.3), (50, 3, 0.97)])

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from edgekit.converters.validate import compare_outputs
 
+from edgekit.accuracy import compare_outputs
 from edgekit.profiles import AccuracyTolerance
 
 
@@ -138,7 +138,7 @@ def test_probability_maps_are_judged_pooled_and_by_mask_iou() -> None:
 
 
 def test_output_kind_guesses() -> None:
-    from edgekit.converters.validate import guess_output_kind
+    from edgekit.accuracy import guess_output_kind
 
     assert guess_output_kind("logits", [np.zeros((1, 10), np.float32)])[0] == "classifier"
     assert guess_output_kind("prob", [np.zeros((1, 1), np.float32)])[0] == "regression"

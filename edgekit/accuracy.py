@@ -39,14 +39,14 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
-from edgekit.converters.stats import (
+
+from edgekit.profiles import AccuracyTolerance, OutputKind
+from edgekit.stats import (
     bootstrap_lower_bound,
     clopper_pearson_upper,
     samples_to_show_rate,
     t_lower_bound,
 )
-
-from edgekit.profiles import AccuracyTolerance, OutputKind
 
 __all__ = [
     "OUTPUT_KINDS",
