@@ -512,6 +512,14 @@ class MqttClient:
 
         self._loop.call_soon(disconnect_with_will)
 
+    def sever(self) -> None:
+        """Close the socket without a DISCONNECT, as a lost network does (fault injection):
+        the broker publishes the will and the client reconnects."""
+        sock: Any = self._paho.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
     def set_will(self, topic: str, payload: bytes) -> None:
         """Replace the retained last will (QoS 1) sent with the next CONNECT.
 

@@ -286,9 +286,7 @@ def test_monitor_cli_serves_metrics(mosquitto: MosquittoBroker) -> None:
         with operator_client(mosquitto.host, mosquitto.port) as client:
             for seq in range(1, 4):
                 message = Telemetry(FLEET, "dev-1", seq, 1.0, requests=10, errors=1)
-                client.publish(
-                    TOPICS.telemetry("dev-1"), message.to_json(), qos=1
-                ).wait(5)
+                client.publish(TOPICS.telemetry("dev-1"), message.to_json(), qos=1).wait(5)
         wait_for(
             lambda: _total(_scrape(port), "edgekit_inference_requests_total", device="dev-1") == 30,
             what="requests counted",
