@@ -592,3 +592,46 @@ def test_disk_full_during_an_mqtt_download_is_a_storage_error(
     finally:
         client.stop()
         watcher.close()
+
+
+def test_a_poisoned_bundle_meta_rolls_back_once_without_a_reconnect_storm(
+    mosquitto: MosquittoBroker, tmp_path: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """Issue 12: a retained meta nested 5000 deep used to raise RecursionError inside paho's
+    callback; the QoS 1 message was never acknowledged and came back on every reconnect. Now
+    the meta parser refuses it, the fetch fails naming the bad meta, the update rolls back
+    once, and the session never drops."""
+    watcher = Watcher(mosquitto.url)
+    sha = sha_of(bundles.v2)
+    poisoned = b'{"schema":"edgekit.bundle-meta/v1","sha256":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    meta_topic = Topics(FLEET).bundle_meta(sha)
+    assert watcher.client.publish(meta_topic, poisoned, qos=1, retain=True).wait(10)
+    config = write_config(
+        tmp_path / "agent.toml",
+        data_dir=tmp_path / "data",
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=mosquitto.url,
+        initial_bundle=bundles.v1,
+        probation_s=0.2,
+    )
+    try:
+        with running_agent(config) as agent:
+            assert agent.session.wait_connected(20)
+            watcher.publish_directive(
+                directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0")
+            )
+            watcher.wait(
+                lambda: any(e.kind == "rolled_back" for e in watcher.events),
+                timeout=90,
+                what="the rollback",
+            )
+            rollbacks = [e for e in watcher.events if e.kind == "rolled_back"]
+            assert len(rollbacks) == 1
+            assert "bundle meta" in (rollbacks[0].reason or "")
+            assert "too_deep" in (rollbacks[0].reason or "")
+            assert agent.session.connects == 1  # no reconnect storm
+            assert agent.session.rejected == {} and agent.session.handler_errors == 0
+            status = watcher.wait_status(lambda s: s.state == "rolled_back", what="rolled back")
+            assert status.active is not None and status.active.sha256 == sha_of(bundles.v1)
+    finally:
+        watcher.close()
