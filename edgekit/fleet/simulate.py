@@ -21,7 +21,6 @@ fail: exactly `round(fraction * N)` devices get each fault (the lowest hashes).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -946,26 +945,10 @@ class SimulatedFleet:
         if self._started:
             # Let the broker acknowledge what was sent, so `sent()` is what it received.
             self._wait_quiet(5.0, directives=False)
-            done = threading.Event()
-            remaining = {"n": len(self._loops)}
-            lock = threading.Lock()
-
-            def stop_devices(loop: NetworkLoop) -> None:
-                for device in self._devices.values():
-                    if device._loop is loop:
-                        device.stop()
-                with lock:
-                    remaining["n"] -= 1
-                    if remaining["n"] == 0:
-                        done.set()
-
+            for device in self._devices.values():  # on each device's loop thread
+                device._loop.call_soon(device.stop)
             for loop in self._loops:
-                loop.call_soon(functools.partial(stop_devices, loop))
-            done.wait(timeout=10)
-            for loop in self._loops:
-                loop.stop()
-            for loop in self._loops:
-                loop.join(timeout=5)
+                loop.stop()  # runs what was queued (the goodbyes) before it ends
         self._workers.shutdown(wait=True, cancel_futures=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -388,14 +388,13 @@ class MqttClient:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._settled = threading.Event()  # the first attempt connected, failed or was refused
-        self._suback: dict[int, threading.Event] = {}
-        self._early_suback: set[int] = set()
+        self._subacked: set[int] = set()  # SUBACKs received and not yet waited for
+        self._suback = threading.Condition(self._lock)
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self._want_online = False
         self._started = False
         self._connecting_since: float | None = None
         self._next_attempt = 0.0
-        self._attempts = 0
         self._logs = _RateLimitedLog()
         self.connects = 0
         self.last_error: str | None = None
@@ -607,14 +606,10 @@ class MqttClient:
             return
         if wait_s is None or mid is None:
             return
-        event = threading.Event()
-        with self._lock:
-            if mid in self._early_suback:
-                self._early_suback.discard(mid)
-                return
-            self._suback[mid] = event
-        if not event.wait(wait_s):
-            raise TransportError(f"the broker did not acknowledge the subscription to {topics[0]}")
+        with self._suback:
+            if not self._suback.wait_for(lambda: mid in self._subacked, wait_s):
+                raise TransportError(f"the broker did not acknowledge subscribing to {topics[0]}")
+            self._subacked.discard(mid)
 
     def unsubscribe(self, filters: str | Sequence[str], *, handlers: bool = True) -> None:
         """Unsubscribe from `filters` (and, by default, drop their handlers)."""
@@ -660,25 +655,19 @@ class MqttClient:
             return
         self._connecting_since = time.monotonic()
         settings = self.settings
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if settings.session_expiry_s:
+            properties.SessionExpiryInterval = settings.session_expiry_s
+        if self.max_packet_bytes:
+            properties.MaximumPacketSize = self.max_packet_bytes
         try:
-            if self._attempts == 0:
-                properties = None
-                if not self.clean_start or self.max_packet_bytes:
-                    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    if settings.session_expiry_s:
-                        properties.SessionExpiryInterval = settings.session_expiry_s
-                    if self.max_packet_bytes:
-                        properties.MaximumPacketSize = self.max_packet_bytes
-                self._attempts += 1
-                self._paho.connect(
-                    settings.host,
-                    settings.port,
-                    keepalive=settings.keepalive_s,
-                    clean_start=self.clean_start,
-                    properties=properties,
-                )
-            else:
-                self._paho.reconnect()
+            self._paho.connect(
+                settings.host,
+                settings.port,
+                keepalive=settings.keepalive_s,
+                clean_start=self.clean_start,
+                properties=properties,
+            )
         except (OSError, ssl.SSLError, ValueError) as e:
             self.last_error = str(e)
             self._connecting_since = None
@@ -772,12 +761,10 @@ class MqttClient:
     def _handle_subscribe(
         self, _client: paho.Client, _userdata: Any, mid: int, _reasons: Any, _props: Any
     ) -> None:
-        with self._lock:
-            event = self._suback.pop(mid, None)
-            if event is None:
-                self._early_suback.add(mid)
-        if event is not None:
-            event.set()
+        with self._suback:
+            if len(self._subacked) < 1024:  # only waited-for SUBACKs are removed
+                self._subacked.add(mid)
+            self._suback.notify_all()
 
     def _handle_publish(
         self, _client: paho.Client, _userdata: Any, _mid: int, _reason: Any, _props: Any
