@@ -216,7 +216,7 @@ class _Paho(paho.Client):
 
     def _handle_publish(self) -> MQTTErrorCode:
         header: int = self._in_packet["command"]
-        packet: bytes = self._in_packet["packet"]
+        packet: bytes | bytearray = self._in_packet["packet"]
         qos = (header & 0x06) >> 1
         length = int.from_bytes(packet[:2], "big")
         at = 2 + length + (2 if qos else 0)  # topic, then the packet id for QoS 1
@@ -228,14 +228,15 @@ class _Paho(paho.Client):
             or packet[at] != 0
         ):
             return super()._handle_publish()  # properties present, QoS 2: paho decodes
+        view = memoryview(packet)
         message = paho.MQTTMessage(
-            mid=int.from_bytes(packet[at - 2 : at], "big") if qos else 0,
-            topic=packet[2 : 2 + length],
+            mid=int.from_bytes(view[at - 2 : at], "big") if qos else 0,
+            topic=bytes(view[2 : 2 + length]),
         )
         message.qos = qos
         message.retain = bool(header & 0x01)
         message.dup = bool(header & 0x08)
-        message.payload = packet[at + 1 :]
+        message.payload = bytes(view[at + 1 :])
         message.timestamp = time.monotonic()
         self._handle_on_message(message)
         return self._send_puback(message.mid) if qos else MQTTErrorCode.MQTT_ERR_SUCCESS
