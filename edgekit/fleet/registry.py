@@ -125,17 +125,6 @@ class DeviceRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        def bundle(value: ActiveBundle | None) -> dict[str, str] | None:
-            return (
-                None
-                if value is None
-                else {
-                    "name": value.name,
-                    "version": value.version,
-                    "sha256": value.sha256,
-                }
-            )
-
         return {
             "device": self.device,
             "online": self.online,
@@ -143,8 +132,8 @@ class DeviceRecord:
             "profile": self.profile,
             "group": self.group,
             "tags": dict(self.tags),
-            "active": bundle(self.active),
-            "previous": bundle(self.previous),
+            "active": self.active.to_dict() if self.active else None,
+            "previous": self.previous.to_dict() if self.previous else None,
             "rollout_id": self.rollout_id,
             "last_sequence": self.last_sequence,
             "agent_version": self.agent_version,

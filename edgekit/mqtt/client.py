@@ -631,21 +631,16 @@ class MqttClient:
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> PublishHandle:
         """Queue a message (sent now, or after a reconnect for QoS 1)."""
-        if qos:
-            with self._lock:
-                self._published += 1
+        with self._lock:  # before the call: the PUBACK may arrive before it returns
+            self._published += qos > 0
         try:
             info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise ValueError(paho.error_string(info.rc))
         except (ValueError, OSError) as e:
-            if qos:
-                with self._lock:
-                    self._published -= 1
+            with self._lock:
+                self._published -= qos > 0
             raise TransportError(f"cannot publish to {topic[:200]}: {e}") from e
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            if qos:
-                with self._lock:
-                    self._published -= 1
-            raise TransportError(f"cannot publish to {topic[:200]}: {paho.error_string(info.rc)}")
         return PublishHandle(info)
 
     # -- the loop thread ------------------------------------------------------------------------
