@@ -170,3 +170,14 @@ def test_one_poisoned_device_breaks_nothing(
         ]
         assert online[0].value == 1.0
         assert monitor.client.handler_errors == 0
+
+        # An exporter started after the poison reads the retained nested status and lives.
+        with FleetMonitor(settings, FLEET, group="late").start() as late:
+            wait_for(
+                lambda: (
+                    late.ingested["status"] >= 20
+                    and late.rejected.get(("status", "too_deep"), 0) >= 1
+                ),
+                what="the late exporter read every retained status",
+            )
+            assert late.client.connected and late.client.handler_errors == 0
