@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, TransportError
+from edgekit.mqtt.settings import BrokerSettings
 from edgekit.topics import MessageError, check_identifier
 
 if sys.version_info >= (3, 11):
@@ -47,33 +48,10 @@ class ConfigError(EdgekitError):
     """The agent's configuration file or environment is missing a key or has a bad value."""
 
 
-@dataclass(frozen=True)
-class MqttSettings:
-    """How the agent reaches the broker (`mqtt://host:1883` or `mqtts://host:8883`)."""
-
-    url: str
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    password_file: Path | None = None  # read at load; e.g. a systemd credential
-    keepalive_s: int = 30
-    session_expiry_s: int = 24 * 3600
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "localhost"
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+MqttSettings = BrokerSettings
+"""The `[mqtt]` table: `edgekit.mqtt.BrokerSettings` (the one broker settings type). The agent
+keeps a persistent session: `session_expiry_s` defaults to a day here."""
+_AGENT_SESSION_EXPIRY_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -248,13 +226,18 @@ def parse_config(
     def section(table: str) -> dict[str, Any]:
         return {key: value for (t, key), value in parsed.items() if t == table}
 
-    mqtt = _with_password_file(MqttSettings(**section("mqtt")), values)
-    if urlsplit(mqtt.url).scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"{source}: mqtt.url {mqtt.url!r} must start with mqtt:// or mqtts://")
-    if (mqtt.cert_file is None) != (mqtt.key_file is None):
+    mqtt_values = {"session_expiry_s": _AGENT_SESSION_EXPIRY_S, **section("mqtt")}
+    url = str(mqtt_values.get("url", ""))
+    if urlsplit(url).scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"{source}: mqtt.url {url!r} must start with mqtt:// or mqtts://")
+    if ("cert_file" in mqtt_values) != ("key_file" in mqtt_values):
         raise ConfigError(
             f"{source}: mqtt.cert_file and mqtt.key_file go together: set both or neither"
         )
+    try:
+        mqtt = _with_password_file(BrokerSettings(**mqtt_values), values)
+    except TransportError as e:
+        raise ConfigError(f"{source}: mqtt: {e}") from None
     if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         raise ConfigError(f"{source}: mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
     top = section("")

@@ -9,7 +9,6 @@ The agent never imports tensorflow, onnx or the converter.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -19,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from edgekit.agent.config import AgentConfig
 from edgekit.agent.download import BundleFetcher, HttpsDownloader
 from edgekit.agent.journal import StorageError, read_json, write_json_atomic
-from edgekit.agent.mqtt import MqttSession
 from edgekit.agent.oip import InferenceServer
 from edgekit.agent.queue import DiskQueue, QueueError
 from edgekit.agent.serving import ModelHost
@@ -31,15 +30,21 @@ from edgekit.agent.telemetry import build_telemetry, resource_usage
 from edgekit.agent.updater import Updater
 
 from edgekit.errors import EdgekitError, first_line
+from edgekit.mqtt import Message, MqttClient
 from edgekit.profiles import load_profile
-from edgekit.topics import Event, Status, Topics
+from edgekit.topics import Event, Status, Topics, client_id
+from edgekit.transfer import MAX_CHUNK_BYTES
 from edgekit.trust import load_truststore
 
-__all__ = ["Agent", "notify_systemd"]
+__all__ = ["MAX_PACKET_BYTES", "Agent", "notify_systemd"]
 
 log = logging.getLogger(__name__)
 
 _QUEUE_MAX_BYTES = 64 << 20
+MAX_PACKET_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+"""The largest MQTT packet the agent accepts (MQTT 5 Maximum Packet Size, sent in CONNECT):
+a bundle chunk of the largest size `edgekit.transfer` allows, plus headroom for the topic and
+properties. The broker drops bigger messages for this client instead of sending them."""
 _ACK_TIMEOUT_S = 10.0
 
 
@@ -75,15 +80,17 @@ class Agent:
         self.store = Store(config.data_dir)
         self.host = ModelHost(config.model_name)
         self.queue = self._open_queue()
-        self.session = MqttSession(
+        self.session = MqttClient(
             config.mqtt,
-            client_id=f"edgekit-agent-{config.device_id}",
+            client_id=client_id("agent", config.device_id),
             will=(self.topics.status(config.device_id), self._offline_status()),
+            clean_start=False,
+            max_packet_bytes=MAX_PACKET_BYTES,
             on_connect=self._on_connect,
         )
         self.fetcher = BundleFetcher(
             self.store.downloads_dir,
-            mqtt_client=lambda: self.session.client if self.session.connected else None,
+            mqtt_client=lambda: self.session if self.session.connected else None,
             https=HttpsDownloader(ca_file=config.update.https_ca_file),
             max_bytes=config.update.max_bundle_bytes,
         )
@@ -142,7 +149,7 @@ class Agent:
             # (re)connect (MQTT fixes a connection's will at CONNECT).
             self.session.set_will(
                 self.topics.status(self.config.device_id),
-                dataclasses.replace(status, online=False).to_json(),
+                msgspec.structs.replace(status, online=False).to_json(),
             )
         self._publish_status()
 
@@ -180,8 +187,8 @@ class Agent:
     def updater_status_refresh(self) -> None:
         self.status(self.updater.status())
 
-    def _on_desired(self, _topic: str, payload: bytes) -> None:
-        self.updater.submit(payload)
+    def _on_desired(self, message: Message) -> None:
+        self.updater.submit(message.payload)
 
     def _sender(self, stop: threading.Event) -> None:
         queue = self.queue

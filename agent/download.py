@@ -31,7 +31,7 @@ from edgekit.errors import EdgekitError, TransportError, first_line
 from edgekit.trust import BundleRef
 
 if TYPE_CHECKING:
-    import paho.mqtt.client as mqtt
+    from edgekit.mqtt import MqttClient
 
 __all__ = [
     "BundleFetcher",
@@ -182,7 +182,7 @@ class HttpsDownloader:
 class BundleFetcher:
     """Fetches the bundle a directive names from its sources, in order.
 
-    `mqtt_client` returns the connected paho client (its network loop running) or None when
+    `mqtt_client` returns the connected `MqttClient` or None when
     the agent has no broker session.
     """
 
@@ -190,7 +190,7 @@ class BundleFetcher:
         self,
         directory: Path,
         *,
-        mqtt_client: Callable[[], mqtt.Client | None],
+        mqtt_client: Callable[[], MqttClient | None],
         https: HttpsDownloader | None = None,
         max_bytes: int | None = None,
         timeout_s: float = 600.0,

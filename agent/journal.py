@@ -118,6 +118,7 @@ class JournalRecord:
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
+        document["bundle"] = self.bundle.to_dict() if self.bundle is not None else None
         document["directive"] = base64.b64encode(self.directive).decode()
         document["schema"] = JOURNAL_SCHEMA
         return document

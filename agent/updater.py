@@ -25,7 +25,6 @@ The model that serves meanwhile is always a verified slot (re-hashed at start).
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ from edgekit.agent.telemetry import StatsSnapshot
 
 from edgekit import __version__
 from edgekit.bundle import Limits, hash_file, verify_bundle
+from edgekit.contract import Accepted, Duplicate, Refused, accept_directive, bundle_mismatch
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
 from edgekit.profiles import Budgets, Profile
 from edgekit.runtimes import Runtime, open_runtime
@@ -56,12 +56,8 @@ from edgekit.trust import (
     BundleRef,
     Directive,
     DirectiveFloor,
-    ReplayError,
     TrustStore,
-    VerifiedDirective,
-    next_floor,
     parse_envelope,
-    verify_directive,
 )
 
 __all__ = [
@@ -567,46 +563,40 @@ class Updater:
         except StorageError as e:
             self.report_error(f"cannot read the directive floor: {e}")
             return
-        try:
-            verified = verify_directive(
-                envelope,
-                truststore=self.trust,
-                fleet=self.config.fleet,
-                device=self.config.device_id,
-                floor=floor,
-                now=self.clock(),
-            )
-        except BundleError as e:
-            digest = hashlib.sha256(envelope).hexdigest()
-            if (
-                isinstance(e, ReplayError)
-                and e.found == floor.last_sequence
-                and (digest == last_digest)
-            ):
-                log.debug("ignoring the directive already accepted (sequence %d)", e.found)
-                return
-            sequence = _unverified_sequence(envelope)
-            log.warning("refused directive (sequence %s): %s", sequence, first_line(e))
+        verdict = accept_directive(
+            envelope,
+            truststore=self.trust,
+            fleet=self.config.fleet,
+            device=self.config.device_id,
+            floor=floor,
+            accepted_digest=last_digest,
+            now=self.clock(),
+        )
+        if isinstance(verdict, Duplicate):
+            log.debug("ignoring the directive already accepted (sequence %d)", verdict.sequence)
+            return
+        if isinstance(verdict, Refused):
+            log.warning("refused directive (sequence %s): %s", verdict.sequence, verdict.reason)
             self.emit_event(
                 "directive_refused",
-                reason=first_line(e),
-                sequence=sequence,
+                reason=verdict.reason,
+                sequence=verdict.sequence,
                 rollout_id=None,
                 bundle=None,
-                details={"rule": type(e).__name__},
+                details={"rule": verdict.rule},
             )
             return
-        self._accept(verified, envelope, floor=floor, stop=stop)
+        self._accept(verdict, envelope, floor=floor, stop=stop)
 
     def _accept(
         self,
-        verified: VerifiedDirective,
+        accepted: Accepted,
         envelope: bytes,
         *,
         floor: DirectiveFloor,
         stop: threading.Event,
     ) -> None:
-        directive = verified.directive
+        directive = accepted.directive
         ref = directive.bundle
         pointer = self.store.pointer()
         active = self._slot(pointer.active)
@@ -620,7 +610,7 @@ class Updater:
             directive=envelope,
             previous_slot=pointer.active,
         )
-        new_floor = next_floor(floor, verified)
+        new_floor = accepted.floor
         try:
             if active is not None and active.sha256 == ref.sha256:
                 # Already running it (e.g. a re-issued directive): accept and report committed,
@@ -830,24 +820,17 @@ class Updater:
                 limits=self._limits(),
                 expected_sha256=ref.sha256,
             )
-        if verified.size_bytes != ref.size_bytes:
-            raise UpdateFailed(
-                f"bundle is {verified.size_bytes} bytes; the directive pins {ref.size_bytes}",
-                refused=True,
-            )
         manifest = verified.manifest
-        if manifest.profile != self.profile.name:
-            raise UpdateFailed(
-                f"bundle is built for profile {manifest.profile!r}; this device runs "
-                f"{self.profile.name!r}",
-                refused=True,
-            )
-        if (manifest.name, manifest.version) != (ref.name, ref.version):
-            raise UpdateFailed(
-                f"bundle is {manifest.name} {manifest.version}; the directive names "
-                f"{ref.name} {ref.version}",
-                refused=True,
-            )
+        mismatch = bundle_mismatch(
+            name=manifest.name,
+            version=manifest.version,
+            profile=manifest.profile,
+            size_bytes=verified.size_bytes,
+            ref=ref,
+            device_profile=self.profile.name,
+        )
+        if mismatch is not None:
+            raise UpdateFailed(mismatch, refused=True)
 
     def _install(self, ref: BundleRef) -> None:
         slot = self.record.slot
@@ -1158,11 +1141,3 @@ class _Interrupted(UpdateFailed):
 
     def __init__(self) -> None:
         super().__init__("agent stopping", mark_bad=False)
-
-
-def _unverified_sequence(envelope: bytes) -> int | None:
-    """The sequence a refused directive claims (unverified: for the event only)."""
-    try:
-        return Directive.from_payload(parse_envelope(envelope).payload).sequence
-    except (EdgekitError, ValueError):
-        return None

@@ -46,12 +46,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edgekit.fleet.monitor import FleetMonitor
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.topics import Topics
+from edgekit.mqtt import BrokerSettings, MqttClient
+from edgekit.topics import Topics, client_id
 from edgekit.transfer import (
     DEFAULT_CHUNK_BYTES,
     MqttBundleFetcher,
@@ -64,24 +62,13 @@ TOPICS = Topics(FLEET)
 ROLLOUT_MODULE = Path(__file__).resolve().parent / "fleet_rollout.py"
 
 
-def _client(broker: MosquittoBroker, name: str) -> mqtt.Client:
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}", protocol=mqtt.MQTTv5
-    )
-    client.max_inflight_messages_set(64)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    deadline = time.monotonic() + 10
-    while not client.is_connected():
-        if time.monotonic() > deadline:
-            raise RuntimeError("benchmark client did not connect")
-        time.sleep(0.005)
-    return client
+def _client(broker: MosquittoBroker, name: str) -> MqttClient:
+    client = MqttClient(BrokerSettings(broker.url), client_id=client_id(name, str(os.getpid())))
+    return client.connect(timeout_s=10)
 
 
-def _close(client: mqtt.Client) -> None:
-    client.disconnect()
-    client.loop_stop()
+def _close(client: MqttClient) -> None:
+    client.stop()
 
 
 def _transfer_once(

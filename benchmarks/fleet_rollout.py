@@ -33,11 +33,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgekit.bundle import build_bundle, collect_bundle_inputs
-from edgekit.fleet.registry import BrokerSettings, FleetConnection
+from edgekit.fleet.registry import fleet_client
 from edgekit.fleet.rollout import RolloutController, RolloutOptions, load_release
 from edgekit.fleet.simulate import SimulatedFleet
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings
 from edgekit.topics import ActiveBundle
 from edgekit.trust import Signer, TrustStore, create_truststore
 
@@ -104,7 +105,7 @@ def _one(
             fetch_timeout_s=1800,
         ),
         RolloutStore(work / f"{fleet}.db") as store,
-        FleetConnection(BrokerSettings(broker.url)) as connection,
+        fleet_client(BrokerSettings(broker.url)) as connection,
     ):
         timeline = _Timeline(count)
         controller = RolloutController(

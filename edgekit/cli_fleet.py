@@ -34,10 +34,9 @@ from rich.table import Table
 from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import STRATEGIES, parse_percent
 from edgekit.fleet.registry import (
-    BrokerSettings,
     DeviceRecord,
     DeviceSelector,
-    FleetConnection,
+    fleet_client,
     load_registry,
     parse_tag,
 )
@@ -51,6 +50,7 @@ from edgekit.fleet.rollout import (
     publish_release,
 )
 from edgekit.fleet.store import RolloutStore, default_db_path
+from edgekit.mqtt import BrokerSettings, MqttClient
 from edgekit.topics import Topics
 from edgekit.trust.keys import PASSPHRASE_ENV, Signer, load_private_key
 
@@ -97,7 +97,7 @@ def _broker_options(function: F) -> F:
         ca: Path | None,
         **kwargs: Any,
     ) -> Any:
-        settings = BrokerSettings(url=broker, username=username, password=password, ca=ca)
+        settings = BrokerSettings(url=broker, username=username, password=password, ca_file=ca)
         return function(*args, settings=settings, **kwargs)
 
     options = [
@@ -272,7 +272,7 @@ def devices_command(
     """List the fleet's devices from their retained status messages."""
     selector = _selector(group, tags, profiles, devices)
     topics = Topics(fleet)
-    with FleetConnection(settings) as connection:
+    with fleet_client(settings) as connection:
         registry = load_registry(connection, topics)
     records = [r for r in registry.devices(selector) if r.online or not only_online]
     if as_json:
@@ -338,7 +338,7 @@ def publish_command(
     published = []
     with (
         _store(db_path, create=True) as store,
-        FleetConnection(settings) as connection,
+        fleet_client(settings) as connection,
     ):
         for bundle in release.bundles:
             meta = publish_release(connection, store, topics, bundle, chunk_size=chunk_size)
@@ -497,8 +497,8 @@ def _connect_controller(
     store: RolloutStore,
     settings: BrokerSettings,
     signers: Sequence[Signer],
-) -> tuple[FleetConnection, RolloutController]:
-    connection = FleetConnection(settings).connect()
+) -> tuple[MqttClient, RolloutController]:
+    connection = fleet_client(settings).connect()
     return connection, RolloutController(
         connection=connection, store=store, fleet=fleet, signers=signers
     )
@@ -531,7 +531,7 @@ def _resume(
         try:
             _drive(controller, rollout_id, as_json=as_json, request=request)
         finally:
-            connection.close()
+            connection.stop()
 
 
 @fleet_group.command("rollout")
@@ -726,7 +726,7 @@ def rollout_command(
             )
             _drive(controller, new_id, as_json=as_json)
         finally:
-            connection.close()
+            connection.stop()
 
 
 @fleet_group.command("resume")
@@ -861,7 +861,7 @@ def rollback_command(
             )
             _drive(controller, new_id, as_json=as_json)
         finally:
-            connection.close()
+            connection.stop()
 
 
 # -- status / history ----------------------------------------------------------------------------

@@ -16,20 +16,21 @@ import hashlib
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgekit.bundle import fsync_dir
 from edgekit.errors import TransportError
-from edgekit.topics import BundleMeta, MessageError, Topics
+from edgekit.messages import BundleMeta, MessageError
+from edgekit.topics import BundleTopics, Topics
 
 if TYPE_CHECKING:
-    import paho.mqtt.client as mqtt
+    from edgekit.mqtt import Message, MqttClient, PublishHandle
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -39,7 +40,6 @@ __all__ = [
     "TransferError",
     "TransferStorageError",
     "TransferTimeoutError",
-    "enable_nodelay",
     "publish_bundle",
     "unpublish_bundle",
 ]
@@ -74,36 +74,6 @@ class TransferCancelledError(TransferError):
     """`MqttBundleFetcher.cancel()` stopped the fetch; what arrived is kept for a resume."""
 
 
-def enable_nodelay(client: mqtt.Client) -> None:
-    """Turn off Nagle's algorithm on the client's socket, now and after every reconnect.
-
-    MQTT's request/response pairs (SUBSCRIBE -> SUBACK + retained PUBLISH, PUBLISH -> PUBACK)
-    are small writes; with Nagle on either side each round trip waits for a delayed ACK
-    (~40 ms). Measured on loopback: 86 ms per subscribe round trip with neither side set,
-    0.4 ms with both (brokers: Mosquitto's `set_tcp_nodelay true`). Idempotent; keeps any
-    `on_socket_open` callback already set.
-    """
-    if getattr(client, "_edgekit_nodelay", False):
-        return
-    previous = client.on_socket_open
-
-    def on_socket_open(c: mqtt.Client, userdata: Any, sock: Any) -> None:
-        _set_nodelay(sock)
-        if previous is not None:
-            previous(c, userdata, sock)
-
-    client.on_socket_open = on_socket_open
-    client._edgekit_nodelay = True  # type: ignore[attr-defined]
-    current = client.socket()
-    if current is not None:
-        _set_nodelay(current)
-
-
-def _set_nodelay(sock: Any) -> None:
-    with suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -119,7 +89,7 @@ def _chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
 
 
 def publish_bundle(
-    client: mqtt.Client,
+    client: MqttClient,
     topics: Topics,
     bundle: Path,
     *,
@@ -132,8 +102,8 @@ def publish_bundle(
 ) -> BundleMeta:
     """Publish `bundle` as retained chunks and then its meta; returns the meta.
 
-    The client's network loop must be running (`loop_start()`). At most `window` chunks are
-    unacknowledged at a time; each acknowledgement must arrive within `timeout_s`.
+    At most `window` chunks are unacknowledged at a time; each acknowledgement must arrive
+    within `timeout_s`.
     """
     if not 1 <= chunk_size <= MAX_CHUNK_BYTES:
         raise TransferError(f"chunk size must be 1..{MAX_CHUNK_BYTES} bytes; got {chunk_size}")
@@ -143,49 +113,46 @@ def publish_bundle(
         raise TransferError(f"cannot read bundle {bundle}: {error.strerror}") from None
     if size == 0:
         raise TransferError(f"bundle {bundle} is empty")
-    enable_nodelay(client)
     meta = BundleMeta.for_size(
         _file_sha256(bundle), size, chunk_size=chunk_size, name=name, version=version
     )
-    pending: list[Any] = []
+    pending: deque[PublishHandle] = deque()
     done = 0
+    names = topics.bundle(meta.sha256)
 
     def settle(keep: int) -> None:
         while len(pending) > keep:
-            info = pending.pop(0)
-            info.wait_for_publish(timeout_s)
-            if not info.is_published():
+            if not pending.popleft().wait(timeout_s):
                 raise TransferError(
                     f"broker did not acknowledge a chunk of {bundle.name} within {timeout_s} s"
                 )
 
-    for index, block in enumerate(_chunks(bundle, chunk_size)):
-        info = client.publish(topics.bundle_chunk(meta.sha256, index), block, qos=1, retain=True)
-        if info.rc != 0:
-            raise TransferError(f"publishing chunk {index} of {bundle.name} failed (rc {info.rc})")
-        pending.append(info)
-        settle(window)
-        done += len(block)
-        if progress:
-            progress(done, size)
-    settle(0)
-    info = client.publish(topics.bundle_meta(meta.sha256), meta.to_json(), qos=1, retain=True)
-    pending.append(info)
-    settle(0)
+    try:
+        for index, block in enumerate(_chunks(bundle, chunk_size)):
+            pending.append(client.publish(names.chunk(index), block, qos=1, retain=True))
+            settle(window)
+            done += len(block)
+            if progress:
+                progress(done, size)
+        settle(0)
+        pending.append(client.publish(names.meta, meta.to_json(), qos=1, retain=True))
+        settle(0)
+    except TransferError:
+        raise
+    except TransportError as error:
+        raise TransferError(f"publishing {bundle.name} failed: {error}") from error
     return meta
 
 
 def unpublish_bundle(
-    client: mqtt.Client, topics: Topics, meta: BundleMeta, *, timeout_s: float = 60.0
+    client: MqttClient, topics: Topics, meta: BundleMeta, *, timeout_s: float = 60.0
 ) -> None:
     """Clear a bundle's retained meta (first) and chunks from the broker."""
-    infos = [client.publish(topics.bundle_meta(meta.sha256), b"", qos=1, retain=True)]
-    infos += [
-        client.publish(topics.bundle_chunk(meta.sha256, index), b"", qos=1, retain=True)
-        for index in range(meta.chunks)
-    ]
-    for info in infos:
-        info.wait_for_publish(timeout_s)
+    names = topics.bundle(meta.sha256)
+    handles = [client.publish(names.meta, b"", qos=1, retain=True)]
+    handles += [client.publish(names.chunk(i), b"", qos=1, retain=True) for i in range(meta.chunks)]
+    for handle in handles:
+        handle.wait(timeout_s)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -338,18 +305,18 @@ class ChunkAssembler:
 
 
 class MqttBundleFetcher:
-    """Fetch one bundle from retained chunks under `prefix` with a paho client.
+    """Fetch one bundle from retained chunks under `prefix` with an `MqttClient`.
 
-    The client's network loop must run in another thread. Callbacks are registered with
-    `message_callback_add` for this bundle's topics only, so the fetcher lives beside the
-    agent's other subscriptions. The fetch pins `sha256` and `size` (from a verified
+    Handlers are added for this bundle's topics only, so the fetcher lives beside the client's
+    other subscriptions; they run on the client's network thread and never raise (errors end
+    the fetch, in `fetch`'s thread). The fetch pins `sha256` and `size` (from a verified
     directive): a meta message that disagrees is refused. When nothing arrives for `stall_s`
     (broker restarted, session lost), the outstanding subscriptions are issued again.
     """
 
     def __init__(
         self,
-        client: mqtt.Client,
+        client: MqttClient,
         prefix: str,
         directory: Path,
         *,
@@ -361,6 +328,7 @@ class MqttBundleFetcher:
     ) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/")
+        self.names = BundleTopics(self.prefix)
         self.directory = directory
         self.sha256 = sha256
         self.size = size
@@ -382,19 +350,17 @@ class MqttBundleFetcher:
             self._cancelled = True
             self._changed.notify_all()
 
-    @property
-    def _meta_topic(self) -> str:
-        return f"{self.prefix}/meta"
-
-    def _chunk_topic(self, index: int) -> str:
-        return f"{self.prefix}/chunks/{index}"
-
-    def _on_meta(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_meta(self, message: Message) -> None:
         with self._lock:
             if self.assembler is not None or not message.payload:
                 return
             try:
-                meta = BundleMeta.from_json(bytes(message.payload))
+                try:
+                    meta = BundleMeta.from_json(message.payload)
+                except MessageError as error:
+                    raise TransferError(
+                        f"bundle meta under {self.prefix} is invalid ({error.reason}): {error}"
+                    ) from None
                 if meta.sha256 != self.sha256 or meta.size != self.size:
                     raise TransferError(
                         f"bundle meta under {self.prefix} names sha {meta.sha256[:12]} and "
@@ -402,19 +368,14 @@ class MqttBundleFetcher:
                         f"{self.size} bytes"
                     )
                 self.assembler = ChunkAssembler(self.directory, meta, max_bytes=self.max_bytes)
-            except (MessageError, TransferError) as error:
-                self._error = (
-                    error if isinstance(error, TransferError) else TransferError(str(error))
-                )
+            except TransferError as error:
+                self._error = error
             except OSError as error:
                 self._error = self._storage_error(error)
             self._changed.notify_all()
 
-    def _on_chunk(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            index = int(message.topic.rsplit("/", 1)[1])
-        except ValueError:
-            return
+    def _on_chunk(self, message: Message) -> None:
+        index = self.names.chunk_index(message.topic)  # MessageError: counted by the client
         with self._lock:
             assembler = self.assembler
             if assembler is None or not message.payload:
@@ -428,7 +389,7 @@ class MqttBundleFetcher:
                 self._error = self._storage_error(error)
             if index in self._outstanding:
                 self._outstanding.discard(index)
-                self.client.unsubscribe(self._chunk_topic(index))
+                self.client.unsubscribe(self.names.chunk(index), handlers=False)
             self._changed.notify_all()
 
     def _storage_error(self, error: OSError) -> TransferStorageError:
@@ -453,18 +414,17 @@ class MqttBundleFetcher:
                     break
         if wanted:
             self._outstanding.update(wanted)
-            self.client.subscribe([(self._chunk_topic(index), 1) for index in wanted])
+            self.client.subscribe([self.names.chunk(index) for index in wanted], keep=False)
 
     def fetch(
         self, destination: Path, *, timeout_s: float = 600.0, progress: Progress | None = None
     ) -> Path:
         """Block until the bundle is at `destination` (checked), or raise `TransferError`."""
-        enable_nodelay(self.client)
-        self.client.message_callback_add(self._meta_topic, self._on_meta)
-        self.client.message_callback_add(f"{self.prefix}/chunks/+", self._on_chunk)
+        self.client.on(self.names.meta, self._on_meta)
+        self.client.on(self.names.chunks, self._on_chunk)
         deadline = time.monotonic() + timeout_s
         try:
-            self.client.subscribe(self._meta_topic, qos=1)
+            self.client.subscribe(self.names.meta, keep=False)
             last_progress = time.monotonic()
             last_held = -1
             with self._lock:
@@ -502,7 +462,7 @@ class MqttBundleFetcher:
                         self._request_more()
                     elif now - last_progress > self.stall_s:
                         self.resubscribes += 1
-                        self.client.subscribe(self._meta_topic, qos=1)
+                        self.client.subscribe(self.names.meta, keep=False)
                         last_progress = now
                     self._changed.wait(timeout=0.5)
                 assembler = self.assembler
@@ -513,12 +473,11 @@ class MqttBundleFetcher:
             except OSError as error:
                 raise self._storage_error(error) from error
         finally:
-            self.client.message_callback_remove(self._meta_topic)
-            self.client.message_callback_remove(f"{self.prefix}/chunks/+")
+            self.client.off(self.names.meta)
+            self.client.off(self.names.chunks)
             with self._lock:
-                topics = [self._meta_topic] + [self._chunk_topic(i) for i in self._outstanding]
+                topics = [self.names.meta] + [self.names.chunk(i) for i in self._outstanding]
                 self._outstanding.clear()
                 if self.assembler is not None and not self.assembler.complete:
                     self.assembler.close()
-            with suppress(Exception):
-                self.client.unsubscribe(topics)
+            self.client.unsubscribe(topics, handlers=False)

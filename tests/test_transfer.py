@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings, MqttClient
 from edgekit.topics import BundleMeta, Topics
 from edgekit.transfer import (
     ChunkAssembler,
@@ -26,26 +26,18 @@ from edgekit.transfer import (
 TOPICS = Topics("t")
 
 
-def _connected(broker: MosquittoBroker, client_id: str = "") -> mqtt.Client:
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
-    client.reconnect_delay_set(0.1, 0.5)
-    ready = threading.Event()
-    client.on_connect = lambda *_: ready.set()
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    assert ready.wait(5)
-    return client
+def _connected(broker: MosquittoBroker, client_id: str = "") -> MqttClient:
+    settings = BrokerSettings(broker.url, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    name = client_id or f"edgekit-test-{os.urandom(4).hex()}"
+    return MqttClient(settings, client_id=name).connect(timeout_s=5)
 
 
 @pytest.fixture
-def clients(mosquitto: MosquittoBroker) -> Iterator[list[mqtt.Client]]:
-    made: list[mqtt.Client] = []
+def clients(mosquitto: MosquittoBroker) -> Iterator[list[MqttClient]]:
+    made: list[MqttClient] = []
     yield made
     for client in made:
-        client.loop_stop()
-        client.disconnect()
+        client.stop()
 
 
 def _bundle(tmp_path: Path, size: int) -> tuple[Path, str]:
@@ -55,7 +47,7 @@ def _bundle(tmp_path: Path, size: int) -> tuple[Path, str]:
 
 
 def test_publish_then_fetch_round_trip(
-    mosquitto: MosquittoBroker, clients: list[mqtt.Client], tmp_path: Path
+    mosquitto: MosquittoBroker, clients: list[MqttClient], tmp_path: Path
 ) -> None:
     source, sha = _bundle(tmp_path, 1_000_003)
     publisher = _connected(mosquitto)
@@ -77,7 +69,7 @@ def test_publish_then_fetch_round_trip(
 
 
 def test_fetch_refuses_meta_that_disagrees_with_the_pin(
-    mosquitto: MosquittoBroker, clients: list[mqtt.Client], tmp_path: Path
+    mosquitto: MosquittoBroker, clients: list[MqttClient], tmp_path: Path
 ) -> None:
     source, sha = _bundle(tmp_path, 5000)
     publisher = _connected(mosquitto)
@@ -93,7 +85,7 @@ def test_fetch_refuses_meta_that_disagrees_with_the_pin(
 
 
 def test_interrupted_fetch_resumes_after_broker_restart(
-    mosquitto: MosquittoBroker, clients: list[mqtt.Client], tmp_path: Path
+    mosquitto: MosquittoBroker, clients: list[MqttClient], tmp_path: Path
 ) -> None:
     source, sha = _bundle(tmp_path, 200 * 1024)
     publisher = _connected(mosquitto)
@@ -132,17 +124,16 @@ def test_interrupted_fetch_resumes_after_broker_restart(
 
 
 def test_broker_restart_during_fetch_does_not_start_over(
-    mosquitto: MosquittoBroker, clients: list[mqtt.Client], tmp_path: Path
+    mosquitto: MosquittoBroker, clients: list[MqttClient], tmp_path: Path
 ) -> None:
     source, sha = _bundle(tmp_path, 3000 * 256)
     publisher = _connected(mosquitto)
     clients.append(publisher)
     meta = publish_bundle(publisher, TOPICS, source, chunk_size=256, window=64)
-    publisher.loop_stop()
-    publisher.disconnect()
+    publisher.stop()
     clients.remove(publisher)
 
-    device = _connected(mosquitto, client_id="dev-1")
+    device = _connected(mosquitto, client_id="edgekit-test-dev-1")
     clients.append(device)
     fetcher = MqttBundleFetcher(
         device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size=meta.size,
@@ -213,7 +204,7 @@ def test_assembler_refuses_a_meta_with_too_many_chunks(tmp_path: Path) -> None:
 
 
 def test_disk_errors_end_the_fetch_as_storage_errors(
-    mosquitto: MosquittoBroker, clients: list[mqtt.Client], tmp_path: Path
+    mosquitto: MosquittoBroker, clients: list[MqttClient], tmp_path: Path
 ) -> None:
     source, sha = _bundle(tmp_path, 5000)
     publisher = _connected(mosquitto)
@@ -228,4 +219,4 @@ def test_disk_errors_end_the_fetch_as_storage_errors(
     )
     with pytest.raises(TransferStorageError, match="cannot write"):
         fetcher.fetch(tmp_path / "got.ekb", timeout_s=10)
-    assert device.is_connected()  # the error did not escape into paho's network loop
+    assert device.connected  # the error did not escape into paho's network loop

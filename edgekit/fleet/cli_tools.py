@@ -437,31 +437,25 @@ def monitor_command(
 ) -> None:
     """Prometheus exporter for a fleet's telemetry, status and events (MQTT 5 shared subs)."""
     import os
-    from dataclasses import replace
 
     from edgekit.fleet.monitor import FleetMonitor, parse_listen
-    from edgekit.fleet.registry import BrokerAddress
+    from edgekit.mqtt import BrokerSettings
 
     _configure_logging(verbose)
     address = parse_listen(listen)
-    broker_address = BrokerAddress.parse(broker, ca_file=tls_ca)
+    settings = BrokerSettings(broker, ca_file=tls_ca)
     password = os.environ.get("EDGEKIT_MONITOR_PASSWORD")
     if password_file is not None:
         try:
             password = password_file.read_text().strip()
         except OSError as error:
             raise _CommandError(f"cannot read {password_file}: {error.strerror}") from None
-    if password is None and broker_address.password is None:
-        broker_address = replace(broker_address, username=None)
-        user = None
-    else:
-        user = broker_address.username or username
+    if password is not None:  # the account: from the URL, else --username
+        settings = settings.replace(username=settings.username or username, password=password)
     monitor = FleetMonitor(
-        broker_address,
+        settings,
         fleet,
         group=group,
-        username=user,
-        password=password if password is not None else broker_address.password,
         status_shared=status_shared,
         forget_after_s=forget_after,
     )

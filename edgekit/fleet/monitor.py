@@ -15,7 +15,12 @@ series, the Prometheus way for labels that change. A device silent for `forget_a
 disappears from the output unless it has a retained status (then it stays, as a registry
 entry, until its status is cleared), and so do its series for versions it no longer runs and
 event counts not updated in that time: label cardinality stays bounded by the fleet, not by
-its history. See docs/monitor.md.
+its history. Each device has at most `max_series_per_device` (version, rollout) label pairs
+at a time (default 8): further ones fold into `version="other", rollout="other"`, so one
+device cannot grow the output by sending many versions. Every payload goes through the total
+parsers of `edgekit.messages`; what they refuse is counted in
+`edgekit_monitor_rejected_messages_total{kind,reason}` and never stops the exporter. See
+docs/monitor.md.
 """
 
 from __future__ import annotations
@@ -24,19 +29,18 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edgekit.errors import EdgekitError, TransportError
-from edgekit.fleet.registry import BrokerAddress, as_broker_address
+from edgekit.errors import EdgekitError
+from edgekit.mqtt import BrokerSettings, Message, MqttClient
 from edgekit.topics import (
     AGENT_STATES,
     EVENT_KINDS,
@@ -46,7 +50,9 @@ from edgekit.topics import (
     Telemetry,
     Topics,
     check_identifier,
+    client_id,
     parse_device_topic,
+    shared,
 )
 
 __all__ = [
@@ -63,6 +69,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "edgekit-monitor"
 _QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+_KINDS = ("telemetry", "events", "status")
+OTHER = "other"
+"""The label value that label values beyond a device's bounded set fold into."""
 _BASE_LABELS = ("fleet", "device", "profile", "group")
 _DEVICE_LABELS = (*_BASE_LABELS, "version", "rollout")
 
@@ -73,7 +82,8 @@ _COUNTERS = {
     "edgekit_telemetry_messages": "Telemetry messages ingested, per device series.",
     "edgekit_update_events": "Update lifecycle events by kind (devices/<id>/events).",
     "edgekit_monitor_messages": "MQTT messages this exporter ingested, by topic kind.",
-    "edgekit_monitor_invalid_messages": "MQTT messages this exporter could not parse.",
+    "edgekit_monitor_rejected_messages": "MQTT messages this exporter refused, by kind and "
+    "reason (too_large, too_deep, not_json, schema, invalid, mismatch, topic).",
 }
 _GAUGES = {
     "edgekit_inference_latency_seconds": "Inference latency quantiles over the last interval.",
@@ -147,6 +157,8 @@ class _Device:
     series: dict[tuple[str, str], _Series] = field(default_factory=dict)
     # (kind, version, rollout) -> [count, last update]
     events: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    # (version, rollout) label pairs in use -> when last used (bounded per device)
+    labels: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class _FleetCollector(Collector):
@@ -166,7 +178,7 @@ class FleetMonitor:
 
     def __init__(
         self,
-        broker: BrokerAddress | str,
+        broker: BrokerSettings | str,
         fleet: str,
         *,
         group: str = DEFAULT_GROUP,
@@ -174,118 +186,101 @@ class FleetMonitor:
         password: str | None = None,
         status_shared: bool = False,
         forget_after_s: float = 3600.0,
+        max_series_per_device: int = 8,
         client_id: str | None = None,
     ) -> None:
-        self.broker = as_broker_address(broker)
+        settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
+        if username is not None:
+            settings = settings.replace(username=username, password=password)
+        self.broker = settings
         self.topics = Topics(fleet)
         self.fleet = fleet
         try:
             self.group = check_identifier(group, what="shared subscription group")
         except MessageError as error:
             raise MonitorError(str(error)) from None
+        if max_series_per_device < 1:
+            raise MonitorError("max_series_per_device must be at least 1")
         self.status_shared = status_shared
         self.forget_after_s = forget_after_s
+        self.max_series_per_device = max_series_per_device
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_FleetCollector(self))
         self._lock = threading.Lock()
         self._devices: dict[str, _Device] = {}
-        self._ingested: dict[str, int] = {"telemetry": 0, "events": 0, "status": 0}
-        self._invalid: dict[str, int] = {"telemetry": 0, "events": 0, "status": 0}
-        self._connected = threading.Event()
-        self._refused: str | None = None
+        self._ingested: dict[str, int] = dict.fromkeys(_KINDS, 0)
+        self._rejected: Counter[tuple[str, str]] = Counter()  # (kind, reason)
         self._server: Any = None
         self._started = False
         self._server_thread: threading.Thread | None = None
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"{group}-{socket.gethostname()}-{id(self):x}"[:128],
-            protocol=mqtt.MQTTv5,
-        )
-        user = username if username is not None else self.broker.username
-        secret = password if password is not None else self.broker.password
-        if user is not None:
-            self.client.username_pw_set(user, secret)
-        if self.broker.tls:
-            self.client.tls_set(ca_certs=str(self.broker.ca_file) if self.broker.ca_file else None)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+        name = client_id or _default_client_id(group, self)
+        self.client = MqttClient(self.broker, client_id=name, max_inflight=64)
 
     # -- subscriptions
 
     def subscriptions(self) -> list[str]:
         """The topic filters this exporter subscribes to."""
-        shared = f"$share/{self.group}/"
-        filters = [
-            shared + self.topics.all_devices("telemetry"),
-            shared + self.topics.all_devices("events"),
-        ]
         status = self.topics.all_devices("status")
-        filters.append(shared + status if self.status_shared else status)
-        return filters
-
-    def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
-    ) -> None:
-        if reason.is_failure:
-            self._refused = str(reason)
-            log.error("broker %s refused the monitor: %s", self.broker.url, reason)
-            return
-        client.subscribe([(topic, 1) for topic in self.subscriptions()])
-        self._connected.set()
-        log.info("monitoring fleet %s on %s", self.fleet, self.broker.url)
-
-    def _on_disconnect(
-        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
-    ) -> None:
-        self._connected.clear()
-        log.warning("monitor disconnected from %s: %s", self.broker.url, reason)
+        return [
+            shared(self.group, self.topics.all_devices("telemetry")),
+            shared(self.group, self.topics.all_devices("events")),
+            shared(self.group, status) if self.status_shared else status,
+        ]
 
     # -- ingest
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: Message) -> None:
+        """The client's handler: refusals are counted here by kind and reason, then re-raised
+        for the client's guard (which logs them, rate-limited, and keeps the loop alive)."""
+        kind = "other"
         try:
-            fleet, device_id, leaf = parse_device_topic(message.topic)
-        except MessageError:
-            return
-        if fleet != self.fleet or leaf not in self._ingested:
-            return
-        if not message.payload:
-            if leaf == "status":  # retained status cleared: the device was deregistered
-                with self._lock:
-                    self._devices.pop(device_id, None)
-            return
-        try:
-            self.ingest(leaf, device_id, bytes(message.payload))
+            fleet, device_id, kind = parse_device_topic(message.topic)
+            if fleet != self.fleet or kind not in self._ingested:
+                raise MessageError(f"not a monitored topic: {message.topic[:200]}", reason="topic")
+            if not message.payload:
+                if kind == "status":  # retained status cleared: the device was deregistered
+                    with self._lock:
+                        self._devices.pop(device_id, None)
+                return
+            self.ingest(kind, device_id, message.payload)
         except MessageError as error:
             with self._lock:
-                self._invalid[leaf] += 1
-            log.debug("ignoring %s from %s: %s", leaf, device_id, error)
+                self._rejected[(kind if kind in self._ingested else "other", error.reason)] += 1
+            raise
 
     def ingest(
         self, leaf: str, device_id: str, payload: bytes, *, now: float | None = None
     ) -> None:
-        """Account one message (`leaf`: telemetry, events or status); bad payloads raise."""
+        """Account one message (`leaf`: telemetry, events or status); a bad payload raises
+        `MessageError` and changes nothing."""
         now = time.time() if now is None else now
         if leaf == "telemetry":
             telemetry = Telemetry.from_json(payload)
+            _check_about(telemetry.device, telemetry.fleet, device_id, self.fleet)
             with self._lock:
                 record = self._record(device_id, now)
                 self._ingested["telemetry"] += 1
                 self._add_telemetry(record, telemetry, now)
         elif leaf == "events":
             event = Event.from_json(payload)
-            kind = event.kind if event.kind in EVENT_KINDS else "other"
-            key = (kind, event.bundle.version if event.bundle else "", event.rollout_id or "")
+            _check_about(event.device, event.fleet, device_id, self.fleet)
+            kind = event.kind if event.kind in EVENT_KINDS else OTHER
             with self._lock:
                 record = self._record(device_id, now)
+                version, rollout = self._label_pair(
+                    record,
+                    event.bundle.version if event.bundle else "",
+                    event.rollout_id or "",
+                    now,
+                )
+                key = (kind, version, rollout)
                 self._ingested["events"] += 1
                 counted = record.events.setdefault(key, [0, now])
                 counted[0] += 1
                 counted[1] = now
         elif leaf == "status":
             status = Status.from_json(payload)
+            _check_about(status.device, status.fleet, device_id, self.fleet)
             with self._lock:
                 record = self._record(device_id, now)
                 self._ingested["status"] += 1
@@ -300,10 +295,28 @@ class FleetMonitor:
         record.last_seen = max(record.last_seen, now)
         return record
 
-    @staticmethod
-    def _add_telemetry(record: _Device, telemetry: Telemetry, now: float) -> None:
-        version = telemetry.bundle.version if telemetry.bundle else ""
-        key = (version, telemetry.rollout_id or "")
+    def _label_pair(
+        self, record: _Device, version: str, rollout: str, now: float
+    ) -> tuple[str, str]:
+        """(version, rollout) as labels: the pair itself while the device uses fewer than
+        `max_series_per_device` pairs, else `other` (lock held)."""
+        key = (version, rollout)
+        if key in record.labels or len(record.labels) < self.max_series_per_device:
+            record.labels[key] = now
+            return key
+        return (OTHER, OTHER)
+
+    def _current_labels(self, record: _Device, version: str, rollout: str) -> tuple[str, str]:
+        key = (version, rollout)
+        return key if key in record.labels else (OTHER, OTHER)
+
+    def _add_telemetry(self, record: _Device, telemetry: Telemetry, now: float) -> None:
+        key = self._label_pair(
+            record,
+            telemetry.bundle.version if telemetry.bundle else "",
+            telemetry.rollout_id or "",
+            now,
+        )
         series = record.series.get(key)
         if series is None:
             series = record.series[key] = _Series()
@@ -344,6 +357,10 @@ class FleetMonitor:
                     del record.series[key]
             for event_key in [k for k, v in record.events.items() if v[1] < horizon]:
                 del record.events[event_key]
+            in_use = set(record.series) | {(v, r) for _kind, v, r in record.events}
+            for pair in [p for p, used in record.labels.items() if used < horizon]:
+                if pair not in in_use and pair != current:
+                    del record.labels[pair]
 
     def _collect(self) -> Iterator[Metric]:
         now = time.time()
@@ -369,7 +386,7 @@ class FleetMonitor:
         seen = _gauge("edgekit_device_last_seen_timestamp_seconds", _BASE_LABELS)
         telemetry_sequence = _gauge("edgekit_telemetry_sequence", _BASE_LABELS)
         ingested = _counter("edgekit_monitor_messages", ("fleet", "kind"))
-        invalid = _counter("edgekit_monitor_invalid_messages", ("fleet", "kind"))
+        rejected = _counter("edgekit_monitor_rejected_messages", ("fleet", "kind", "reason"))
         with self._lock:
             self._forget(now)
             for record in self._devices.values():
@@ -383,8 +400,12 @@ class FleetMonitor:
                     events.add_metric([*base, kind, version, rollout], count)
                 telemetry = record.telemetry
                 if telemetry is not None:
-                    version = telemetry.bundle.version if telemetry.bundle else ""
-                    labels = self._labels(record, version, telemetry.rollout_id or "")
+                    version, rollout = self._current_labels(
+                        record,
+                        telemetry.bundle.version if telemetry.bundle else "",
+                        telemetry.rollout_id or "",
+                    )
+                    labels = self._labels(record, version, rollout)
                     for key, quantile in _QUANTILES.items():
                         if key in telemetry.latency_ms:
                             latency.add_metric(
@@ -416,15 +437,16 @@ class FleetMonitor:
                     sequence.add_metric(base, status.last_sequence)
             for kind in sorted(self._ingested):
                 ingested.add_metric([self.fleet, kind], self._ingested[kind])
-                invalid.add_metric([self.fleet, kind], self._invalid[kind])
+            for (kind, reason), count in sorted(self._rejected.items()):
+                rejected.add_metric([self.fleet, kind, reason], count)
             tracked = len(self._devices)
         yield from counters.values()
         yield events
         yield latency
         yield from gauges.values()
-        yield from (online, state, info, sequence, seen, telemetry_sequence, ingested, invalid)
+        yield from (online, state, info, sequence, seen, telemetry_sequence, ingested, rejected)
         connected = _gauge("edgekit_monitor_connected", ("fleet",))
-        connected.add_metric([self.fleet], 1.0 if self._connected.is_set() else 0.0)
+        connected.add_metric([self.fleet], 1.0 if self.client.connected else 0.0)
         devices = _gauge("edgekit_monitor_devices", ("fleet",))
         devices.add_metric([self.fleet], tracked)
         yield connected
@@ -438,6 +460,12 @@ class FleetMonitor:
         with self._lock:
             return dict(self._ingested)
 
+    @property
+    def rejected(self) -> dict[tuple[str, str], int]:
+        """Messages refused so far, by (kind, reason)."""
+        with self._lock:
+            return dict(self._rejected)
+
     def start(
         self, *, listen: tuple[str, int] | None = None, timeout_s: float = 10.0
     ) -> FleetMonitor:
@@ -445,23 +473,13 @@ class FleetMonitor:
         if self._started:
             return self
         self._started = True
+        self.client.subscribe(self.subscriptions(), self._on_message)
         try:
-            self.client.connect(self.broker.host, self.broker.port, keepalive=30)
-        except OSError as error:
+            self.client.connect(timeout_s=timeout_s)
+        except EdgekitError:
             self._started = False
-            raise TransportError(
-                f"cannot reach the broker at {self.broker.url}: {error}; check --broker"
-            ) from None
-        self.client.loop_start()
-        deadline = time.monotonic() + timeout_s
-        while not self._connected.wait(timeout=0.05):
-            if self._refused is not None or time.monotonic() > deadline:
-                self.client.loop_stop()
-                self._started = False
-                raise TransportError(
-                    f"broker {self.broker.url} did not accept the monitor "
-                    f"({self._refused or 'no answer'}): check the monitor account's password"
-                )
+            raise
+        log.info("monitoring fleet %s on %s", self.fleet, self.broker.endpoint)
         if listen is not None:
             try:
                 self._server, self._server_thread = start_http_server(
@@ -487,8 +505,7 @@ class FleetMonitor:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.stop()
 
     def __enter__(self) -> FleetMonitor:
         return self.start()
@@ -500,3 +517,16 @@ class FleetMonitor:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _check_about(device: str, fleet: str, topic_device: str, topic_fleet: str) -> None:
+    """A message must be about the device and fleet its topic names."""
+    if device != topic_device or fleet != topic_fleet:
+        raise MessageError(
+            f"message on {topic_device}'s topic names device {device!r} of fleet {fleet!r}",
+            reason="mismatch",
+        )
+
+
+def _default_client_id(group: str, monitor: object) -> str:
+    return client_id("monitor", f"{group}-{socket.gethostname()}-{id(monitor):x}")

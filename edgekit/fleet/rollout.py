@@ -20,10 +20,10 @@ no device ever receives two directives for one step of a rollout.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,16 +31,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.bundle import hash_file, inspect_bundle, verify_bundle
+from edgekit.contract import peek_sequence
 from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import Strategy, assign_waves, wave_fractions
 from edgekit.fleet.gates import AllOf, GateResult, WaveObservation, standard_gates
-from edgekit.fleet.registry import (
-    DeviceRecord,
-    DeviceRegistry,
-    DeviceSelector,
-    FleetConnection,
-    Message,
-)
+from edgekit.fleet.registry import DeviceRecord, DeviceRegistry, DeviceSelector
 from edgekit.fleet.store import (
     BundleRecord,
     RolloutRecord,
@@ -48,6 +43,7 @@ from edgekit.fleet.store import (
     RolloutStore,
     TargetRecord,
 )
+from edgekit.mqtt import Inbox, Message, MqttClient, wait_all
 from edgekit.topics import (
     ActiveBundle,
     BundleMeta,
@@ -63,7 +59,6 @@ from edgekit.trust import (
     Signer,
     TrustStore,
     build_directive,
-    parse_envelope,
     sign_directive,
 )
 
@@ -254,7 +249,7 @@ def _source(entry: Mapping[str, str]) -> BundleSource:
 
 
 def publish_release(
-    connection: FleetConnection,
+    connection: MqttClient,
     store: RolloutStore,
     topics: Topics,
     bundle: ReleaseBundle,
@@ -272,7 +267,7 @@ def publish_release(
             "publish`"
         )
     meta = publish_bundle(
-        connection.paho_client,
+        connection,
         topics,
         bundle.path,
         chunk_size=chunk_size or DEFAULT_CHUNK_BYTES,
@@ -465,12 +460,7 @@ def _epoch_why(previous: BundleRecord, current: BundleRecord | ReleaseBundle) ->
 
 def _unverified_sequence(envelope: bytes) -> int:
     """The sequence a retained directive claims (0 if unreadable): only to stay above it."""
-    try:
-        document = json.loads(parse_envelope(envelope).payload)
-    except (EdgekitError, ValueError, UnicodeDecodeError):
-        return 0
-    value = document.get("sequence") if isinstance(document, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return peek_sequence(envelope) or 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +486,7 @@ class RolloutController:
     def __init__(
         self,
         *,
-        connection: FleetConnection,
+        connection: MqttClient,
         store: RolloutStore,
         fleet: str,
         signers: Sequence[Signer] = (),
@@ -505,6 +495,8 @@ class RolloutController:
         on_progress: Callable[[RolloutProgress], None] | None = None,
     ) -> None:
         self.connection = connection
+        self.inbox = Inbox(connection)
+        self.rejected: Counter[str] = Counter()  # device messages refused, by reason
         self.store = store
         self.topics = Topics(fleet)
         self.fleet = fleet
@@ -532,51 +524,49 @@ class RolloutController:
                 self.topics.all_devices("events"),
                 self.topics.all_devices("telemetry"),
             ]
-            messages = self.connection.collect_retained(topics, quiet_s=quiet_s)
+            messages = self.inbox.collect_retained(topics, quiet_s=quiet_s)
             self._listening = True
             self._handle(messages)
         return self.registry
 
     def _handle(self, messages: Sequence[Message]) -> None:
-        observed = self._observed
         for message in messages:
             try:
-                fleet, device, leaf = parse_device_topic(message.topic)
-            except MessageError:
-                continue
-            if fleet != self.fleet:
-                continue
-            if leaf == "status":
-                self.registry.handle(message)
-            elif leaf == "desired":
-                if message.payload:
-                    observed.desired[device] = message.payload
-                else:
-                    observed.desired.pop(device, None)
-            elif leaf == "events":
-                try:
-                    event = Event.from_json(message.payload)
-                except MessageError:
-                    continue
-                if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
-                    observed.failed_events[(device, event.sequence)] = (
-                        f"{event.kind}: {event.reason or 'no reason given'}"
-                    )
-            elif leaf == "telemetry":
-                try:
-                    telemetry = Telemetry.from_json(message.payload)
-                except MessageError:
-                    continue
-                sha = telemetry.bundle.sha256 if telemetry.bundle else ""
-                p95 = telemetry.latency_ms.get("p95")
-                if p95 is not None and telemetry.requests > 0:
-                    observed.p95_ms[device] = (sha, p95)
-                    self._note_baseline(device, sha, p95)
-                if telemetry.drift_psi is not None:
-                    observed.drift[device] = (sha, telemetry.drift_psi)
+                self._handle_one(message)
+            except MessageError as e:  # one device's bad message never stops a rollout
+                self.rejected[e.reason] += 1
+                logger.debug("ignoring %s: %s", message.topic[:200], e)
+
+    def _handle_one(self, message: Message) -> None:
+        observed = self._observed
+        fleet, device, leaf = parse_device_topic(message.topic)
+        if fleet != self.fleet:
+            return
+        if leaf == "status":
+            self.registry.handle(message)
+        elif leaf == "desired":
+            if message.payload:
+                observed.desired[device] = message.payload
+            else:
+                observed.desired.pop(device, None)
+        elif leaf == "events":
+            event = Event.from_json(message.payload)
+            if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
+                observed.failed_events[(device, event.sequence)] = (
+                    f"{event.kind}: {event.reason or 'no reason given'}"
+                )
+        elif leaf == "telemetry":
+            telemetry = Telemetry.from_json(message.payload)
+            sha = telemetry.bundle.sha256 if telemetry.bundle else ""
+            p95 = telemetry.latency_ms.get("p95")
+            if p95 is not None and telemetry.requests > 0:
+                observed.p95_ms[device] = (sha, p95)
+                self._note_baseline(device, sha, p95)
+            if telemetry.drift_psi is not None:
+                observed.drift[device] = (sha, telemetry.drift_psi)
 
     def _pump(self, timeout_s: float) -> None:
-        self._handle(self.connection.drain(timeout_s=timeout_s))
+        self._handle(self.inbox.drain(timeout_s=timeout_s))
 
     def _note_baseline(self, device: str, sha: str, p95: float) -> None:
         """Keep `p95` as `device`'s baseline if it still runs its pre-rollout bundle."""
@@ -865,7 +855,7 @@ class RolloutController:
                             self.topics.desired(target.device), envelope, qos=1, retain=True
                         )
                     )
-        self.connection.wait_published(handles)
+        wait_all(handles, timeout_s=60.0, what="the directives")
 
     def _apply_request(self, record: RolloutRecord) -> None:
         request = self.store.take_request(record.id)
@@ -926,7 +916,7 @@ class RolloutController:
             self.connection.publish(self.topics.desired(device), envelope, qos=1, retain=True)
             for device, _, envelope in directives
         ]
-        self.connection.wait_published(handles)
+        wait_all(handles, timeout_s=60.0, what="the directives")
         for device, _, envelope in directives:
             self._observed.desired[device] = envelope
 
@@ -1141,7 +1131,7 @@ class RolloutController:
         """The bundle's retained meta, if the broker holds one."""
         topic = self.topics.bundle_meta(sha256)
         try:
-            messages = self.connection.collect_retained([topic], quiet_s=0.3, timeout_s=3)
+            messages = self.inbox.collect_retained([topic], quiet_s=0.3, timeout_s=3, keep=False)
         finally:
             self.connection.unsubscribe([topic])
         # Device messages that arrived meanwhile still count.
@@ -1174,7 +1164,7 @@ class RolloutController:
         prefix = self.topics.bundle_prefix(meta.sha256)
         with tempfile.TemporaryDirectory(prefix="edgekit-previous-") as folder:
             fetcher = MqttBundleFetcher(
-                self.connection.paho_client,
+                self.connection,
                 prefix,
                 Path(folder),
                 sha256=meta.sha256,

@@ -21,22 +21,18 @@ fail: exactly `round(fraction * N)` devices get each fault (the lowest hashes).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-import selectors
 import shutil
-import socket
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,30 +40,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
-
 from edgekit import __version__
 from edgekit.bundle import verify_bundle
+from edgekit.contract import Accepted, Duplicate, Refused, accept_directive, bundle_mismatch
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
-from edgekit.fleet.registry import BrokerAddress, as_broker_address
-from edgekit.topics import ActiveBundle, Event, Status, Telemetry, Topics, check_identifier
-from edgekit.transfer import MqttBundleFetcher
-from edgekit.trust import (
-    DirectiveFloor,
-    TrustStore,
-    VerifiedDirective,
-    next_floor,
-    parse_envelope,
-    verify_directive,
+from edgekit.mqtt import BrokerSettings, Message, MqttClient, NetworkLoop
+from edgekit.topics import (
+    ActiveBundle,
+    Event,
+    Status,
+    Telemetry,
+    Topics,
+    check_identifier,
+    client_id,
 )
-from edgekit.trust.errors import ReplayError
+from edgekit.transfer import MqttBundleFetcher
+from edgekit.trust import DirectiveFloor, TrustStore
 
 __all__ = [
     "DEFAULT_PROFILE",
-    "BrokerAddress",
     "DeviceSpec",
     "Faults",
     "SentCounts",
@@ -95,10 +86,8 @@ _BASE_LATENCY_MS = {
     "cortex-m": 80.0,
 }
 _DEFAULT_LATENCY_MS = 10.0
-_TICK_S = 0.1  # how often the network loops run timers (keepalive, telemetry, reconnect)
+_TICK_S = 0.1  # how often the network loops run the devices' timers (telemetry)
 _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 15.0  # reconnect backoff bounds
-_CONNECT_TIMEOUT_S = 30.0  # no CONNACK after this long: try again
-_MAX_READS_PER_EVENT = 64  # packets read per readiness event before serving other devices
 _MAX_TELEMETRY_BURST = 50  # telemetry messages one device sends per tick, at most
 
 
@@ -236,153 +225,11 @@ class SentCounts:
 
 
 # ---------------------------------------------------------------------------------------------
-# Network loops: a few threads drive every client's socket with one selector each.
-
-
-class _NetworkLoop(threading.Thread):
-    """Drives many paho clients with paho's external-loop API on one selector.
-
-    Selector changes happen only on this thread: other threads (the directive workers that
-    publish events) post them through `call_soon`, which wakes the selector.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._calls: deque[Callable[[], None]] = deque()
-        self._stopping = threading.Event()
-        self._ticks: list[Callable[[float], None]] = []
-        self._woken = False
-        self._lock = threading.Lock()
-
-    # Called on any thread.
-    def call_soon(self, call: Callable[[], None]) -> None:
-        self._calls.append(call)
-        if threading.current_thread() is not self:
-            with self._lock:
-                if self._woken:
-                    return
-                self._woken = True
-            with contextlib.suppress(BlockingIOError, OSError):
-                self._wake_w.send(b"\0")
-
-    def add_tick(self, tick: Callable[[float], None]) -> None:
-        self._ticks.append(tick)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.call_soon(lambda: None)
-
-    # paho socket callbacks (registered on each client).
-    def on_socket_open(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        self.call_soon(lambda: self._register(sock, client, selectors.EVENT_READ))
-
-    def on_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        self.call_soon(lambda: self._unregister(sock))
-
-    def on_socket_register_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        self.call_soon(
-            lambda: self._register(sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        )
-
-    def on_socket_unregister_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        self.call_soon(lambda: self._register(sock, client, selectors.EVENT_READ))
-
-    def _register(self, sock: Any, client: mqtt.Client, events: int) -> None:
-        current: Any = client.socket()
-        if current is None or current is not sock or current.fileno() < 0:
-            return
-        try:
-            self._selector.modify(sock, events, client)
-        except KeyError:
-            self._selector.register(sock, events, client)
-        except (ValueError, OSError):
-            return
-        if events & selectors.EVENT_WRITE:
-            client.loop_write()
-
-    def _unregister(self, sock: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(sock)
-
-    def run(self) -> None:
-        next_tick = time.monotonic()
-        while not self._stopping.is_set():
-            timeout = max(0.0, min(2 * _TICK_S, next_tick - time.monotonic()))
-            for key, mask in self._selector.select(timeout=timeout):
-                client = key.data
-                if client is None:
-                    with self._lock:
-                        self._woken = False
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                    continue
-                if client.socket() is not key.fileobj:
-                    self._unregister(key.fileobj)
-                    continue
-                try:
-                    if mask & selectors.EVENT_READ:
-                        self._read(client, key.fileobj)
-                    if mask & selectors.EVENT_WRITE and client.socket() is key.fileobj:
-                        client.loop_write()
-                except Exception:  # a broken client must not stop every other device
-                    log.exception("simulated device network error")
-            self._run_calls()
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + _TICK_S
-                for tick in self._ticks:
-                    try:
-                        tick(now)
-                    except Exception:
-                        log.exception("simulated device timer failed")
-                self._run_calls()
-        self._run_calls()
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    @staticmethod
-    def _read(client: mqtt.Client, sock: Any) -> None:
-        """Read what arrived; TLS may hold decrypted bytes the selector cannot see."""
-        for _ in range(_MAX_READS_PER_EVENT):
-            client.loop_read()
-            pending = getattr(sock, "pending", None)
-            if client.socket() is not sock or pending is None or not pending():
-                return
-
-    def _run_calls(self) -> None:
-        while self._calls:
-            call = self._calls.popleft()
-            try:
-                call()
-            except Exception:
-                log.exception("simulated device callback failed")
-
-
-# ---------------------------------------------------------------------------------------------
 # One device.
 
 
 def _latency_base_ms(profile: str) -> float:
     return _BASE_LATENCY_MS.get(profile, _DEFAULT_LATENCY_MS)
-
-
-def _unverified_sequence(payload: bytes) -> int | None:
-    """The sequence a (possibly forged) directive claims, for the refusal event only."""
-    try:
-        document = json.loads(parse_envelope(payload).payload)
-        value = document.get("sequence") if isinstance(document, dict) else None
-    except (EdgekitError, ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class SimulatedDevice:
@@ -393,7 +240,7 @@ class SimulatedDevice:
         spec: DeviceSpec,
         *,
         fleet: SimulatedFleet,
-        loop: _NetworkLoop,
+        loop: NetworkLoop,
         faults: set[str],
         initial_bundle: ActiveBundle | None,
     ) -> None:
@@ -410,16 +257,11 @@ class SimulatedDevice:
         self.rollout_id: str | None = None
         self.floor = DirectiveFloor()
         self.accepted_sha256: str | None = None
+        self.accepted_digest: str | None = None
         self.sent = SentCounts()
         self.history: list[tuple[int, str, str]] = []  # (sequence, sha256, outcome)
-        self.connected = False
-        self.connects = 0
         self._want_online = "offline" not in self.faults or fleet.faults.offline_mode == "drop"
         self._drop_after_connect = "offline" in self.faults
-        self._next_retry = 0.0
-        self._retry_delay_s = _RETRY_MIN_S
-        self._connecting_since: float | None = None
-        self._jitter = random.Random(spec.device_id)
         self._next_telemetry = time.monotonic() + fleet.telemetry_interval_s * _unit_hash(
             spec.device_id
         )
@@ -427,8 +269,6 @@ class SimulatedDevice:
         self._random = random.Random(f"{fleet.faults.seed}:{spec.device_id}")
         self._pending: deque[bytes] = deque()
         self._busy = False
-        self._published = 0
-        self._acknowledged = 0
         # (sequence, target, rollout id) of the directive being applied; persisted, so a
         # simulator killed mid-update reports it rolled back when it comes back.
         self._in_progress: tuple[int, ActiveBundle, str] | None = None
@@ -457,6 +297,7 @@ class SimulatedDevice:
             self.state = str(document.get("state") or self.state)
             self.rollout_id = document.get("rollout_id")
             self.accepted_sha256 = document.get("accepted_sha256")
+            self.accepted_digest = document.get("accepted_digest")
             interrupted = document.get("in_progress")
             if interrupted is not None:
                 target = ActiveBundle.from_json(interrupted["bundle"])
@@ -479,16 +320,17 @@ class SimulatedDevice:
                 {
                     "last_sequence": self.floor.last_sequence,
                     "min_security_epoch": self.floor.min_security_epoch,
-                    "active": None if self.active is None else vars(self.active),
-                    "previous": None if self.previous is None else vars(self.previous),
+                    "active": None if self.active is None else self.active.to_dict(),
+                    "previous": None if self.previous is None else self.previous.to_dict(),
                     "state": self.state,
                     "rollout_id": self.rollout_id,
                     "accepted_sha256": self.accepted_sha256,
+                    "accepted_digest": self.accepted_digest,
                     "in_progress": None
                     if self._in_progress is None
                     else {
                         "sequence": self._in_progress[0],
-                        "bundle": vars(self._in_progress[1]),
+                        "bundle": self._in_progress[1].to_dict(),
                         "rollout_id": self._in_progress[2],
                     },
                 }
@@ -498,73 +340,37 @@ class SimulatedDevice:
 
     # -- MQTT
 
-    def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            protocol=mqtt.MQTTv5,
-        )
-        broker = self._fleet.broker
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    @property
+    def connects(self) -> int:
+        return self.client.connects
+
+    def _make_client(self) -> MqttClient:
         password = self.spec.password
         if password is None and self._fleet.passwords is not None:
             password = self._fleet.passwords.get(self.device_id)
+        settings = self._fleet.broker
         if password is not None:
-            client.username_pw_set(self.device_id, password)
-        if broker.tls:
-            client.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None)
-        client.max_inflight_messages_set(64)
-        client.will_set(
-            self._topics.status(self.device_id),
-            self._status(online=False).to_json(),
-            qos=1,
-            retain=True,
+            settings = settings.replace(username=self.device_id, password=password)
+        client = MqttClient(
+            settings,
+            client_id=client_id("sim", self.device_id),
+            will=(self._topics.status(self.device_id), self._status(online=False).to_json()),
+            loop=self._loop,
+            retry_refused=False,  # wrong credentials do not get better by retrying
+            on_connect=self._on_connect,
         )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        client.on_socket_open = self._loop.on_socket_open
-        client.on_socket_close = self._loop.on_socket_close
-        client.on_socket_register_write = self._loop.on_socket_register_write
-        client.on_socket_unregister_write = self._loop.on_socket_unregister_write
+        client.subscribe(self._topics.desired(self.device_id), self._on_desired)
         return client
 
     def _connect(self) -> None:
-        """On the loop thread: open the connection (TCP connect on loopback is quick)."""
-        if self.connected or not self._want_online or self._fleet.stopping:
-            return
-        self._connecting_since = time.monotonic()
-        broker = self._fleet.broker
-        try:
-            if self.connects == 0 and not self.client.is_connected():
-                self.client.connect(broker.host, broker.port, keepalive=30, clean_start=True)
-            else:
-                self.client.reconnect()
-        except OSError as error:
-            log.debug("device %s cannot connect: %s", self.device_id, error)
-            self._connecting_since = None
-            self._schedule_retry()
+        if self._want_online and not self._fleet.stopping:
+            self.client.start()
 
-    def _schedule_retry(self) -> None:
-        """Back off exponentially with jitter, so a thousand devices do not reconnect at once."""
-        delay = self._retry_delay_s * (0.5 + self._jitter.random())
-        self._next_retry = time.monotonic() + delay
-        self._retry_delay_s = min(_RETRY_MAX_S, self._retry_delay_s * 2)
-
-    def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
-    ) -> None:
-        if reason.is_failure:
-            log.warning("device %s: broker refused the connection: %s", self.device_id, reason)
-            self._want_online = False  # wrong credentials do not get better by retrying
-            self._connecting_since = None
-            self._fleet._note_refused(self.device_id, str(reason))
-            return
-        self.connected = True
-        self._connecting_since = None
-        self._retry_delay_s = _RETRY_MIN_S
-        self.connects += 1
-        client.subscribe(self._topics.desired(self.device_id), qos=1)
+    def _on_connect(self) -> None:
         self.publish_status()
         if self.connects == 1:
             self._event("agent_started", details={"simulated": True})
@@ -582,20 +388,13 @@ class SimulatedDevice:
         if self._drop_after_connect:
             # Gone for good, the way a device loses power: the broker publishes the will.
             self._want_online = False
-            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+            self.client.drop()
 
-    def _on_disconnect(
-        self, _client: mqtt.Client, _userdata: Any, _flags: Any, _reason: Any, _props: Any
-    ) -> None:
-        self.connected = False
-        self._connecting_since = None
-        self._schedule_retry()
-
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic != self._topics.desired(self.device_id) or not message.payload:
+    def _on_desired(self, message: Message) -> None:
+        if not message.payload:
             return
         with self._lock:
-            self._pending.append(bytes(message.payload))
+            self._pending.append(message.payload)
             if self._busy:
                 return
             self._busy = True
@@ -605,17 +404,9 @@ class SimulatedDevice:
             self._busy = False
 
     def tick(self, now: float) -> None:
-        """On the loop thread: reconnect, keepalive and telemetry."""
-        if self._fleet.stopping:
+        """On the loop thread: telemetry (the client reconnects and keeps alive itself)."""
+        if self._fleet.stopping or not self.connected:
             return
-        if not self.connected:
-            connecting = self._connecting_since
-            if connecting is not None and now - connecting < _CONNECT_TIMEOUT_S:
-                return  # waiting for CONNACK: a busy broker must not get a reconnect storm
-            if self._want_online and now >= self._next_retry:
-                self._connect()
-            return
-        self.client.loop_misc()
         interval = self._fleet.telemetry_interval_s
         if interval > 0 and now >= self._next_telemetry:
             # Short intervals (load tests) send several per tick, up to a bound; a loop that
@@ -628,26 +419,15 @@ class SimulatedDevice:
                 self._send_telemetry(interval)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        # Counted before the call: the PUBACK can arrive (on the loop thread) before it returns.
-        with self._lock:
-            self._published += 1
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            with self._lock:
-                self._published -= 1
-            log.warning("device %s: publish to %s failed (rc %s)", self.device_id, topic, info.rc)
-
-    def _on_publish(
-        self, _client: mqtt.Client, _userdata: Any, _mid: int, _reason: Any, _props: Any
-    ) -> None:
-        with self._lock:
-            self._acknowledged += 1
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain)
+        except TransportError as error:
+            log.warning("device %s: %s", self.device_id, error)
 
     @property
     def unacknowledged(self) -> int:
         """QoS 1 messages handed to the client that the broker has not acknowledged yet."""
-        with self._lock:
-            return self._published - self._acknowledged
+        return self.client.unacknowledged
 
     # -- messages
 
@@ -788,34 +568,38 @@ class SimulatedDevice:
             time.sleep(delay)
 
     def _handle_directive(self, payload: bytes) -> None:
-        now = datetime.now(timezone.utc)
-        try:
-            verified = verify_directive(
-                payload,
-                truststore=self._fleet.trust_store,
-                fleet=self._fleet.fleet,
-                device=self.device_id,
-                floor=self.floor,
-                now=now,
+        verdict = accept_directive(
+            payload,
+            truststore=self._fleet.trust_store,
+            fleet=self._fleet.fleet,
+            device=self.device_id,
+            floor=self.floor,
+            accepted_digest=self.accepted_digest,
+            now=datetime.now(timezone.utc),
+        )
+        if isinstance(verdict, Duplicate):
+            return  # the retained directive we already acted on, redelivered on reconnect
+        if isinstance(verdict, Refused):
+            self._event(
+                "directive_refused",
+                reason=verdict.reason,
+                sequence=verdict.sequence,
+                details={"rule": verdict.rule},
             )
-        except BundleError as error:
-            sequence = _unverified_sequence(payload)
-            if isinstance(error, ReplayError) and sequence == self.floor.last_sequence:
-                return  # the retained directive we already acted on, redelivered on reconnect
-            self._event("directive_refused", reason=first_line(error), sequence=sequence)
             return
-        self._apply(verified)
+        self._apply(verdict)
 
-    def _apply(self, verified: VerifiedDirective) -> None:
-        directive = verified.directive
+    def _apply(self, accepted: Accepted) -> None:
+        directive = accepted.directive
         sequence, rollout_id = directive.sequence, directive.rollout_id
         target = ActiveBundle(
             directive.bundle.name, directive.bundle.version, directive.bundle.sha256
         )
         with self._lock:
-            self.floor = next_floor(self.floor, verified)
+            self.floor = accepted.floor
             self.rollout_id = rollout_id
             self.accepted_sha256 = target.sha256
+            self.accepted_digest = accepted.digest
             self._in_progress = (sequence, target, rollout_id)
         self._save_if_kept()
         self._event("directive_accepted", bundle=target, sequence=sequence, rollout_id=rollout_id)
@@ -827,7 +611,7 @@ class SimulatedDevice:
             return
         self._transition("downloading", bundle=target, sequence=sequence, rollout_id=rollout_id)
         try:
-            path = self._fleet._fetch(self, verified)
+            path = self._fleet._fetch(self, accepted)
         except (TransportError, OSError) as error:
             self._fail(
                 "bundle_refused",
@@ -847,16 +631,16 @@ class SimulatedDevice:
                     expected_sha256=target.sha256,
                 )
             manifest = bundle.manifest
-            if (manifest.name, manifest.version) != (target.name, target.version):
-                raise BundleError(
-                    f"bundle is {manifest.name} {manifest.version}; the directive names "
-                    f"{target.name} {target.version}"
-                )
-            if manifest.profile != self.spec.profile:
-                raise BundleError(
-                    f"bundle is built for profile {manifest.profile!r}; this device is "
-                    f"{self.spec.profile!r}"
-                )
+            mismatch = bundle_mismatch(
+                name=manifest.name,
+                version=manifest.version,
+                profile=manifest.profile,
+                size_bytes=bundle.size_bytes,
+                ref=directive.bundle,
+                device_profile=self.spec.profile,
+            )
+            if mismatch is not None:
+                raise BundleError(mismatch)
         except BundleError as error:
             self._fail("bundle_refused", target, sequence, rollout_id, first_line(error))
             return
@@ -928,7 +712,7 @@ class SimulatedDevice:
                 payload = self._status(online=False).to_json()
                 self.sent.status += 1
             self._publish(self._topics.status(self.device_id), payload, retain=True)
-            self.client.disconnect()
+        self.client.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -946,7 +730,7 @@ class SimulatedFleet:
 
     def __init__(
         self,
-        broker: BrokerAddress | str,
+        broker: BrokerSettings | str,
         fleet: str,
         devices: int | Sequence[DeviceSpec],
         *,
@@ -966,7 +750,10 @@ class SimulatedFleet:
         loops: int | None = None,
         workers: int | None = None,
     ) -> None:
-        self.broker = as_broker_address(broker)
+        self.broker = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
+        self.broker = self.broker.replace(
+            reconnect_min_s=_RETRY_MIN_S, reconnect_max_s=_RETRY_MAX_S
+        )
         self.fleet = check_identifier(fleet, what="fleet")
         self.topics = Topics(fleet)
         specs = (
@@ -996,12 +783,11 @@ class SimulatedFleet:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="edgekit-sim-"))
         self.stopping = False
         self._started = False
-        self._refused: dict[str, str] = {}
         self._fetchers: set[MqttBundleFetcher] = set()
         self._fetchers_lock = threading.Lock()
         count = len(specs)
         self._loops = [
-            _NetworkLoop(f"edgekit-sim-loop-{index}")
+            NetworkLoop(f"edgekit-sim-loop-{index}")
             for index in range(loops or max(1, min(4, math.ceil(count / 250))))
         ]
         self._workers = ThreadPoolExecutor(
@@ -1048,7 +834,7 @@ class SimulatedFleet:
         for loop in self._loops:
             loop.start()
         for device in self._devices.values():
-            device._loop.call_soon(device._connect)
+            device._connect()
         if wait_s is not None:
             self.wait_connected(timeout_s=wait_s)
         return self
@@ -1057,8 +843,10 @@ class SimulatedFleet:
         """Wait until every device meant to be online has connected once."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._refused:
-                device, reason = next(iter(self._refused.items()))
+            refused = [(d.device_id, d.client.refused) for d in self._devices.values()]
+            refused = [(device, reason) for device, reason in refused if reason is not None]
+            if refused:
+                device, reason = refused[0]
                 raise SimulationError(
                     f"the broker refused device {device!r} ({reason}): check the passwords and "
                     f"the broker at {self.broker.url}"
@@ -1077,12 +865,9 @@ class SimulatedFleet:
             f"{timeout_s:g} s: is the broker running?"
         )
 
-    def _note_refused(self, device: str, reason: str) -> None:
-        self._refused[device] = reason
-
-    def _fetch(self, device: SimulatedDevice, verified: VerifiedDirective) -> Path:
+    def _fetch(self, device: SimulatedDevice, accepted: Accepted) -> Path:
         """Fetch the directive's bundle over MQTT chunks into the device's download folder."""
-        bundle = verified.directive.bundle
+        bundle = accepted.directive.bundle
         prefix = next((s.location for s in bundle.sources if s.kind == "mqtt"), None)
         if prefix is None:
             raise TransportError(
@@ -1160,31 +945,10 @@ class SimulatedFleet:
         if self._started:
             # Let the broker acknowledge what was sent, so `sent()` is what it received.
             self._wait_quiet(5.0, directives=False)
-            done = threading.Event()
-            remaining = {"n": len(self._loops)}
-            lock = threading.Lock()
-
-            def stop_devices(loop: _NetworkLoop) -> None:
-                for device in self._devices.values():
-                    if device._loop is loop:
-                        device.stop()
-                with lock:
-                    remaining["n"] -= 1
-                    if remaining["n"] == 0:
-                        done.set()
-
+            for device in self._devices.values():  # on each device's loop thread
+                device._loop.call_soon(device.stop)
             for loop in self._loops:
-                loop.call_soon(functools.partial(stop_devices, loop))
-            done.wait(timeout=10)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(
-                d.client.socket() is not None for d in self._devices.values()
-            ):
-                time.sleep(0.02)
-            for loop in self._loops:
-                loop.stop()
-            for loop in self._loops:
-                loop.join(timeout=5)
+                loop.stop()  # runs what was queued (the goodbyes) before it ends
         self._workers.shutdown(wait=True, cancel_futures=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import paho.mqtt.client as mqtt
 from onnx import TensorProto, helper, numpy_helper
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgekit.bundle import BundleInput, build_bundle, hash_file
+from edgekit.mqtt import BrokerSettings, Message, MqttClient
 from edgekit.topics import Event, Status, Topics
 from edgekit.transfer import publish_bundle
 from edgekit.trust import (
@@ -348,36 +347,25 @@ class Watcher:
     def __post_init__(self) -> None:
         self.topics = Topics(FLEET)
         self.lock = threading.Condition()
-        host, port = self.url.removeprefix("mqtt://").split(":")
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+        settings = BrokerSettings(
+            self.url,
+            reconnect_min_s=0.1,
+            reconnect_max_s=0.5,
+            session_expiry_s=600 if self.persistent else 0,
         )
-        self.client.on_message = self._on_message
-        self.client.on_connect = self._on_connect
-        self.client.reconnect_delay_set(0.1, 0.5)
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        properties = None
-        if self.persistent:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 600
-        self.client.connect(host, int(port), clean_start=not self.persistent, properties=properties)
-        self.client.loop_start()
-        self.wait(self.client.is_connected, timeout=10, what="watcher connected")
-
-    def _on_connect(self, client: Any, *_: Any) -> None:
-        client.subscribe(
-            [
-                (self.topics.status(DEVICE), 1),
-                (self.topics.events(DEVICE), 1),
-                (self.topics.telemetry(DEVICE), 1),
-            ]
+        name = (
+            self.client_id if self.client_id.startswith("edgekit-") else f"edgekit-{self.client_id}"
         )
+        self.client = MqttClient(settings, client_id=name, clean_start=not self.persistent)
+        filters = [
+            self.topics.status(DEVICE),
+            self.topics.events(DEVICE),
+            self.topics.telemetry(DEVICE),
+        ]
+        self.client.subscribe(filters, self._on_message)
+        self.client.connect(timeout_s=10)
 
-    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+    def _on_message(self, message: Message) -> None:
         with self.lock:
             if not message.payload:
                 return
@@ -415,13 +403,12 @@ class Watcher:
         publish_bundle(self.client, self.topics, bundle, chunk_size=chunk_size)
 
     def publish_directive(self, envelope: bytes) -> None:
-        self.client.publish(
-            self.topics.desired(DEVICE), envelope, qos=1, retain=True
-        ).wait_for_publish(10)
+        assert self.client.publish(self.topics.desired(DEVICE), envelope, qos=1, retain=True).wait(
+            10
+        )
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.client.stop()
 
 
 # -- agent subprocess --------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_agent_never_imports_the_converter_or_heavy_frameworks() -> None:
 def test_backoff_is_jittered_exponential_and_bounded() -> None:
     import random
 
-    from edgekit.agent.mqtt import Backoff
+    from edgekit.mqtt import Backoff
 
     backoff = Backoff(0.5, 8.0, rng=random.Random(1))
     delays = [backoff.next_delay() for _ in range(30)]

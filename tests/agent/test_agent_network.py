@@ -89,7 +89,7 @@ def publish_chunks(watcher: Watcher, bundle: Path, indices: range, *, meta: bool
             )
         )
     for handle in handles:
-        handle.wait_for_publish(10)
+        assert handle.wait(10)
     return info
 
 
@@ -125,7 +125,7 @@ def test_broker_restart_mid_download_resumes_without_starting_over(
             assert part.exists(), "the download never started"
             time.sleep(1.0)  # the first half arrives; the rest is not on the broker yet
             broker.restart(down_s=0.5)
-            watcher.wait(watcher.client.is_connected, timeout=20, what="reconnect")
+            watcher.wait(lambda: watcher.client.connected, timeout=20, what="reconnect")
             publish_chunks(watcher, big_bundle, range(half, chunks), meta=False)
             status = watcher.wait_status(
                 lambda s: s.state == "committed" and s.last_sequence >= 1,
@@ -369,7 +369,7 @@ def test_tls_broker_with_password_and_last_will(
         assert any(b'"online":true' in r for r in received)
         # Cut the agent off without a goodbye: the broker publishes its last will.
         before = len(received)
-        agent.session.client.socket().close()  # type: ignore[union-attr]
+        agent.session.sever()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(
             b'"online":false' in r for r in received[before:]
@@ -472,7 +472,7 @@ def test_last_will_carries_the_current_status(
 
     def cut_and_catch_will() -> tuple[Status, Status]:
         before = len(watcher.statuses)
-        agent.session.client.socket().close()  # type: ignore[union-attr]
+        agent.session.sever()
         watcher.wait(
             lambda: any(not s.online for s in watcher.statuses[before:]),
             timeout=30,
@@ -507,46 +507,39 @@ def test_last_will_carries_the_current_status(
 def test_session_refuses_packets_over_its_maximum_packet_size(mosquitto: MosquittoBroker) -> None:
     """Review #5: CONNECT carries Maximum Packet Size, so the broker never sends the agent a
     message bigger than a bundle chunk plus headroom."""
-    import paho.mqtt.client as mqtt
-    from edgekit.agent.config import MqttSettings
-    from edgekit.agent.mqtt import MAX_PACKET_BYTES, MqttSession
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+    from edgekit.agent.daemon import MAX_PACKET_BYTES
 
+    from edgekit.mqtt import BrokerSettings, Message, MqttClient
     from edgekit.transfer import MAX_CHUNK_BYTES
 
     assert MAX_PACKET_BYTES > MAX_CHUNK_BYTES
     received: list[tuple[str, int]] = []
     arrived = threading.Event()
 
-    def handler(topic: str, payload: bytes) -> None:
-        received.append((topic, len(payload)))
-        if topic.endswith("small"):
+    def handler(message: Message) -> None:
+        received.append((message.topic, len(message.payload)))
+        if message.topic.endswith("small"):
             arrived.set()
 
-    session = MqttSession(
-        MqttSettings(url=mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=1.0),
-        client_id="packet-size-test",
+    settings = BrokerSettings(mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=1.0)
+    session = MqttClient(
+        settings, client_id="edgekit-test-packet-size", max_packet_bytes=MAX_PACKET_BYTES
     )
     session.subscribe("cap/#", handler)
     session.start()
-    sender = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
-    )
-    sender.connect("127.0.0.1", mosquitto.port)
-    sender.loop_start()
+    sender = MqttClient(settings, client_id="edgekit-test-sender").connect()
     try:
         assert session.wait_connected(10)
         time.sleep(0.2)  # let the SUBACK arrive
         chunk = b"c" * MAX_CHUNK_BYTES  # the largest chunk still arrives
-        sender.publish("cap/chunk", chunk, qos=1).wait_for_publish(10)
-        sender.publish("cap/big", b"x" * (MAX_PACKET_BYTES + 1), qos=1).wait_for_publish(10)
-        sender.publish("cap/small", b"ok", qos=1).wait_for_publish(10)
+        assert sender.publish("cap/chunk", chunk, qos=1).wait(10)
+        assert sender.publish("cap/big", b"x" * (MAX_PACKET_BYTES + 1), qos=1).wait(10)
+        assert sender.publish("cap/small", b"ok", qos=1).wait(10)
         assert arrived.wait(10)
         topics = [topic for topic, _size in received]
         assert "cap/chunk" in topics and "cap/big" not in topics, received
     finally:
-        sender.loop_stop()
-        sender.disconnect()
+        sender.stop()
         session.stop()
 
 
@@ -578,20 +571,15 @@ def test_disk_full_during_an_mqtt_download_is_a_storage_error(
     mosquitto: MosquittoBroker, full_disk: Path, big_bundle: Path, agent_keys: Keys
 ) -> None:
     """Review #12: a full disk is reported as storage, not as a transport failure to retry."""
-    import paho.mqtt.client as mqtt
     from edgekit.agent.download import BundleFetcher
     from edgekit.agent.journal import StorageError
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+    from edgekit.mqtt import BrokerSettings, MqttClient
     from edgekit.trust import BundleRef, BundleSource
 
     watcher = Watcher(mosquitto.url)
     watcher.publish_bundle(big_bundle)
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
-    )
-    client.connect("127.0.0.1", mosquitto.port)
-    client.loop_start()
+    client = MqttClient(BrokerSettings(mosquitto.url), client_id="edgekit-test-fetch").connect()
     try:
         size, sha = hash_file(big_bundle)
         ref = BundleRef(
@@ -602,6 +590,48 @@ def test_disk_full_during_an_mqtt_download_is_a_storage_error(
             fetcher.fetch(ref, full_disk / f"{sha}.ekb")
         assert not isinstance(caught.value, TransportError)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        client.stop()
+        watcher.close()
+
+
+def test_a_poisoned_bundle_meta_rolls_back_once_without_a_reconnect_storm(
+    mosquitto: MosquittoBroker, tmp_path: Path, bundles: Bundles, agent_keys: Keys
+) -> None:
+    """Issue 12: a retained meta nested 5000 deep used to raise RecursionError inside paho's
+    callback; the QoS 1 message was never acknowledged and came back on every reconnect. Now
+    the meta parser refuses it, the fetch fails naming the bad meta, the update rolls back
+    once, and the session never drops."""
+    watcher = Watcher(mosquitto.url)
+    sha = sha_of(bundles.v2)
+    poisoned = b'{"schema":"edgekit.bundle-meta/v1","sha256":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    meta_topic = Topics(FLEET).bundle_meta(sha)
+    assert watcher.client.publish(meta_topic, poisoned, qos=1, retain=True).wait(10)
+    config = write_config(
+        tmp_path / "agent.toml",
+        data_dir=tmp_path / "data",
+        truststore=write_truststore(agent_keys, tmp_path / "truststore.json"),
+        broker_url=mosquitto.url,
+        initial_bundle=bundles.v1,
+        probation_s=0.2,
+    )
+    try:
+        with running_agent(config) as agent:
+            assert agent.session.wait_connected(20)
+            watcher.publish_directive(
+                directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0")
+            )
+            watcher.wait(
+                lambda: any(e.kind == "rolled_back" for e in watcher.events),
+                timeout=90,
+                what="the rollback",
+            )
+            rollbacks = [e for e in watcher.events if e.kind == "rolled_back"]
+            assert len(rollbacks) == 1
+            assert "bundle meta" in (rollbacks[0].reason or "")
+            assert "too_deep" in (rollbacks[0].reason or "")
+            assert agent.session.connects == 1  # no reconnect storm
+            assert agent.session.rejected == {} and agent.session.handler_errors == 0
+            status = watcher.wait_status(lambda s: s.state == "rolled_back", what="rolled back")
+            assert status.active is not None and status.active.sha256 == sha_of(bundles.v1)
+    finally:
         watcher.close()

@@ -73,7 +73,13 @@ def test_devices_csv_is_validated(tmp_path: Path) -> None:
     assert devices[0] == DeviceAccount("a-1", None, "x86-64", "lab", {"site": "a", "rack": "3"})
     assert devices[1].password == "pw"
     for rows, message in (
-        (["bad/id,,,,"], "not a valid id"),
+        (["bad/id,,,,"], r"bad\.csv:2: device id 'bad/id' cannot be a broker account: .*'/'"),
+        (["ok,,,,", "has:colon,,,,"], r":3: .*'has:colon'.*':' \(the broker's password-file"),
+        (["wild+card,,,,"], r":2: .*MQTT wildcard"),
+        (["hash#,,,,"], r":2: .*MQTT wildcard"),
+        ([",pw,x86-64,,"], r":2: .*it is empty"),
+        (["x" * 129 + ",,,,"], r":2: .*129 characters; at most 128"),
+        (["edgekit-agent-1,,,,"], r":2: .*reserved for service client ids"),
         (["a,,,,", "a,,,,"], "twice"),
         (["a,,,,x"], "key=value"),
     ):
@@ -162,6 +168,7 @@ class _Client:
         ca: Path | None = None,
         wait: bool = True,
         client_id: str | None = None,
+        will: tuple[str, bytes] | None = None,
     ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.disconnects: list[int] = []
@@ -171,13 +178,17 @@ class _Client:
         self._lock = threading.Lock()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"{user}-{time.monotonic_ns()}",
+            client_id=client_id
+            if client_id is not None
+            else f"edgekit-{user}-{time.monotonic_ns()}",
             protocol=mqtt.MQTTv5,
         )
         if user is not None:
             client.username_pw_set(user, password)
         if ca is not None:
             client.tls_set(ca_certs=str(ca))
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -442,6 +453,44 @@ def test_a_device_cannot_knock_another_offline_with_its_client_id(
         time.sleep(0.3)
         assert all(m.disconnects == [] for m in monitors + operators)
         assert all(m.received("telemetry") for m in monitors)  # both got a share
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_service_accounts_cannot_take_over_a_device_session(
+    generated_broker: tuple[int, int, dict[str, str]],
+) -> None:
+    """Client ids are one namespace across Mosquitto's listeners: with the monitor's or the
+    operator's password, connecting with a device's client id (its user name) would kick the
+    device off and fire its last will. The generated config refuses every such id."""
+    port, service, creds = generated_broker
+    will = (TOPICS.status("dev-b"), b"offline-will")
+    b = _Client(port, "dev-b", creds["dev-b"], client_id="edgekit-agent-dev-b", will=will)
+    watcher = _Client(service, "monitor", creds["monitor"], client_id="edgekit-monitor-watch")
+    clients = [b, watcher]
+    try:
+        assert b.connect_reason == 0
+        watcher.subscribe(TOPICS.status("dev-b"))
+        b.subscribe(TOPICS.desired("dev-b"))
+        for user in ("monitor", "operator"):
+            # dev-b is the device's effective client id; "" asks the broker to assign one.
+            for taken in ("dev-b", "", "auto-dev-b"):
+                attacker = _Client(service, user, creds[user], client_id=taken)
+                clients.append(attacker)
+                assert attacker.connect_reason == 0x87, (user, taken)  # not authorized
+                attacker.close()
+        # A device's own listener replaces whatever id it gives by its user name: a device
+        # giving the monitor's id stays itself (and does not knock the monitor off).
+        a = _Client(port, "dev-a", creds["dev-a"], client_id="edgekit-monitor-watch")
+        clients.append(a)
+        assert a.connect_reason == 0
+        time.sleep(0.5)  # a takeover disconnects at once (reason 0x8E)
+        assert b.disconnects == [] and b.client.is_connected()
+        assert watcher.disconnects == [] and watcher.client.is_connected()
+        assert watcher.received("dev-b/status") == []  # no last will was fired
+        assert b.publish(TOPICS.status("dev-b"), b"still-here", retain=True) in OK
+        _wait(lambda: watcher.received("dev-b/status") == [b"still-here"], "B's status")
     finally:
         for client in clients:
             client.close()

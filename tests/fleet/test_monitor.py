@@ -166,15 +166,15 @@ def test_invalid_payloads_are_counted_not_fatal(mosquitto: MosquittoBroker) -> N
         FleetMonitor(mosquitto.url, FLEET).start(listen=("127.0.0.1", 0)) as monitor,
         operator_client(mosquitto.host, mosquitto.port) as client,
     ):
-        client.publish(TOPICS.telemetry("d1"), b"{not json", qos=1).wait_for_publish(5)
-        client.publish(
-            TOPICS.telemetry("d1"), json.dumps({"schema": "edgekit.telemetry/v1"}), qos=1
-        ).wait_for_publish(5)
+        assert client.publish(TOPICS.telemetry("d1"), b"{not json", qos=1).wait(5)
+        payload = json.dumps({"schema": "edgekit.telemetry/v1"}).encode()
+        assert client.publish(TOPICS.telemetry("d1"), payload, qos=1).wait(5)
         assert monitor.port is not None
         wait_for(
-            lambda: _total(_scrape(monitor.port), "edgekit_monitor_invalid_messages_total") == 2,
-            what="invalid messages counted",
+            lambda: _total(_scrape(monitor.port), "edgekit_monitor_rejected_messages_total") == 2,
+            what="rejected messages counted",
         )
+        assert monitor.rejected == {("telemetry", "not_json"): 1, ("telemetry", "invalid"): 1}
         assert monitor.ingested["telemetry"] == 0
 
 
@@ -286,9 +286,7 @@ def test_monitor_cli_serves_metrics(mosquitto: MosquittoBroker) -> None:
         with operator_client(mosquitto.host, mosquitto.port) as client:
             for seq in range(1, 4):
                 message = Telemetry(FLEET, "dev-1", seq, 1.0, requests=10, errors=1)
-                client.publish(
-                    TOPICS.telemetry("dev-1"), message.to_json(), qos=1
-                ).wait_for_publish(5)
+                client.publish(TOPICS.telemetry("dev-1"), message.to_json(), qos=1).wait(5)
         wait_for(
             lambda: _total(_scrape(port), "edgekit_inference_requests_total", device="dev-1") == 30,
             what="requests counted",

@@ -7,15 +7,16 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgekit.fleet.registry import BrokerSettings, DeviceRegistry, FleetConnection
+from edgekit.fleet.registry import DeviceRegistry, fleet_client
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings, Inbox
 from edgekit.topics import ActiveBundle, Status, Topics
 
 FLEET = "reg"
 TOPICS = Topics(FLEET)
 
 
-def _wait_for(connection: FleetConnection, registry: DeviceRegistry, predicate: object) -> None:
+def _wait_for(connection: Inbox, registry: DeviceRegistry, predicate: object) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for message in connection.drain(timeout_s=0.1):
@@ -46,7 +47,8 @@ def test_last_will_keeps_the_devices_record(mosquitto: MosquittoBroker) -> None:
     # The will of an agent that does not (yet) repeat its status in it: offline, nothing else.
     will = Status(fleet=FLEET, device="dev-1", online=False, state="offline", ts=time.time() + 1)
     registry = DeviceRegistry(TOPICS)
-    with FleetConnection(BrokerSettings(mosquitto.url)) as connection:
+    with fleet_client(BrokerSettings(mosquitto.url)) as client:
+        connection = Inbox(client)
         connection.subscribe([TOPICS.all_devices("status")])
         device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=mqtt.MQTTv5)
         device.will_set(TOPICS.status("dev-1"), will.to_json(), qos=1, retain=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgekit.fleet.cohorts import assign_waves, wave_fractions
-from edgekit.fleet.registry import BrokerSettings, DeviceSelector, FleetConnection
+from edgekit.fleet.registry import DeviceSelector, fleet_client
 from edgekit.fleet.rollout import (
     RolloutController,
     RolloutError,
@@ -27,6 +27,7 @@ from edgekit.fleet.rollout import (
 from edgekit.fleet.simulate import Faults, SimulatedFleet, make_device_specs
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings, Inbox, MqttClient
 from edgekit.topics import Event, Topics
 from edgekit.trust import Directive, parse_envelope
 from tests.fleet.conftest import KEY_NAME, PROFILES, FleetKit
@@ -36,27 +37,29 @@ FLEET = "plant"
 
 
 @pytest.fixture
-def connection(mosquitto: MosquittoBroker) -> Iterator[FleetConnection]:
-    with FleetConnection(BrokerSettings(mosquitto.url)) as conn:
+def connection(mosquitto: MosquittoBroker) -> Iterator[MqttClient]:
+    with fleet_client(BrokerSettings(mosquitto.url)) as conn:
         yield conn
 
 
-def _controller(conn: FleetConnection, store: RolloutStore, kit: FleetKit) -> RolloutController:
+def _controller(conn: MqttClient, store: RolloutStore, kit: FleetKit) -> RolloutController:
     return RolloutController(
         connection=conn, store=store, fleet=FLEET, signers=[kit.directives], poll_s=0.1
     )
 
 
-def _retained_desired(conn: FleetConnection) -> dict[str, bytes]:
+def _retained_desired(conn: MqttClient) -> dict[str, bytes]:
     """Device -> retained directive, as a fresh subscriber sees them."""
-    with FleetConnection(conn.settings) as reader:
-        messages = reader.collect_retained([Topics(FLEET).all_devices("desired")], quiet_s=0.5)
+    with fleet_client(conn.settings) as reader:
+        messages = Inbox(reader).collect_retained(
+            [Topics(FLEET).all_devices("desired")], quiet_s=0.5
+        )
     return {m.topic.split("/")[4]: m.payload for m in messages if m.payload}
 
 
 def test_canary_rollout_to_20_devices_succeeds(
     mosquitto: MosquittoBroker,
-    connection: FleetConnection,
+    connection: MqttClient,
     rollout_store: RolloutStore,
     fleet_kit: FleetKit,
 ) -> None:
@@ -107,7 +110,7 @@ def test_canary_rollout_to_20_devices_succeeds(
 
 def test_canary_with_failing_health_halts_and_reverts(
     mosquitto: MosquittoBroker,
-    connection: FleetConnection,
+    connection: MqttClient,
     rollout_store: RolloutStore,
     fleet_kit: FleetKit,
 ) -> None:
@@ -185,7 +188,7 @@ def test_telemetry_gates_halt_a_regressing_canary(
     fault: str,
     gate: str,
     mosquitto: MosquittoBroker,
-    connection: FleetConnection,
+    connection: MqttClient,
     rollout_store: RolloutStore,
     fleet_kit: FleetKit,
 ) -> None:
@@ -248,9 +251,10 @@ def test_controller_killed_mid_rollout_resumes_without_updating_twice(
             telemetry_interval_s=0.5,
             step_delay_s=0.05,
         ) as devices,
-        FleetConnection(BrokerSettings(mosquitto.url)) as observer,
+        fleet_client(BrokerSettings(mosquitto.url)) as observer_client,
     ):
         # An independent observer of the devices' event stream, for the whole test.
+        observer = Inbox(observer_client)
         observer.subscribe([Topics(FLEET).all_devices("events")])
         controller = subprocess.Popen(
             _edgekit(
@@ -399,7 +403,7 @@ def test_cli_exit_code_says_halted(
 
 def test_selection_and_missing_profile_variant_are_refused(
     mosquitto: MosquittoBroker,
-    connection: FleetConnection,
+    connection: MqttClient,
     rollout_store: RolloutStore,
     fleet_kit: FleetKit,
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.fleet.registry import BrokerSettings, DeviceSelector, FleetConnection
+from edgekit.fleet.registry import DeviceSelector, fleet_client
 from edgekit.fleet.rollout import (
     RolloutController,
     RolloutError,
@@ -21,6 +21,7 @@ from edgekit.fleet.rollout import (
 from edgekit.fleet.simulate import Faults, SimulatedFleet
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings
 from edgekit.topics import Topics
 from tests.fleet.conftest import FleetKit
 from tests.fleet.tools_helpers import wait_for
@@ -42,7 +43,7 @@ def test_directives_recorded_but_never_published_are_sent_once_on_resume(
         initial_bundle=fleet_kit.active("1.0.0"),
         telemetry_interval_s=0,
     ) as devices:
-        with RolloutStore(db) as store, FleetConnection(BrokerSettings(mosquitto.url)) as conn:
+        with RolloutStore(db) as store, fleet_client(BrokerSettings(mosquitto.url)) as conn:
             crashed = RolloutController(
                 connection=conn, store=store, fleet=FLEET, signers=[fleet_kit.directives]
             )
@@ -60,7 +61,7 @@ def test_directives_recorded_but_never_published_are_sent_once_on_resume(
         time.sleep(0.5)
         assert all(device.history == [] for device in devices.devices.values())
 
-        with RolloutStore(db) as store, FleetConnection(BrokerSettings(mosquitto.url)) as conn:
+        with RolloutStore(db) as store, fleet_client(BrokerSettings(mosquitto.url)) as conn:
             resumed = RolloutController(
                 connection=conn, store=store, fleet=FLEET, signers=[fleet_kit.directives]
             )
@@ -80,7 +81,7 @@ def _run_in_thread(
     out: dict[str, object] = {}
 
     def target() -> None:
-        with RolloutStore(db) as store, FleetConnection(BrokerSettings(url)) as conn:
+        with RolloutStore(db) as store, fleet_client(BrokerSettings(url)) as conn:
             controller = RolloutController(
                 connection=conn, store=store, fleet=FLEET, signers=[kit.directives], poll_s=0.1
             )
@@ -154,7 +155,7 @@ def test_rollback_to_a_recorded_version(
     ) as devices:
         with (
             RolloutStore(tmp_path / "fleet.db") as store,
-            FleetConnection(BrokerSettings(mosquitto.url)) as conn,
+            fleet_client(BrokerSettings(mosquitto.url)) as conn,
         ):
             topics = Topics(FLEET)
             publish_release(
@@ -203,7 +204,7 @@ def test_controller_stopped_while_reverting_finishes_the_revert_on_resume(
         telemetry_interval_s=0,
         step_delay_s=0.05,
     ) as devices:
-        with RolloutStore(db) as store, FleetConnection(BrokerSettings(mosquitto.url)) as conn:
+        with RolloutStore(db) as store, fleet_client(BrokerSettings(mosquitto.url)) as conn:
             publish_release(
                 conn, store, Topics(FLEET), load_release([fleet_kit.bundle("1.0.0")]).bundles[0]
             )
@@ -223,7 +224,7 @@ def test_controller_stopped_while_reverting_finishes_the_revert_on_resume(
                 rollout_id, stop_when=lambda: store.rollout(rollout_id).state == "reverting"
             )
             assert stopped.state == "reverting"
-        with RolloutStore(db) as store, FleetConnection(BrokerSettings(mosquitto.url)) as conn:
+        with RolloutStore(db) as store, fleet_client(BrokerSettings(mosquitto.url)) as conn:
             second = RolloutController(
                 connection=conn,
                 store=store,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgekit.bundle import build_bundle, collect_bundle_inputs
-from edgekit.fleet.registry import BrokerSettings, FleetConnection
+from edgekit.fleet.registry import fleet_client
 from edgekit.fleet.rollout import (
     RolloutController,
     RolloutError,
@@ -19,6 +19,7 @@ from edgekit.fleet.rollout import (
 from edgekit.fleet.simulate import Faults, SimulatedFleet, make_device_specs
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings
 from edgekit.topics import ActiveBundle, Topics
 from tests.fleet.conftest import CREATED, FleetKit, _tiny_model
 
@@ -58,7 +59,7 @@ def test_plan_refuses_revert_to_a_lower_epoch(
             initial_bundle=fleet_kit.active("1.0.0"),
         ),
         RolloutStore(tmp_path / "fleet.db") as store,
-        FleetConnection(BrokerSettings(mosquitto.url)) as connection,
+        fleet_client(BrokerSettings(mosquitto.url)) as connection,
     ):
         publish_release(connection, store, Topics(FLEET), load_release([v1]).bundles[0])
         controller = RolloutController(
@@ -93,7 +94,7 @@ def test_revert_keeps_the_floor_and_reads_the_epoch_from_the_broker(
         ) as devices,
         RolloutStore(tmp_path / "other.db") as other,
         RolloutStore(tmp_path / "fleet.db") as store,
-        FleetConnection(BrokerSettings(mosquitto.url)) as connection,
+        fleet_client(BrokerSettings(mosquitto.url)) as connection,
     ):
         publish_release(connection, other, Topics(FLEET), load_release([v1]).bundles[0])
         controller = RolloutController(

@@ -6,14 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
 
 from edgekit.errors import TransportError
-from edgekit.fleet.registry import BrokerSettings
 from edgekit.fleet.simulate import (
-    BrokerAddress,
     Faults,
     SimulatedFleet,
     SimulationError,
@@ -21,6 +18,7 @@ from edgekit.fleet.simulate import (
     make_device_specs,
 )
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings, MqttClient
 from edgekit.topics import Topics
 from tests.fleet.tools_helpers import (
     BuiltBundle,
@@ -56,7 +54,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, keys: FleetKeys) -> dict[s
 
 
 @pytest.fixture
-def operator(mosquitto: MosquittoBroker) -> Iterator[tuple[mqtt.Client, FleetWatcher]]:
+def operator(mosquitto: MosquittoBroker) -> Iterator[tuple[MqttClient, FleetWatcher]]:
     with operator_client(mosquitto.host, mosquitto.port) as client:
         yield client, FleetWatcher(client, TOPICS)
 
@@ -70,26 +68,28 @@ def test_fault_devices_is_exact_and_stable() -> None:
     assert fault_devices(ids, 0.0, seed=7, fault="x") == set()
 
 
-def test_broker_address_parsing() -> None:
-    assert BrokerAddress.parse("mqtt://127.0.0.1:1999") == BrokerAddress("127.0.0.1", 1999)
-    assert BrokerAddress.parse("mqtts://broker.example").port == 8883
+def test_broker_settings_parsing() -> None:
+    assert BrokerSettings("mqtt://127.0.0.1:1999").endpoint == "mqtt://127.0.0.1:1999"
+    assert BrokerSettings("mqtts://broker.example").port == 8883
     with pytest.raises(TransportError, match="mqtt://host"):
-        BrokerAddress.parse("http://x:1")
-    # One parser serves the simulator and the operator's tools.
-    assert BrokerAddress.parse("mqtt://u:p@h:2000") == BrokerAddress("h", 2000, False, "u", "p")
-    assert BrokerAddress.parse("h:2000").url == "mqtt://h:2000"
-    settings = BrokerSettings("mqtts://u:p@h", username="operator", password="pw")
-    assert settings.address == BrokerAddress("h", 8883, True, "operator", "pw")
-    assert BrokerSettings("mqtt://u:p@h:1").address.username == "u"
-    with pytest.raises(TransportError):
         BrokerSettings("http://x:1")
+    # One settings type serves the agent, the simulator, the monitor and the operator's tools.
+    parsed = BrokerSettings("mqtt://u:p@h:2000")
+    assert (parsed.host, parsed.port, parsed.tls, parsed.username, parsed.password) == (
+        "h", 2000, False, "u", "p",
+    )  # fmt: skip
+    assert BrokerSettings("h:2000").endpoint == "mqtt://h:2000"
+    settings = BrokerSettings("mqtts://u:p@h", username="operator", password="pw")
+    assert (settings.tls, settings.username, settings.password) == (True, "operator", "pw")
+    with pytest.raises(TransportError, match="cert_file and key_file"):
+        BrokerSettings("mqtts://h", cert_file=Path("c.pem"))
     with pytest.raises(SimulationError):
         Faults(fail_health=1.5)
 
 
 def test_rollout_contract_with_failing_health(
     mosquitto: MosquittoBroker,
-    operator: tuple[mqtt.Client, FleetWatcher],
+    operator: tuple[MqttClient, FleetWatcher],
     keys: FleetKeys,
     bundles: dict[str, BuiltBundle],
 ) -> None:
@@ -146,7 +146,7 @@ def test_rollout_contract_with_failing_health(
 
 def test_refusals_follow_the_contract(
     mosquitto: MosquittoBroker,
-    operator: tuple[mqtt.Client, FleetWatcher],
+    operator: tuple[MqttClient, FleetWatcher],
     keys: FleetKeys,
     bundles: dict[str, BuiltBundle],
 ) -> None:
@@ -192,7 +192,7 @@ def test_refusals_follow_the_contract(
 
 def test_offline_devices_leave_a_last_will(
     mosquitto: MosquittoBroker,
-    operator: tuple[mqtt.Client, FleetWatcher],
+    operator: tuple[MqttClient, FleetWatcher],
     keys: FleetKeys,
 ) -> None:
     _client, watcher = operator
@@ -222,7 +222,7 @@ def test_offline_devices_leave_a_last_will(
 
 def test_slow_devices_report_higher_latency_on_new_bundles(
     mosquitto: MosquittoBroker,
-    operator: tuple[mqtt.Client, FleetWatcher],
+    operator: tuple[MqttClient, FleetWatcher],
     keys: FleetKeys,
     bundles: dict[str, BuiltBundle],
 ) -> None:
@@ -326,7 +326,7 @@ def test_simulator_and_monitor_over_tls(
     cert, key = self_signed_cert(tmp_path)
     broker = MosquittoBroker(tmp_path / "mq", tls=TlsFiles(cert, cert, key), persistence=False)
     with broker:
-        address = BrokerAddress.parse(broker.url, ca_file=cert)
+        address = BrokerSettings(broker.url, ca_file=cert)
         assert address.tls
         with (
             FleetMonitor(address, FLEET).start() as monitor,
@@ -339,14 +339,8 @@ def test_simulator_and_monitor_over_tls(
                 telemetry_interval_s=0.1,
             ) as sim,
         ):
-            from paho.mqtt.enums import CallbackAPIVersion
-
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-            client.tls_set(ca_certs=str(cert))
-            client.connect(broker.host, broker.port)
-            client.loop_start()
+            client = MqttClient(address, client_id="edgekit-test-tls-operator").connect()
             try:
-                wait_for(client.is_connected, what="TLS operator")
                 watcher = FleetWatcher(client, TOPICS)
                 publish(client, TOPICS, bundles["v2"])
                 send_directives(client, keys, TOPICS, sim.devices, bundles["v2"], sequence=1)
@@ -354,13 +348,12 @@ def test_simulator_and_monitor_over_tls(
                 assert all(s.state == "committed" for s in watcher.statuses.values())
                 wait_for(lambda: monitor.ingested["telemetry"] >= 8, what="TLS telemetry")
             finally:
-                client.disconnect()
-                client.loop_stop()
+                client.stop()
 
 
 def test_simulate_cli_runs_devices(
     mosquitto: MosquittoBroker,
-    operator: tuple[mqtt.Client, FleetWatcher],
+    operator: tuple[MqttClient, FleetWatcher],
     keys: FleetKeys,
     tmp_path: Path,
 ) -> None:
@@ -417,7 +410,7 @@ def test_simulate_cli_runs_devices(
 
 def test_simulator_killed_mid_update_reports_a_rollback_when_restarted(
     mosquitto: MosquittoBroker,
-    operator: tuple[mqtt.Client, FleetWatcher],
+    operator: tuple[MqttClient, FleetWatcher],
     keys: FleetKeys,
     bundles: dict[str, BuiltBundle],
     tmp_path: Path,

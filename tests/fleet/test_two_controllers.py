@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.fleet.registry import BrokerSettings, FleetConnection
+from edgekit.fleet.registry import fleet_client
 from edgekit.fleet.rollout import RolloutController, RolloutOptions, load_release
 from edgekit.fleet.simulate import SimulatedFleet
 from edgekit.fleet.store import BundleRecord, OwnershipLostError, RolloutStore, StoreError
 from edgekit.mosquitto import MosquittoBroker
+from edgekit.mqtt import BrokerSettings
 from tests.fleet.conftest import FleetKit
 
 FLEET = "twins"
@@ -47,8 +48,8 @@ def test_heartbeat_during_bundle_publish_and_takeover_stops_the_old_controller(
         ) as devices,
         _SpyStore(db) as first_store,
         RolloutStore(db) as second_store,
-        FleetConnection(BrokerSettings(mosquitto.url)) as first_conn,
-        FleetConnection(BrokerSettings(mosquitto.url)) as second_conn,
+        fleet_client(BrokerSettings(mosquitto.url)) as first_conn,
+        fleet_client(BrokerSettings(mosquitto.url)) as second_conn,
     ):
         first = RolloutController(
             connection=first_conn,

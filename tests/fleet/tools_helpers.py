@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edgekit.bundle import build_bundle, collect_bundle_inputs
+from edgekit.mqtt import BrokerSettings, Message, MqttClient
 from edgekit.topics import ActiveBundle, Topics
 from edgekit.transfer import publish_bundle
 from edgekit.trust import (
@@ -98,27 +96,15 @@ def operator_client(
     client_id: str = "",
     user: str | None = None,
     password: str | None = None,
-) -> Iterator[mqtt.Client]:
-    """A connected paho client with its loop running in a thread."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id or f"op-{os.getpid()}-{time.monotonic_ns()}",
-        protocol=mqtt.MQTTv5,
-    )
-    if user is not None:
-        client.username_pw_set(user, password)
-    client.connect(host, port)
-    client.loop_start()
-    deadline = time.monotonic() + 10
-    while not client.is_connected():
-        if time.monotonic() > deadline:
-            raise TimeoutError("operator client did not connect")
-        time.sleep(0.01)
+) -> Iterator[MqttClient]:
+    """A connected `MqttClient` (edgekit's seam), stopped on exit."""
+    settings = BrokerSettings(f"mqtt://{host}:{port}", username=user, password=password)
+    name = client_id or f"edgekit-op-{os.getpid()}-{time.monotonic_ns()}"
+    client = MqttClient(settings, client_id=name).connect(timeout_s=10)
     try:
         yield client
     finally:
-        client.disconnect()
-        client.loop_stop()
+        client.stop()
 
 
 def directive_for(
@@ -153,7 +139,7 @@ def directive_for(
 
 
 def publish(
-    client: mqtt.Client, topics: Topics, bundle: BuiltBundle, *, chunk_size: int = 64 * 1024
+    client: MqttClient, topics: Topics, bundle: BuiltBundle, *, chunk_size: int = 64 * 1024
 ) -> None:
     publish_bundle(client, topics, bundle.path, chunk_size=chunk_size)
 
@@ -172,7 +158,7 @@ def wait_for(
 class FleetWatcher:
     """Records every status, event and telemetry message of a fleet (for assertions)."""
 
-    def __init__(self, client: mqtt.Client, topics: Topics) -> None:
+    def __init__(self, client: MqttClient, topics: Topics) -> None:
         import threading
 
         from edgekit.topics import Event, Status, Telemetry, parse_device_topic
@@ -182,7 +168,7 @@ class FleetWatcher:
         self.telemetry: list[Telemetry] = []
         self._lock = threading.Lock()
 
-        def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        def on_message(message: Message) -> None:
             if not message.payload:
                 return
             _fleet, device, leaf = parse_device_topic(message.topic)
@@ -194,9 +180,8 @@ class FleetWatcher:
                 elif leaf == "telemetry":
                     self.telemetry.append(Telemetry.from_json(message.payload))
 
-        client.on_message = on_message
-        for leaf in ("status", "events", "telemetry"):
-            client.subscribe(topics.all_devices(leaf), qos=1)  # type: ignore[arg-type]
+        filters = [topics.all_devices(leaf) for leaf in ("status", "events", "telemetry")]
+        client.subscribe(filters, on_message, wait_s=10)
 
     def events_of(self, device: str, kind: str | None = None) -> list[object]:
         with self._lock:
@@ -224,7 +209,7 @@ class FleetWatcher:
 
 
 def send_directives(
-    client: mqtt.Client,
+    client: MqttClient,
     keys: FleetKeys,
     topics: Topics,
     devices: Iterable[str],
