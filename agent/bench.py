@@ -15,7 +15,7 @@ every candidate once, in a shuffled order), wall-clock at the device's thread co
 with distribution-free 95% intervals; then each candidate's outputs on the reference inputs,
 compared with the reference by the converter's own accuracy rules (`edgekit.accuracy`).
 
-The result is an `edgekit.measurements/v1` document (`edgekit.measurements`) that names the
+The result is an `edgekit.measurements/v1` document (`edgekit.messages.Measurements`) that names the
 device (id, architecture, CPU model and flags) and the runtime versions, and matches candidates
 by sha256: `edgekit convert --measurements FILE` chooses from it.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -43,10 +44,12 @@ from edgekit._bench_worker import BenchWorkerError, run_worker
 from edgekit.accuracy import compare_outputs
 from edgekit.bundle import hash_file
 from edgekit.errors import EdgekitError
-from edgekit.measurements import (
+from edgekit.messages import (
     CandidateMeasurement,
     DeviceInfo,
+    Fidelity,
     Measurements,
+    OutputFidelity,
 )
 from edgekit.profiles import AccuracyTolerance
 from edgekit.stats import quantile_interval
@@ -162,8 +165,8 @@ def device_info(device_id: str) -> DeviceInfo:
         id=device_id,
         machine=platform.machine() or "unknown",
         cpu_model=model[:200],
-        cpu_flags=flags[:256],
-        cores=os.cpu_count() or 1,
+        cpu_flags=[flag[:64] for flag in flags[:512]],
+        cores=min(os.cpu_count() or 1, 4096),
     )
 
 
@@ -251,7 +254,7 @@ def run_bench(
             if subject.reference is not None:
                 say(f"checking {subject.name} against its reference outputs")
                 entry["fidelity"] = _fidelity(subject, threads=threads, workdir=workdir, nice=nice)
-    candidates = tuple(
+    candidates = [
         CandidateMeasurement(
             name=subject.name,
             sha256=subject.sha256,
@@ -260,11 +263,11 @@ def run_bench(
             peak_rss_bytes=results[subject.name].get("peak_rss_bytes"),
             latency_ms=results[subject.name].get("latency_ms", {}),
             intervals=results[subject.name].get("intervals", {}),
-            rounds_ms=tuple(results[subject.name].get("rounds_ms", ())),
+            rounds_ms=list(results[subject.name].get("rounds_ms", ())),
             fidelity=results[subject.name].get("fidelity"),
         )
         for subject in subjects
-    )
+    ]
     return Measurements(
         device=device_info(device_id),
         runtime=versions,
@@ -276,13 +279,17 @@ def run_bench(
 
 def _percentiles(
     rounds: Sequence[float],
-) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+) -> tuple[dict[str, float], dict[str, tuple[float | None, float | None]]]:
+    """p50/p95/p99 and their 95% intervals; an unbounded side (too few runs) is None."""
     values: dict[str, float] = {}
-    intervals: dict[str, tuple[float, float]] = {}
+    intervals: dict[str, tuple[float | None, float | None]] = {}
     for key, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
         estimate, low, high = quantile_interval(rounds, q, 0.95)
         values[key] = estimate
-        intervals[key] = (max(low, 0.0), high)
+        intervals[key] = (
+            max(low, 0.0) if math.isfinite(low) else None,
+            high if math.isfinite(high) else None,
+        )
     return values, intervals
 
 
@@ -319,7 +326,7 @@ def _write_feed(subjects: Sequence[BenchSubject], path: Path) -> None:
     )
 
 
-def _fidelity(subject: BenchSubject, *, threads: int, workdir: Path, nice: int) -> dict[str, Any]:
+def _fidelity(subject: BenchSubject, *, threads: int, workdir: Path, nice: int) -> Fidelity:
     assert subject.reference is not None
     arrays = _read_npz(subject.reference)
     out = workdir / f"{subject.name}-outputs.npz"
@@ -336,7 +343,7 @@ def _fidelity(subject: BenchSubject, *, threads: int, workdir: Path, nice: int) 
             workdir=workdir,
         )
     except BenchWorkerError as e:
-        return {"meets_tolerance": False, "failures": [str(e)], "samples": 0, "outputs": {}}
+        return Fidelity(meets_tolerance=False, failures=[str(e)[:2048]])
     found = _feeds(_read_npz(out), "outputs")
     expected = _feeds(arrays, "outputs")
     quantization = {
@@ -352,16 +359,18 @@ def _fidelity(subject: BenchSubject, *, threads: int, workdir: Path, nice: int) 
     candidate = {name: [found[i][name] for i in indices] for name in reference}
     tolerance, kinds, rule = _tolerance(arrays)
     result = compare_outputs(reference, candidate, tolerance, kinds=kinds, rule=rule)
-    return {
-        "meets_tolerance": result.meets_tolerance,
-        "failures": list(result.failures)[:64],
-        "samples": len(indices),
-        "rule": rule,
-        "outputs": {
-            metric.name: {"cosine": metric.cosine, "top1_agreement": metric.top1_agreement}
+    return Fidelity(
+        meets_tolerance=result.meets_tolerance,
+        failures=[failure[:2048] for failure in result.failures[:64]],
+        samples=len(indices),
+        rule=rule,
+        outputs={
+            metric.name[:128]: OutputFidelity(
+                cosine=min(1.0, max(-1.0, metric.cosine)), top1_agreement=metric.top1_agreement
+            )
             for metric in result.outputs
         },
-    }
+    )
 
 
 def _real(values: Array, quantization: tuple[float, int] | None) -> Array:

@@ -249,10 +249,10 @@ def bench_command(
         )
     target = output or Path(f"measurements-{measurements.device.id}.json")
     temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(measurements.to_json(), encoding="utf-8")
+    temporary.write_bytes(measurements.to_json() + b"\n")
     os.replace(temporary, target)
     if as_json:
-        click.echo(measurements.to_json(), nl=False)
+        click.echo(measurements.to_json().decode())
         return
     device_line = measurements.device
     click.echo(
@@ -263,17 +263,18 @@ def bench_command(
         if row.error:
             click.echo(f"  {row.name:<20} failed: {row.error}")
             continue
-        low, high = row.intervals.get("p50", (0.0, 0.0))
-        fidelity = row.fidelity or {}
+        low, high = row.intervals.get("p50", (None, None))
+        fidelity = row.fidelity
         verdict = (
             "-"
-            if not fidelity
+            if fidelity is None
             else "within tolerance"
-            if fidelity["meets_tolerance"]
-            else "outside tolerance: " + "; ".join(fidelity["failures"][:2])
+            if fidelity.meets_tolerance
+            else "outside tolerance: " + "; ".join(fidelity.failures[:2])
         )
         click.echo(
-            f"  {row.name:<20} p50 {row.latency_ms['p50']:.3f} ms [{low:.3f}, {high:.3f}] "
+            f"  {row.name:<20} p50 {row.latency_ms['p50']:.3f} ms [{low or 0:.3f}, "
+            f"{high if high is not None else float('inf'):.3f}] "
             f"p95 {row.latency_ms['p95']:.3f} ms, load {row.load_ms:.0f} ms, peak "
             f"{(row.peak_rss_bytes or 0) / 2**20:.1f} MiB, {verdict}"
         )

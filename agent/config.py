@@ -1,7 +1,7 @@
 """The agent's configuration: one TOML file, every key overridable by an environment variable.
 
 Keys live at the top level or in one of the tables `[tags]`, `[mqtt]`, `[budgets]`,
-`[update]`, `[telemetry]`. The variable for a key is `EDGEKIT_AGENT_<TABLE>_<KEY>` (or
+`[update]`, `[telemetry]`, `[bench]`. The variable for a key is `EDGEKIT_AGENT_<TABLE>_<KEY>` (or
 `EDGEKIT_AGENT_<KEY>` at the top level) in upper case, e.g. `EDGEKIT_AGENT_MQTT_URL`,
 `EDGEKIT_AGENT_UPDATE_PROBATION_S`; `EDGEKIT_AGENT_TAGS` is `key=value,key=value`. An invalid
 value raises `ConfigError` naming the key and where it came from.
@@ -32,6 +32,7 @@ else:  # pragma: no cover - Python 3.10 devices: `pip install tomli`
 __all__ = [
     "ENV_PREFIX",
     "AgentConfig",
+    "BenchSettings",
     "BudgetOverrides",
     "ConfigError",
     "MqttSettings",
@@ -89,6 +90,28 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class BenchSettings:
+    """Whether the device measures candidates a signed bench request asks for (`edgekit
+    convert --bench-device`), and within what limits. Off unless enabled: a bench takes CPU."""
+
+    enabled: bool = False
+    max_bytes: int = 256 << 20  # all the request's files together
+    timeout_s: float = 600.0  # fetching the files
+    threads: int | None = None  # None: the request's, else every core
+    # A test aid for the measurement loop, "NAME=FACTOR[,NAME=FACTOR]": this device reports
+    # candidate NAME FACTOR times slower than it runs (a device that disagrees with the host).
+    throttle: str = ""
+
+    def throttles(self) -> dict[str, float]:
+        """`throttle` as name -> factor (checked when the config is read)."""
+        found: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.throttle.split(","))):
+            name, _, factor = item.partition("=")
+            found[name.strip()] = float(factor)
+        return found
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything `edgekit-agent run` needs."""
 
@@ -108,6 +131,7 @@ class AgentConfig:
     budgets: BudgetOverrides = field(default_factory=BudgetOverrides)
     update: UpdateSettings = field(default_factory=UpdateSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    bench: BenchSettings = field(default_factory=BenchSettings)
     source: str = "<memory>"
 
 
@@ -151,8 +175,13 @@ _SCHEMA: dict[tuple[str, str], tuple[str, bool]] = {
     ("telemetry", "interval_s"): ("posfloat", False),
     ("telemetry", "queue_max_messages"): ("posint", False),
     ("telemetry", "qos"): ("qos", False),
+    ("bench", "enabled"): ("bool", False),
+    ("bench", "max_bytes"): ("posint", False),
+    ("bench", "timeout_s"): ("posfloat", False),
+    ("bench", "threads"): ("posint", False),
+    ("bench", "throttle"): ("throttle", False),
 }
-_TABLES = ("mqtt", "budgets", "update", "telemetry")
+_TABLES = ("mqtt", "budgets", "update", "telemetry", "bench")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -267,6 +296,7 @@ def parse_config(
         budgets=BudgetOverrides(**section("budgets")),
         update=UpdateSettings(**section("update")),
         telemetry=TelemetrySettings(**section("telemetry")),
+        bench=BenchSettings(**section("bench")),
         source=source,
     )
 
@@ -340,6 +370,18 @@ def _convert(raw: Any, kind: str, *, key: str, origin: str) -> Any:
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{origin}: {key} must be {expected}; found {raw!r}")
 
+    if kind == "throttle":
+        if not isinstance(raw, str):
+            raise fail('a string like "weight_int8=4"')
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            name, sep, factor = item.partition("=")
+            try:
+                slowdown = float(factor)
+            except ValueError:
+                slowdown = 0.0
+            if not sep or not name.strip() or not 1.0 <= slowdown <= 100.0:
+                raise fail("NAME=FACTOR[,NAME=FACTOR] with FACTOR from 1 to 100")
+        return raw
     if kind in ("str", "url", "address", "id", "level", "path"):
         if not isinstance(raw, str) or (kind != "str" and not raw):
             raise fail("a non-empty string")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from edgekit.agent.bench_service import BenchService
 from edgekit.agent.config import AgentConfig
 from edgekit.agent.download import BundleFetcher, HttpsDownloader
 from edgekit.agent.journal import StorageError, read_json, write_json_atomic
@@ -102,6 +103,17 @@ class Agent:
             host=self.host,
             fetcher=self.fetcher,
             reporter=self,
+        )
+        # The updater's trust store is the one bench requests are verified against too (it is
+        # replaced when the trust store rotates).
+        self.bench = BenchService(
+            settings=config.bench,
+            fleet=config.fleet,
+            device=config.device_id,
+            client=self.session,
+            trust=lambda: self.updater.trust,
+            root=self.store.root / "bench",
+            emit=self.event,
         )
         host_name, _, port = config.inference_address.rpartition(":")
         host_name = host_name.strip("[]")  # [::1]:8080
@@ -303,6 +315,7 @@ class Agent:
             details={"inference_url": self.server.url, "pid": os.getpid()},
         )
         self.session.subscribe(self.topics.desired(self.config.device_id), self._on_desired)
+        self.session.subscribe(self.bench.topic, self.bench.handle)
         self.session.start()
         self._spawn("updater", self.updater.run, stop)
         self._spawn("sender", self._sender, stop)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy.typing as npt
 from edgekit.converters.benchmark import (
     LatencySamples,
@@ -30,7 +31,7 @@ from edgekit.converters.candidates import CandidateReport, order_key
 from edgekit.converters.choice import latency_class, verdict
 
 from edgekit.bundle import hash_file
-from edgekit.measurements import Measurements
+from edgekit.messages import Measurements
 from edgekit.profiles import Profile
 
 __all__ = ["DeviceLatency", "HostLatency", "same_architecture"]
@@ -191,11 +192,10 @@ class DeviceLatency:
             if not measured.measured:
                 row.fail(f"does not run on {self.source}: {measured.error}")
                 continue
-            fidelity = measured.fidelity or {}
-            if fidelity and not fidelity.get("meets_tolerance", False):
+            fidelity = measured.fidelity
+            if fidelity is not None and not fidelity.meets_tolerance:
                 row.fail(
-                    f"misses the tolerance on {self.source}: "
-                    + "; ".join(fidelity.get("failures", [])[:3]),
+                    f"misses the tolerance on {self.source}: " + "; ".join(fidelity.failures[:3]),
                     reason=f"misses the tolerance on {self.source}",
                 )
                 continue
@@ -223,7 +223,7 @@ class DeviceLatency:
             row.details["device"] = {
                 "source": self.source,
                 "bench_name": measured.name,
-                "fidelity": fidelity or None,
+                "fidelity": msgspec.to_builtins(fidelity) if fidelity is not None else None,
             }
 
     def compare(

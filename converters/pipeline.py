@@ -48,7 +48,7 @@ from edgekit.converters.sources import LoadedSource, load_source
 
 from edgekit.accuracy import OUTPUT_KINDS, compare_outputs
 from edgekit.errors import ConversionError, EdgekitError, InputDataError, first_line
-from edgekit.measurements import Measurements, MeasurementsError, parse_measurements
+from edgekit.messages import Measurements, MessageError
 from edgekit.profiles import OutputKind, Profile, load_profile
 from edgekit.runtimes import Runtime, dequantize_output, model_feed, open_runtime
 
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 ProgressCallback = Callable[[str, int, int], None]
 DeviceCheck = Callable[[Path, Path], "str | None"]
+DeviceBench = Callable[[Mapping[str, Path]], Measurements]
+"""(file name -> path of each candidate and reference.npz) -> the device's measurements."""
 """(model, golden.npz) -> None when the profile's runtimes load and match it, else why not."""
 
 
@@ -92,6 +94,7 @@ def convert(
     device_check: DeviceCheck | None = None,
     output_kinds: Mapping[str, OutputKind] | None = None,
     measurements: Measurements | Path | None = None,
+    device_bench: DeviceBench | None = None,
 ) -> ConvertResult:
     """Convert `model` for `profile`, writing `model.onnx` or `model.tflite` and `report.json`.
 
@@ -103,7 +106,9 @@ def convert(
     profile's `accuracy.output_kinds` and the guess are not what you want. `measurements` (what
     `edgekit-agent bench` measured on the device, or its file) replaces this host's latency and
     memory: candidates are matched by sha256, and one the device did not measure, or measured
-    outside the tolerance, is not eligible.
+    outside the tolerance, is not eligible. `device_bench(files)` measures on a device now
+    (`edgekit.fleet.bench.bench_on_device`): it gets every built candidate and `reference.npz`
+    by file name and returns the device's measurements, used as `measurements` are.
 
     `device_check(model, golden)` proves a candidate on the device's runtimes (see
     `edgekit.verify_runtime`): it gets the candidate as `model.onnx`/`model.tflite` with its
@@ -122,7 +127,7 @@ def convert(
     host_threads = os.cpu_count() or 1
     used_threads = threads or min(chosen_profile.threads, host_threads)
     recipes = _recipes(chosen_profile, verified=device_check is not None)
-    steps = _Steps(progress, total=6 + len(recipes))
+    steps = _Steps(progress, total=6 + len(recipes) + (device_bench is not None))
     with (
         tempfile.TemporaryDirectory(prefix="edgekit-convert-") as scratch,
         scratch_cwd(Path(scratch)),
@@ -161,6 +166,9 @@ def convert(
             candidates.append(_candidate(recipe, prepared, context, judge))
         _refuse_if_all_blocked(candidates, chosen_profile)
 
+        if device_bench is not None:
+            steps.advance("measuring the candidates on the device")
+            device = device_bench(_bench_files(candidates, judge, workdir))
         steps.advance(
             f"applying the measurements of {device.source}"
             if device is not None
@@ -238,9 +246,11 @@ def _read_measurements(given: Measurements | Path | None) -> Measurements | None
     except OSError as e:
         raise InputDataError(f"cannot read measurements {given}: {e}") from e
     try:
-        return parse_measurements(payload, where=str(given))
-    except MeasurementsError as e:
-        raise InputDataError(str(e)) from e
+        return Measurements.from_json(payload)
+    except MessageError as e:
+        raise InputDataError(
+            f"{given}: not measurements written by `edgekit-agent bench`: {e}"
+        ) from e
 
 
 def _decision_rule(profile: Profile) -> dict[str, Any]:
@@ -451,6 +461,28 @@ def _run_all(runtime: Runtime, dataset: Dataset, *, what: str) -> dict[str, list
         for name, value in values.items():
             results[name].append(value)
     return results
+
+
+def _bench_files(
+    candidates: Sequence[CandidateReport],
+    judge: _Judge,
+    workdir: Path,
+) -> dict[str, Path]:
+    """Every built candidate and the reference outputs, by the file names a device sees."""
+    reference = workdir / "bench-reference.npz"
+    kinds = {
+        metric.name: metric.kind
+        for row in candidates
+        if row.validation is not None
+        for metric in row.validation.outputs
+    }
+    outputs.write_reference(reference, judge.dataset, judge.reference, judge.profile, kinds=kinds)
+    files = {
+        f"{row.name}{row.path.suffix}": row.path
+        for row in candidates
+        if row.status == "ok" and row.path is not None
+    }
+    return {**files, "reference.npz": reference}
 
 
 def _row_kinds(row: CandidateReport) -> dict[str, str]:

@@ -226,6 +226,42 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     help="Choose by the device's numbers: the JSON `edgekit-agent bench` wrote on the device "
     "(candidates matched by sha256; convert with --keep-candidates, bench them there).",
 )
+@click.option(
+    "--bench-device",
+    metavar="DEVICE_ID",
+    help="Choose by numbers measured now on this device: the candidates travel to it as a "
+    "signed bench request over MQTT (needs --fleet, --key; the device's agent.toml must set "
+    "[bench] enabled = true).",
+)
+@click.option("--fleet", envvar="EDGEKIT_FLEET", help="Fleet id [env EDGEKIT_FLEET].")
+@click.option(
+    "--broker",
+    envvar="EDGEKIT_BROKER_URL",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    help="Broker URL [env EDGEKIT_BROKER_URL].",
+)
+@click.option("--username", envvar="EDGEKIT_BROKER_USERNAME", help="[env EDGEKIT_BROKER_USERNAME]")
+@click.option("--password", envvar="EDGEKIT_BROKER_PASSWORD", help="[env EDGEKIT_BROKER_PASSWORD]")
+@click.option(
+    "--ca",
+    envvar="EDGEKIT_BROKER_CA",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA of the broker's certificate [env EDGEKIT_BROKER_CA].",
+)
+@click.option(
+    "--key",
+    "bench_key",
+    envvar="EDGEKIT_DIRECTIVE_KEY",
+    help="Keyring key (directives role) that signs the bench request [env EDGEKIT_DIRECTIVE_KEY].",
+)
+@click.option(
+    "--bench-timeout",
+    type=click.FloatRange(10, 24 * 3600),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for the device's measurements.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(
     model: Path,
@@ -242,6 +278,14 @@ def convert(
     verify_runtimes: bool,
     output_kinds: tuple[str, ...],
     measurements_path: Path | None,
+    bench_device: str | None,
+    fleet: str | None,
+    broker: str,
+    username: str | None,
+    password: str | None,
+    ca: Path | None,
+    bench_key: str | None,
+    bench_timeout: float,
     as_json: bool,
 ) -> None:
     """Convert MODEL into the fastest artifact that meets the profile's tolerance.
@@ -255,7 +299,15 @@ def convert(
 
     profile = load_profile(profile_name)
     kinds = _parse_output_kinds(output_kinds)
+    if bench_device is not None and measurements_path is not None:
+        raise click.UsageError("give --bench-device or --measurements, not both")
+    if bench_device is not None and (not fleet or not bench_key):
+        raise click.UsageError(
+            "--bench-device needs --fleet (EDGEKIT_FLEET) and --key (EDGEKIT_DIRECTIVE_KEY): "
+            "the fleet the device is in and the key that signs the bench request"
+        )
     signers = _load_signers(sign_keys)  # before the work: a wrong passphrase fails fast
+    bench_signers = _load_signers((bench_key,)) if bench_device and bench_key else []
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -301,6 +353,29 @@ def convert(
         def on_step(description: str, done: int, total: int) -> None:
             progress.update(task, description=description, completed=done, total=total)
 
+        device_bench = None
+        if bench_device is not None:
+            from edgekit.fleet.bench import bench_on_device
+            from edgekit.mqtt import BrokerSettings
+
+            settings = BrokerSettings(url=broker, username=username, password=password, ca_file=ca)
+
+            def device_bench(files: Any) -> Any:
+                def say(message: str) -> None:
+                    progress.update(task, description=f"bench on {bench_device}: {message}")
+                    if not stderr.is_terminal:
+                        click.echo(f"bench on {bench_device}: {message}", err=True)
+
+                return bench_on_device(
+                    files,
+                    device=str(bench_device),
+                    fleet=str(fleet),
+                    settings=settings,
+                    signers=bench_signers,
+                    timeout_s=bench_timeout,
+                    progress=say,
+                )
+
         try:
             result = run_convert(
                 model,
@@ -314,6 +389,7 @@ def convert(
                 device_check=device_check,
                 output_kinds=kinds,
                 measurements=measurements_path,
+                device_bench=device_bench,
             )
         except EdgekitError as error:
             if verified and signers:

@@ -55,14 +55,20 @@ __all__ = [
     "EVENT_KINDS",
     "EVENT_SCHEMA",
     "MAX_DEPTH",
+    "MEASUREMENTS_SCHEMA",
     "PARSERS",
     "REJECT_REASONS",
     "STATUS_SCHEMA",
     "TELEMETRY_SCHEMA",
     "ActiveBundle",
     "BundleMeta",
+    "CandidateMeasurement",
+    "DeviceInfo",
     "Event",
+    "Fidelity",
+    "Measurements",
     "MessageError",
+    "OutputFidelity",
     "Parser",
     "Status",
     "Telemetry",
@@ -114,6 +120,9 @@ EVENT_KINDS: tuple[str, ...] = (
     "rolled_back",  # `reason` says why
     "bundle_refused",  # signature, hash, manifest or profile mismatch; `reason` says which
     "error",  # the agent kept serving but something needs attention (disk full, journal)
+    "bench_refused",  # a bench request was refused; `reason` says why, `details.request_id`
+    "bench_started",  # fetching and measuring; `details` has the request id and files
+    "bench_done",  # measurements published on devices/<id>/bench/result (or `ok: false`)
 )
 """Kinds of `devices/<id>/events` messages. Consumers must ignore kinds they do not know."""
 
@@ -384,3 +393,92 @@ class BundleMeta(_Message, frozen=True, tag_field="schema", tag=BUNDLE_META_SCHE
         cls, sha256: str, size: int, *, chunk_size: int, name: str = "", version: str = ""
     ) -> BundleMeta:
         return cls(sha256, size, chunk_size, -(-size // chunk_size), name, version)
+
+
+# -- device measurements (`edgekit-agent bench`, `devices/<id>/bench/result`) ---------------------
+
+MEASUREMENTS_SCHEMA = "edgekit.measurements/v1"
+Bound = Annotated[float, Meta(ge=0, le=1e9)] | None  # an interval bound; null: unbounded
+
+
+class OutputFidelity(msgspec.Struct, frozen=True):
+    """One output of a candidate on the device against the reference outputs."""
+
+    cosine: Annotated[float, Meta(ge=-1, le=1)] | None = None
+    top1_agreement: Annotated[float, Meta(ge=0, le=1)] | None = None
+
+
+class Fidelity(msgspec.Struct, frozen=True):
+    """A candidate's outputs on the device, judged by the converter's accuracy rules."""
+
+    meets_tolerance: bool
+    failures: Annotated[list[Reason], Meta(max_length=64)] = []
+    samples: Count = 0
+    rule: Token = "point"
+    outputs: Annotated[dict[Label, OutputFidelity], Meta(max_length=64)] = {}
+
+
+class DeviceInfo(msgspec.Struct, frozen=True):
+    """The device a bench ran on: id, CPU architecture (`machine`), CPU model, flags, cores."""
+
+    id: Id
+    machine: Label
+    cpu_model: Annotated[str, Meta(max_length=256)]
+    cpu_flags: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=512)] = []
+    cores: Annotated[int, Meta(ge=1, le=4096)] = 1
+
+
+class CandidateMeasurement(msgspec.Struct, frozen=True):
+    """One candidate on the device; `error` set (and nothing else) when it did not run."""
+
+    name: Label
+    sha256: Sha256
+    error: Reason | None = None
+    load_ms: Milliseconds | None = None
+    peak_rss_bytes: Count | None = None
+    latency_ms: Latencies = {}  # p50, p95, p99: wall-clock at `threads`
+    intervals: Annotated[
+        dict[Annotated[str, Meta(max_length=8)], tuple[Bound, Bound]], Meta(max_length=8)
+    ] = {}  # 95% distribution-free interval per percentile
+    rounds_ms: Annotated[list[Milliseconds], Meta(max_length=10_000)] = []
+    fidelity: Fidelity | None = None
+
+    def __post_init__(self) -> None:
+        if not _SHA256.fullmatch(self.sha256):
+            raise MessageError("measurements: a candidate's sha256 must be 64 lowercase hex")
+        if self.error is None and not self.rounds_ms:
+            raise MessageError(f"measurements: candidate {self.name!r} has no rounds")
+
+    @property
+    def measured(self) -> bool:
+        """Loaded, ran and timed."""
+        return self.error is None and bool(self.rounds_ms)
+
+
+@message(schema=MEASUREMENTS_SCHEMA, max_bytes=8 << 20)
+class Measurements(_Message, frozen=True, tag_field="schema", tag=MEASUREMENTS_SCHEMA):
+    """What `edgekit-agent bench` measured (a file, or `devices/<id>/bench/result`).
+
+    Candidates are matched to what the converter builds by sha256; `rounds_ms` of different
+    candidates are paired by index (round i of each ran back to back).
+    """
+
+    device: DeviceInfo
+    runtime: Annotated[dict[Label, Label], Meta(min_length=1, max_length=4)]
+    threads: Annotated[int, Meta(ge=1, le=4096)]
+    candidates: Annotated[list[CandidateMeasurement], Meta(max_length=64)]
+    created: Label = ""
+    request_id: Label | None = None  # the bench request it answers (online loop)
+
+    def __post_init__(self) -> None:
+        if len({candidate.sha256 for candidate in self.candidates}) != len(self.candidates):
+            raise MessageError("measurements: two candidates have the same sha256")
+
+    @property
+    def source(self) -> str:
+        """How reports name where these numbers come from: `device:<id>`."""
+        return f"device:{self.device.id}"
+
+    def by_sha256(self) -> dict[str, CandidateMeasurement]:
+        """Candidates keyed by their file's sha256."""
+        return {candidate.sha256: candidate for candidate in self.candidates}

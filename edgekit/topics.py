@@ -166,6 +166,14 @@ class Topics:
         """Not retained, QoS 1 (0 allowed), written by the agent."""
         return self._device(device, "telemetry")
 
+    def bench(self, device: str) -> str:
+        """Not retained, QoS 1, written by the converter: a signed bench request envelope."""
+        return self._device(device, "bench")
+
+    def bench_result(self, device: str) -> str:
+        """Not retained, QoS 1, written by the agent: the `Measurements` of a bench request."""
+        return self._device(device, "bench/result")
+
     def bundle_prefix(self, sha256: str) -> str:
         """The `topic_prefix` a directive's MQTT source names for a bundle."""
         if not _SHA256.fullmatch(sha256):

@@ -234,6 +234,8 @@ def render_acl(
             f"topic write {topics.status(device)}",
             f"topic write {topics.events(device)}",
             f"topic write {topics.telemetry(device)}",
+            f"topic read {topics.bench(device)}",
+            f"topic write {topics.bench_result(device)}",
             "",
         ]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgekit.bundle import hash_file
-from edgekit.measurements import MeasurementsError, parse_measurements
+from edgekit.messages import Measurements, MessageError
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -59,7 +59,7 @@ def test_bench_measures_every_candidate_with_its_sha256_and_fidelity(
                 "-o", target)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "pi-7" in done.stdout and "within tolerance" in done.stdout
-    measurements = parse_measurements(target.read_bytes())
+    measurements = Measurements.from_json(target.read_bytes())
     assert measurements.device.id == "pi-7"
     assert measurements.device.machine == platform.machine()
     assert measurements.device.cpu_flags  # e.g. avx2 here, asimddp on a Pi 5
@@ -70,14 +70,17 @@ def test_bench_measures_every_candidate_with_its_sha256_and_fidelity(
         assert candidate.sha256 == hash_file(files[candidate.name])[1]
         assert candidate.measured and len(candidate.rounds_ms) >= 30
         low, high = candidate.intervals["p50"]
+        assert low is not None and high is not None
         assert low <= candidate.latency_ms["p50"] <= high
         assert candidate.latency_ms["p50"] <= candidate.latency_ms["p95"]
         assert candidate.load_ms is not None and candidate.load_ms > 0
         assert candidate.peak_rss_bytes is not None and candidate.peak_rss_bytes > 0
-        assert candidate.fidelity is not None and candidate.fidelity["samples"] > 0
+        assert candidate.fidelity is not None and candidate.fidelity.samples > 0
     by_name = {c.name: c for c in measurements.candidates}
-    assert by_name["weight_int8"].fidelity["meets_tolerance"]  # type: ignore[index]
-    assert not by_name["pruned"].fidelity["meets_tolerance"]  # type: ignore[index]
+    assert by_name["weight_int8"].fidelity is not None
+    assert by_name["weight_int8"].fidelity.meets_tolerance
+    assert by_name["pruned"].fidelity is not None
+    assert not by_name["pruned"].fidelity.meets_tolerance
 
 
 def test_the_device_decides_in_the_offline_loop(
@@ -177,8 +180,8 @@ _json = st.recursive(
 def test_only_measurements_error_escapes_the_parser(document: Any) -> None:
     for payload in (json.dumps(document), json.dumps({"schema": "edgekit.measurements/v1",
                                                      "device": document})):  # fmt: skip
-        with contextlib.suppress(MeasurementsError):
-            parse_measurements(payload)
+        with contextlib.suppress(MessageError):
+            Measurements.from_json(payload)
 
 
 @pytest.mark.parametrize(
@@ -194,12 +197,12 @@ def test_only_measurements_error_escapes_the_parser(document: Any) -> None:
     ],
 )
 def test_hostile_measurements_are_refused(payload: bytes) -> None:
-    with pytest.raises(MeasurementsError):
-        parse_measurements(payload)
+    with pytest.raises(MessageError):
+        Measurements.from_json(payload)
 
 
 def test_a_good_document_round_trips(kept: Path, tmp_path: Path) -> None:
     text = _measurements_for(kept, tmp_path)
-    parsed = parse_measurements(text)
-    assert parse_measurements(parsed.to_json()) == parsed
+    parsed = Measurements.from_json(text)
+    assert Measurements.from_json(parsed.to_json()) == parsed
     assert all(math.isfinite(v) for c in parsed.candidates for v in c.rounds_ms)

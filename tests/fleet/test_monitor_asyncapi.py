@@ -71,6 +71,8 @@ def test_channels_match_topics(spec: dict[str, Any]) -> None:
         topics.telemetry("DEVICE"),
         topics.bundle_meta(sha),
         topics.bundle_chunk(sha, 7),
+        topics.bench("DEVICE"),
+        topics.bench_result("DEVICE"),
     }
     addresses = {
         channel["address"]
@@ -89,6 +91,18 @@ def test_channels_match_topics(spec: dict[str, Any]) -> None:
             if op["channel"]["$ref"] == f"#/channels/{name}"
         }
         assert actions == {"send", "receive"}, name
+
+
+def test_the_measurements_example_parses_and_names_every_field(spec: dict[str, Any]) -> None:
+    from edgekit.messages import CandidateMeasurement, Measurements
+
+    example = spec["components"]["messages"]["measurements"]["examples"][0]["payload"]
+    parsed = Measurements.from_json(json.dumps(example))
+    assert json.loads(parsed.to_json()) == example
+    schema = spec["components"]["schemas"]["Measurements"]
+    assert set(schema["properties"]) == set(Measurements.__struct_fields__) | {"schema"}
+    candidate = schema["properties"]["candidates"]["items"]["properties"]
+    assert set(candidate) == set(CandidateMeasurement.__struct_fields__)
 
 
 def test_directive_schema_names_every_payload_field(spec: dict[str, Any]) -> None:
