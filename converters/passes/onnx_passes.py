@@ -395,6 +395,7 @@ class PrunePass(Pass):
         self.config = config or PruneConfig()
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        from edgekit.converters.passes.tflite_prune import magnitude_mask
         from onnx import numpy_helper
 
         if not 0.0 < self.config.sparsity < 1.0:
@@ -405,12 +406,9 @@ class PrunePass(Pass):
         total = 0
         for weight in list(_weight_tensors(model, min_elements=self.config.min_elements)):
             values = numpy_helper.to_array(inits[weight.name]).astype(np.float32)
-            flat = np.abs(values).ravel()
-            k = int(flat.size * self.config.sparsity)
-            if k == 0:
+            mask = magnitude_mask(values, self.config.sparsity)
+            if not mask.any():
                 continue
-            threshold = np.partition(flat, k - 1)[k - 1]
-            mask = np.abs(values) <= threshold
             values = np.where(mask, np.float32(0.0), values).astype(np.float32)
             inits[weight.name].CopyFrom(numpy_helper.from_array(values, weight.name))
             pruned += int(mask.sum())
