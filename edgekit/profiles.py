@@ -345,6 +345,12 @@ def _check_semantics(profile: Profile, source: str) -> None:
         fail("pruning.sparsity", f"expected a fraction in [0, 1), found {profile.pruning.sparsity}")
     if not profile.quantization.candidates:
         fail("quantization.candidates", "expected at least one candidate kind")
+    if "pruned" in profile.quantization.candidates and profile.pruning.sparsity <= 0.0:
+        fail(
+            "quantization.candidates",
+            "pruned needs pruning.sparsity in (0, 1) (found 0: pruning disabled); set "
+            "pruning.sparsity or drop pruned from the candidates",
+        )
     if profile.quantization.fallback_attempts < 0:
         fail("quantization.fallback_attempts", "expected 0 or more")
     for name in ("min_top1_agreement", "min_cosine"):

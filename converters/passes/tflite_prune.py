@@ -26,7 +26,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from edgekit.converters.passes.base import Pass, PassContext, PassResult
-from edgekit.converters.tflite_compat import FlatbufferReader, read_operator_codes
+from edgekit.converters.tflite_compat import (
+    FlatbufferReader,
+    TFLiteModelError,
+    read_operator_codes,
+)
 
 from edgekit.errors import ConversionError
 
@@ -37,6 +41,7 @@ __all__ = [
     "magnitude_mask",
     "prune_tflite",
     "weight_sparsity",
+    "weight_tensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,8 +144,19 @@ def _scalars(reader: FlatbufferReader, field: int | None, fmt: str) -> tuple[Any
     return struct.unpack_from(f"<{count}{fmt}", reader.data, start)
 
 
-def weight_tensors(content: bytes, *, where: str = "<bytes>") -> Iterator[PrunedTensor]:
-    """The weight tensors of every subgraph whose values live in the file (each once)."""
+def weight_tensors(content: bytes, *, where: str = "<bytes>") -> list[PrunedTensor]:
+    """The weight tensors of every subgraph whose values live in the file (each once); a file
+    that is not a well-formed TFLite model raises `TFLiteModelError`."""
+    try:
+        return list(_weight_tensors(content, where=where))
+    except (struct.error, IndexError, ValueError, OverflowError) as e:
+        raise TFLiteModelError(
+            f"{where}: not a valid TFLite model ({e}); convert it again or check that the file "
+            "was copied whole"
+        ) from e
+
+
+def _weight_tensors(content: bytes, *, where: str) -> Iterator[PrunedTensor]:
     reader = FlatbufferReader(content, where=where)
     operators = [code.name for code in read_operator_codes(content, where=where)]
     model = reader.u32(0)
