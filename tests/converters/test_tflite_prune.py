@@ -4,6 +4,7 @@ buys, the accuracy guard, and the pruned model on tflite-runtime 2.14."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def _logits(path: Path, x: Array) -> Array:
     rows = [
         dequantize_output(
             taken, runtime.run({given_spec.name: quantize_input(given_spec, row)})[taken.name]
-        )  # fmt: skip
+        )
         for row in (x[i : i + 1] for i in range(len(x)))
     ]
     return np.concatenate(rows).astype(np.float64)
@@ -184,7 +185,6 @@ def test_corrupted_models_raise_only_conversion_errors(
         position = data.draw(st.integers(0, min(len(content), 4096) - 1))
         content[position] = data.draw(st.integers(0, 255))
     cut = data.draw(st.sampled_from([len(content), len(content) // 2, 64, 7]))
-    try:
+    # Either it prunes what it could read, or it says the file is broken: nothing else escapes.
+    with contextlib.suppress(ConversionError):
         prune_tflite(bytes(content[:cut]), sparsity=0.5, min_elements=16)
-    except ConversionError:
-        pass
