@@ -145,8 +145,9 @@ def test_torch_cnn_through_onnx2tf_to_tflite_on_tflite_runtime_2_14(
     assert validation_nhwc.feeds[0]["pixels"].shape == (1, 8, 8, 1)
     reference = _run_all(TransposedRuntime(source, result.layout), validation_nhwc)
     direct = _run_all(source, validation)  # the same numbers, without the adapter
-    np.testing.assert_allclose(np.concatenate(reference["output_0"]),
-                               np.concatenate(direct["output_0"]), atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.concatenate(reference["output_0"]), np.concatenate(direct["output_0"]), atol=1e-6
+    )
     profile = load_profile("raspberrypi-tflite")
     context = PassContext(
         profile=profile,
@@ -265,7 +266,7 @@ def test_gru_through_onnx2tf_keeps_its_sequence_layout(
                 runtime.run({"rows": gru.x_test[i : i + 1]})["output_0"]
                 - gru.logits_test[i : i + 1]
             ).max()
-        )  # fmt: skip
+        )
         for i in range(20)
     )
     assert worst < 1e-3
