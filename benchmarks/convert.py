@@ -208,25 +208,17 @@ def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
             workdir=workdir,
             seconds_per_model=seconds,
         )
-        base = timings["original_tflite_fp32"]
-        base_size = file_size(original)
-        rows: dict[str, Any] = {}
-        for variant, path in variants.items():
-            if not isinstance(path, Path):
-                rows[variant] = {"error": path}
-                continue
-            t = timings[variant]
-            rows[variant] = {
-                "p50_ms": t.p50_ms,
-                "p95_ms": t.p95_ms,
-                "noise": t.noise,
-                "peak_memory_bytes": t.peak_memory_bytes,
-                "size_bytes": file_size(path),
-                "zstd_bytes": compressed_size(path),
-                "latency_ratio_vs_fp32": t.p50_ms / base.p50_ms,
-                "size_ratio_vs_fp32": file_size(path) / base_size,
-                "accuracy_vs_original": _tflite_accuracy(original, path, validation),
-            }
+        accuracy = {
+            variant: _tflite_accuracy(original, path, validation)
+            for variant, path in runnable.items()
+        }
+        rows = _variant_rows(
+            variants,
+            timings,
+            accuracy,
+            "original_tflite_fp32",
+            accuracy_key="accuracy_vs_original",
+        )
         edgekit = rows["edgekit"]
         edgekit["chosen_candidate"] = converted.chosen
         peer = rows.get("tflite_converter_default", {})
@@ -242,7 +234,10 @@ def _variant_rows(
     timings: dict[str, Any],
     accuracy: dict[str, dict[str, Any]],
     base: str,
+    *,
+    accuracy_key: str = "accuracy_vs_pytorch",
 ) -> dict[str, Any]:
+    """One row per variant: latency, memory, sizes, ratios to `base`, and its accuracy."""
     rows: dict[str, Any] = {}
     base_time = timings[base].p50_ms
     base_size = file_size(variants[base]) if isinstance(variants[base], Path) else None
@@ -260,7 +255,7 @@ def _variant_rows(
             "zstd_bytes": compressed_size(path),
             "latency_ratio_vs_fp32": t.p50_ms / base_time,
             "size_ratio_vs_fp32": file_size(path) / base_size if base_size else None,
-            "accuracy_vs_pytorch": accuracy[variant],
+            accuracy_key: accuracy[variant],
         }
     return rows
 
@@ -391,8 +386,13 @@ def torch_rows(
     # One feed per measurement: the NCHW models and the NHWC one are timed in separate groups.
     pixels = layout.input("pixels")
     nhwc_feed = {"pixels": pixels.to_artifact(x[:1]) if pixels else x[:1]}
+    # litert-torch's own default names its input args_0; the LiteRT worker ignores extra keys.
     timings = measure(
-        nchw, {"pixels": x[:1]}, threads=threads, workdir=workdir, seconds_per_model=seconds
+        nchw,
+        {"pixels": x[:1], "args_0": x[:1]},
+        threads=threads,
+        workdir=workdir,
+        seconds_per_model=seconds,
     )
     timings |= measure(nhwc, nhwc_feed, threads=threads, workdir=workdir, seconds_per_model=seconds)
     accuracy = {k: _torch_accuracy(v, reference, x, labels) for k, v in nchw.items()}

@@ -504,23 +504,19 @@ class TorchToOnnxPass(Pass):
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         program = load_pt2(source, output_names=self.config.output_names)
-        export = export_onnx(program, destination, opset=self.config.opset)
-        return PassResult(
-            notes=export.notes, details={**program.details(), "export": export.to_dict()}
-        )
+        return _pass_result(program, export_onnx(program, destination, opset=self.config.opset))
 
 
-class LiteRtTorchPass(Pass):
-    """A `.pt2` file in, an fp32 `.tflite` file out (litert-torch, batch 1)."""
+class LiteRtTorchPass(TorchToOnnxPass):
+    """A `.pt2` file in, an fp32 `.tflite` file out (litert-torch, batch 1); the config's
+    opset is not used."""
 
     name = "litert_torch"
 
-    def __init__(self, config: TorchToOnnxConfig | None = None) -> None:
-        self.config = config or TorchToOnnxConfig()
-
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         program = load_pt2(source, output_names=self.config.output_names)
-        export = export_litert(replace(program, notes=()), destination)
-        return PassResult(
-            notes=export.notes, details={**program.details(), "export": export.to_dict()}
-        )
+        return _pass_result(program, export_litert(replace(program, notes=()), destination))
+
+
+def _pass_result(program: TorchProgram, export: TorchExport) -> PassResult:
+    return PassResult(notes=export.notes, details={**program.details(), "export": export.to_dict()})
