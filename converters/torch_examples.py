@@ -112,3 +112,27 @@ def export_torch_digits(
         logits_test=logits,
         test_accuracy=float((logits.argmax(1) == y_test).mean()),
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m edgekit.converters.torch_examples [OUTDIR] [--kind cnn|gru]`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m edgekit.converters.torch_examples",
+        description="Train a PyTorch digits model on scikit-learn's bundled digits and write "
+        "digits_<kind>.pt2 (torch.export.save), calibration.npz and validation.npz to OUTDIR.",
+    )
+    parser.add_argument("outdir", nargs="?", default="example", type=Path)
+    parser.add_argument("--kind", choices=("cnn", "gru"), default="cnn")
+    args = parser.parse_args(argv)
+    example = export_torch_digits(args.outdir, kind=args.kind)
+    sys.stdout.write(
+        f"wrote {example.pt2_path} (test accuracy {example.test_accuracy:.3f}), "
+        f"{example.calibration_path}, {example.validation_path}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

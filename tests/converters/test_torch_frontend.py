@@ -235,3 +235,18 @@ def test_pt2_round_trip_keeps_the_program(torch_gru: TorchDigitsExample, tmp_pat
     np.testing.assert_array_equal(
         TorchModel(again).run(feed)["output_0"], TorchModel(program).run(feed)["output_0"]
     )
+
+
+def test_examples_command_writes_a_pt2_and_its_data(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "edgekit.converters.torch_examples", str(tmp_path), "--kind", "gru"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith(f"wrote {tmp_path / 'digits_gru.pt2'} (test accuracy 0.")
+    program = load_pt2(tmp_path / "digits_gru.pt2")
+    with np.load(tmp_path / "validation.npz") as validation:
+        rows = validation["rows"]
+    assert rows.shape == (360, 8, 8)
+    assert TorchModel(program).run({"rows": rows[:2]})["output_0"].shape == (2, 10)
