@@ -16,6 +16,7 @@ from edgekit.converters.frontends.onnx2tf_frontend import (
     ONNX2TF,
     Onnx2TfResult,
     convert_onnx_to_saved_model,
+    fix_input_shapes,
     onnx2tf_environment,
 )
 from edgekit.converters.frontends.torch_frontend import export_onnx, load_pt2
@@ -100,6 +101,49 @@ def test_transposed_runtime_presents_the_source_in_artifact_layout(
     )
 
 
+def test_fix_input_shapes_makes_dynamic_dimensions_static(
+    torch_cnn: TorchDigitsExample, tmp_path: Path
+) -> None:
+    onnx_path = export_onnx(load_pt2(torch_cnn.pt2_path), tmp_path / "cnn.onnx").path
+    assert isinstance(OnnxRuntimeBackend(onnx_path).inputs[0].shape[0], str)
+    notes = fix_input_shapes(onnx_path, tmp_path / "fixed.onnx", {"pixels": (1, 1, 8, 8)})
+    fixed = OnnxRuntimeBackend(tmp_path / "fixed.onnx")
+    assert fixed.inputs[0].shape == (1, 1, 8, 8)
+    assert notes[0].startswith("input pixels fixed from [") and notes[0].endswith("[1, 1, 8, 8]")
+    np.testing.assert_allclose(
+        fixed.run({"pixels": torch_cnn.x_test[:1]})["output_0"],
+        torch_cnn.logits_test[:1],
+        atol=1e-4,
+    )
+    with pytest.raises(ConversionError, match=r"the sample data has rank 3, the model 4"):
+        fix_input_shapes(onnx_path, tmp_path / "bad.onnx", {"pixels": (1, 8, 8)})
+
+
+def test_worker_results_become_layouts_and_refusals() -> None:
+    from edgekit.converters.frontends.onnx2tf_frontend import _layout, _refusal
+
+    pixels = {"name": "pixels", "source_shape": [1, 3, 4, 5], "permutation": [0, 2, 3, 1]}
+    logits = {"name": "logits", "source_shape": [1, 10], "permutation": [0, 1]}
+    layout = _layout({"inputs": [pixels], "outputs": [logits]}, {"pixels": (1, 3, 4, 5)})
+    assert layout.input("pixels") == TensorLayout(
+        "pixels", (1, 3, 4, 5), (1, 4, 5, 3), (0, 2, 3, 1)
+    )
+    node = {"op_type": "LSTM", "op_name": "/a/LSTM"}
+    failed = {
+        "stage": "failed",
+        "attempts": [
+            {"keep_shape_inputs": [], "error": "first", **node},
+            {"keep_shape_inputs": ["state"], "error": "kept", **node},
+        ],
+    }
+    message = _refusal(Path("m.onnx"), failed)
+    assert message.startswith(
+        "m.onnx: onnx2tf 1.29.24 cannot convert operator LSTM (node /a/LSTM): kept;"
+    )
+    unnamed = _refusal(Path("m.onnx"), {"attempts": [{"error": "outputs differ"}]})
+    assert "could not convert the model (outputs differ)" in unnamed
+
+
 def _convert_cnn(
     torch_cnn: TorchDigitsExample, cache: Path, folder: Path
 ) -> tuple[Path, Onnx2TfResult]:
@@ -111,6 +155,7 @@ def _convert_cnn(
     return onnx_path, result
 
 
+@pytest.mark.slow  # builds the onnx2tf venv (2.6 GB, 1.5-3 min) unless EDGEKIT_RUNTIME_CACHE has it
 def test_torch_cnn_through_onnx2tf_to_tflite_on_tflite_runtime_2_14(
     torch_cnn: TorchDigitsExample, onnx2tf_cache: Path, tmp_path: Path
 ) -> None:
@@ -179,6 +224,7 @@ def test_torch_cnn_through_onnx2tf_to_tflite_on_tflite_runtime_2_14(
     assert check.status == "pass", check.to_dict()
 
 
+@pytest.mark.slow  # needs the onnx2tf venv
 def test_silero_is_refused_naming_the_operator(onnx2tf_cache: Path, tmp_path: Path) -> None:
     feed = {
         "input": np.zeros((1, 576), np.float32),

@@ -200,7 +200,7 @@ def test_missing_torch_extra_is_a_clear_error(torch_cnn: TorchDigitsExample) -> 
     assert "pip install 'edgekit[torch]'" in done.stdout
 
 
-@pytest.mark.parametrize("kind", ["cnn", "gru"])
+@pytest.mark.parametrize("kind", ["cnn", pytest.param("gru", marks=pytest.mark.slow)])
 def test_litert_torch_fp32_keeps_names_and_layout(
     kind: str, torch_cnn: TorchDigitsExample, torch_gru: TorchDigitsExample, tmp_path: Path
 ) -> None:
