@@ -82,6 +82,10 @@ def test_user_profile_extends_builtin(tmp_path: Path) -> None:
             "runtime: {oldest: {package: onnxruntime, version: '1.\u00b2.0'}}\n",
             r"runtime.oldest.version: expected a version like 1.16.3",
         ),
+        (
+            "extends: raspberrypi-tflite\nquantization: {candidates: [fp32, pruned]}\n",
+            r"quantization.candidates: pruned needs pruning.sparsity in \(0, 1\)",
+        ),
         ("- just\n- a list\n", r"expected a mapping of profile fields"),
         ("extends: raspberrypi\nthreads: [\n", r"not valid YAML"),
     ],
