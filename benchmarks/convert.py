@@ -448,24 +448,12 @@ def main() -> None:
             timings = measure(
                 runnable, feed, threads=threads, workdir=workdir, seconds_per_model=args.seconds
             )
-            rows: dict[str, Any] = {}
-            base = timings["original_fp32"]
-            base_size = file_size(model)
-            for variant, path in variants.items():
-                if not isinstance(path, Path):
-                    rows[variant] = {"error": path}
-                    continue
-                t = timings[variant]
-                rows[variant] = {
-                    "p50_ms": t.p50_ms,
-                    "p95_ms": t.p95_ms,
-                    "noise": t.noise,
-                    "size_bytes": file_size(path),
-                    "zstd_bytes": compressed_size(path),
-                    "latency_ratio_vs_fp32": t.p50_ms / base.p50_ms,
-                    "size_ratio_vs_fp32": file_size(path) / base_size,
-                    "accuracy_vs_original": _accuracy(model, path, validation),
-                }
+            accuracy = {
+                variant: _accuracy(model, path, validation) for variant, path in runnable.items()
+            }
+            rows = _variant_rows(
+                variants, timings, accuracy, "original_fp32", accuracy_key="accuracy_vs_original"
+            )
             rows["edgekit"]["chosen_candidate"] = converted.chosen
             # The bar: the fastest of fp32 and the peers that keep the profile's accuracy.
             best_other = min(
