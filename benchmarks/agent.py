@@ -82,7 +82,7 @@ def _magika_feed() -> dict[str, np.ndarray]:
 
 def _reference_stats(feed: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> Any:
     from edgekit.converters.data import Dataset
-    from edgekit.converters.pipeline import reference_stats
+    from edgekit.converters.outputs import reference_stats
 
     dataset = Dataset(feeds=(feed,), source="benchmark", kind="synthetic", samples=1)
     return reference_stats(dataset, list(specs))

@@ -15,8 +15,16 @@ TFLite rows: for a Keras digits CNN (trained here) and an untrained MobileNetV2 
 fp32 conversion and the peer is TFLiteConverter's own default optimization
 (`optimizations=[tf.lite.Optimize.DEFAULT]`, no representative data: dynamic range).
 
+PyTorch rows (`torch_rows`): the PyTorch digits CNN (trained here) for `raspberrypi`, beside
+the plain path a user takes without edgekit (`torch.onnx.export` + onnxruntime's
+`quantize_dynamic`), and for `raspberrypi-tflite` along both of edgekit's paths (ONNX + onnx2tf
++ the TFLite candidates; litert-torch + ai-edge-quantizer), beside litert-torch's defaults.
+Accuracy is against PyTorch's own outputs.
+
     .venv/bin/python benchmarks/convert.py --out benchmarks/results/convert.json
     .venv/bin/python benchmarks/convert.py --only onnx --repeats 2 --no-olive --out /tmp/c.json
+    .venv/bin/python benchmarks/convert.py --only tflite --out /tmp/convert-tflite.json
+    .venv/bin/python benchmarks/convert.py --only torch --out /tmp/convert-torch.json
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from edgekit.converters import convert
 from edgekit.converters.benchmark import (
     compressed_size,
     file_size,
+    measure,
     measure_latency,
     measure_memory,
     paired_ratio,
@@ -324,26 +333,17 @@ def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
         timings = measure_latency(
             runnable, feed, threads=threads, workdir=workdir, seconds_per_model=seconds
         )
-        base = timings["original_tflite_fp32"]
-        base_size = file_size(original)
-        rows: dict[str, Any] = {}
-        for variant, path in variants.items():
-            if not isinstance(path, Path):
-                rows[variant] = {"error": path}
-                continue
-            t = timings[variant]
-            rows[variant] = {
-                "p50_ms": t.p50_ms,
-                "p95_ms": t.p95_ms,
-                "latency_vs_fp32": _ratio(paired_ratio(t, base)),
-                "peak_memory_bytes": measure_memory(
-                    path, feed, threads=threads, workdir=workdir
-                ).peak_memory_bytes,
-                "size_bytes": file_size(path),
-                "zstd_bytes": compressed_size(path),
-                "size_ratio_vs_fp32": file_size(path) / base_size,
-                "accuracy_vs_original": _tflite_accuracy(original, path, validation),
-            }
+        accuracy = {
+            variant: _tflite_accuracy(original, path, validation)
+            for variant, path in runnable.items()
+        }
+        rows = _variant_rows(
+            variants,
+            (timings, _memory(runnable, feed, threads=threads, workdir=workdir)),
+            accuracy,
+            "original_tflite_fp32",
+            accuracy_key="accuracy_vs_original",
+        )
         edgekit = rows["edgekit"]
         edgekit["chosen_candidate"] = converted.chosen
         peer = rows.get("tflite_converter_default", {})
@@ -356,6 +356,199 @@ def _tflite_rows(workdir: Path, seconds: float) -> dict[str, Any]:
     return results
 
 
+def _memory(paths: dict[str, Path], feed: Any, *, threads: int, workdir: Path) -> dict[str, Any]:
+    return {
+        name: measure_memory(path, feed, threads=threads, workdir=workdir)
+        for name, path in paths.items()
+    }
+
+
+def _variant_rows(
+    variants: dict[str, Path | str],
+    measured: tuple[dict[str, Any], dict[str, Any]],
+    accuracy: dict[str, dict[str, Any]],
+    base: str,
+    *,
+    accuracy_key: str = "accuracy_vs_pytorch",
+) -> dict[str, Any]:
+    """One row per variant: latency (with its paired ratio to `base` where both were timed
+    side by side), memory, sizes, ratios to `base`, and its accuracy."""
+    latency, memory = measured
+    rows: dict[str, Any] = {}
+    base_size = file_size(variants[base]) if isinstance(variants[base], Path) else None
+    for variant, path in variants.items():
+        if not isinstance(path, Path):
+            rows[variant] = {"error": path}
+            continue
+        t = latency[variant]
+        rows[variant] = {
+            "p50_ms": t.p50_ms,
+            "p95_ms": t.p95_ms,
+            "latency_vs_fp32": _ratio(paired_ratio(t, latency[base])),
+            "p50_ratio_vs_fp32": t.p50_ms / latency[base].p50_ms,
+            "peak_memory_bytes": memory[variant].peak_memory_bytes,
+            "size_bytes": file_size(path),
+            "zstd_bytes": compressed_size(path),
+            "size_ratio_vs_fp32": file_size(path) / base_size if base_size else None,
+            accuracy_key: accuracy[variant],
+        }
+    return rows
+
+
+def _torch_accuracy(
+    path: Path, reference: Any, x: Any, labels: Any, *, layout: Any = None
+) -> dict[str, Any]:
+    """Cosine and top-1 agreement with PyTorch's logits, and top-1 on the held-out digits."""
+    from edgekit.accuracy import compare_outputs
+
+    runtime = LiteRtBackend(path) if path.suffix == ".tflite" else OnnxRuntimeBackend(path)
+    (given,), (taken,) = runtime.inputs, runtime.outputs
+    found = []
+    for i in range(len(x)):
+        row = x[i : i + 1] if layout is None else layout.to_artifact(x[i : i + 1])
+        value = runtime.run({given.name: quantize_input(given, row)})[taken.name]
+        found.append(dequantize_output(taken, value).astype(np.float64))
+    result = compare_outputs(
+        {"logits": list(reference[:, None, :])},
+        {"logits": [f[:, None, :] if f.ndim == 2 else f for f in found]},
+        load_profile("raspberrypi").accuracy,
+    )
+    (metrics,) = result.outputs
+    predicted = np.concatenate(found).argmax(1)
+    return {
+        "cosine": metrics.cosine,
+        "top1_agreement": metrics.top1_agreement,
+        "meets_tolerance": result.meets_tolerance,
+        "test_accuracy": float((predicted == labels).mean()),
+    }
+
+
+def torch_rows(
+    workdir: Path, seconds: float, *, runtime_cache: Path | None = None
+) -> dict[str, Any]:
+    """The PyTorch digits CNN -> `raspberrypi` and -> `raspberrypi-tflite`, edgekit's paths
+    side by side with the plain ones (see the module docstring). `runtime_cache` is where the
+    onnx2tf venv lives (None: EDGEKIT_RUNTIME_CACHE or ~/.cache/edgekit/runtimes)."""
+    import litert_torch
+    import torch
+    from edgekit.converters.frontends.onnx2tf_frontend import convert_onnx_to_saved_model
+    from edgekit.converters.frontends.torch_frontend import (
+        export_litert,
+        export_onnx,
+        load_pt2,
+    )
+    from edgekit.converters.passes.tflite_passes import quantize_with_litert
+    from edgekit.converters.torch_examples import export_torch_digits
+    from onnxruntime.quantization import quantize_dynamic
+
+    example = export_torch_digits(workdir / "torch_digits", kind="cnn")
+    x, labels, reference = example.x_test, example.y_test, example.logits_test
+    program = load_pt2(example.pt2_path)
+    results: dict[str, Any] = {
+        "model": "PyTorch digits CNN (trained here)",
+        "pytorch_test_accuracy": example.test_accuracy,
+    }
+
+    # raspberrypi: plain torch.onnx.export (+ quantize_dynamic) vs edgekit.
+    print("== torch digits -> raspberrypi", file=sys.stderr)
+    profile = "raspberrypi"
+    threads = min(load_profile(profile).threads, os.cpu_count() or 1)
+    plain = workdir / "torch-plain.onnx"
+    torch.onnx.export(example.module, (torch.from_numpy(x[:1]),), str(plain), dynamo=True)
+    variants: dict[str, Path | str] = {"plain_torch_onnx_export_fp32": plain}
+    dynamic = workdir / "torch-plain-quantize-dynamic.onnx"
+    with scratch_cwd(workdir):
+        quantize_dynamic(str(plain), str(dynamic))
+    variants["plain_ort_quantize_dynamic"] = dynamic
+    exported = export_onnx(program, workdir / "torch-edgekit.onnx").path
+    converted = convert(
+        exported,
+        profile=profile,
+        output_dir=workdir / "torch-raspberrypi-out",
+        calibration=example.calibration_path,
+        validation=example.validation_path,
+    )
+    variants["edgekit"] = converted.artifact
+    paths = {k: v for k, v in variants.items() if isinstance(v, Path)}
+    # The plain export names its input after forward()'s argument too (`pixels`).
+    timings = measure(
+        paths, {"pixels": x[:1]}, threads=threads, workdir=workdir, seconds_per_model=seconds
+    )
+    accuracy = {k: _torch_accuracy(v, reference, x, labels) for k, v in paths.items()}
+    rows = _variant_rows(variants, timings, accuracy, "plain_torch_onnx_export_fp32")
+    rows["edgekit"]["chosen_candidate"] = converted.chosen
+    rows["edgekit"]["latency_ratio_vs_peer"] = (
+        rows["edgekit"]["p50_ms"] / rows["plain_ort_quantize_dynamic"]["p50_ms"]
+    )
+    results[profile] = {"threads": threads, "rows": rows}
+
+    # raspberrypi-tflite: litert-torch defaults vs edgekit's two paths.
+    print("== torch digits -> raspberrypi-tflite", file=sys.stderr)
+    profile = "raspberrypi-tflite"
+    threads = min(load_profile(profile).threads, os.cpu_count() or 1)
+    nchw: dict[str, Path] = {}
+    default = workdir / "litert-torch-default.tflite"
+    litert_torch.convert(example.module, (torch.from_numpy(x[:1]),)).export(str(default))
+    nchw["plain_litert_torch_default"] = default
+    litert_fp32 = export_litert(program, workdir / "edgekit-litert-fp32.tflite").path
+    nchw["edgekit_litert_torch_fp32"] = litert_fp32
+    content, _ = quantize_with_litert(litert_fp32.read_bytes(), "dynamic_int8")
+    dynamic_tflite = workdir / "edgekit-litert-dynamic-int8.tflite"
+    dynamic_tflite.write_bytes(content)
+    nchw["edgekit_litert_torch_dynamic_int8_aeq"] = dynamic_tflite
+    feeds = [{"pixels": x[i : i + 1]} for i in range(4)]
+    onnx2tf = convert_onnx_to_saved_model(
+        exported, workdir / "torch-saved-model", sample_feeds=feeds, cache_dir=runtime_cache
+    )
+    layout = onnx2tf.layout
+    # Today's convert() reads the SavedModel: data in its (NHWC, batch-1) layout, one sample
+    # per feed (a leading samples axis).
+    nhwc_data = {}
+    for name, path in (("calibration", example.calibration_path),
+                       ("validation", example.validation_path)):  # fmt: skip
+        with np.load(path) as archive:
+            moved = np.ascontiguousarray(archive["pixels"].transpose(0, 2, 3, 1))
+        nhwc_data[name] = workdir / f"torch-{name}-nhwc.npz"
+        np.savez(nhwc_data[name], pixels=moved[:, None])
+    converted_tflite = convert(
+        onnx2tf.saved_model,
+        profile=profile,
+        output_dir=workdir / "torch-raspberrypi-tflite-out",
+        calibration=nhwc_data["calibration"],
+        validation=nhwc_data["validation"],
+    )
+    nhwc: dict[str, Path] = {"edgekit_onnx2tf": converted_tflite.artifact}
+    # One feed per measurement: the NCHW models and the NHWC one are timed in separate groups.
+    pixels = layout.input("pixels")
+    nhwc_feed = {"pixels": pixels.to_artifact(x[:1]) if pixels else x[:1]}
+    # litert-torch's own default names its input args_0; the LiteRT worker ignores extra keys.
+    latency, memory = measure(
+        nchw,
+        {"pixels": x[:1], "args_0": x[:1]},
+        threads=threads,
+        workdir=workdir,
+        seconds_per_model=seconds,
+    )
+    more_latency, more_memory = measure(
+        nhwc, nhwc_feed, threads=threads, workdir=workdir, seconds_per_model=seconds
+    )
+    timings = ({**latency, **more_latency}, {**memory, **more_memory})
+    accuracy = {k: _torch_accuracy(v, reference, x, labels) for k, v in nchw.items()}
+    accuracy["edgekit_onnx2tf"] = _torch_accuracy(
+        converted_tflite.artifact, reference, x, labels, layout=layout.input("pixels")
+    )
+    rows = _variant_rows({**nchw, **nhwc}, timings, accuracy, "plain_litert_torch_default")
+    rows["edgekit_onnx2tf"]["chosen_candidate"] = converted_tflite.chosen
+    rows["edgekit_onnx2tf"]["layout"] = layout.to_dict()
+    rows["edgekit_onnx2tf"]["note"] = "timed in a separate round-robin group (NHWC input)"
+    for name in ("edgekit_onnx2tf", "edgekit_litert_torch_dynamic_int8_aeq"):
+        rows[name]["latency_ratio_vs_peer"] = (
+            rows[name]["p50_ms"] / rows["plain_litert_torch_default"]["p50_ms"]
+        )
+    results[profile] = {"threads": threads, "rows": rows}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convert.json"))
@@ -363,7 +556,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per variant")
     parser.add_argument("--repeats", type=int, default=5, help="edgekit conversions per model")
     parser.add_argument("--no-olive", action="store_true", help="skip the Olive peer")
-    parser.add_argument("--only", choices=("all", "onnx", "tflite"), default="all")
+    parser.add_argument("--only", choices=("all", "onnx", "tflite", "torch"), default="all")
     args = parser.parse_args()
     threads = min(load_profile(args.profile).threads, os.cpu_count() or 1)
     results: dict[str, Any] = {
@@ -378,6 +571,8 @@ def main() -> None:
             )
         if args.only in ("all", "tflite"):
             results["tflite"] = _tflite_rows(workdir, args.seconds)
+        if args.only in ("all", "torch"):
+            results["torch"] = torch_rows(workdir, args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2)
     args.out.write_text(text + "\n", encoding="utf-8")

@@ -8,7 +8,7 @@
 3. With `priority: latency`, the most preferred candidate is the incumbent, and each next
    candidate in preference order challenges it: it takes over only when it is *materially
    faster*: the confidence interval of latency(challenger) / latency(incumbent) lies entirely
-   below 1 - `quantization.min_speedup` (5%). Candidates that are the same graph once the
+   below 1 - `quantization.min_speedup` (10%). Candidates that are the same graph once the
    runtime folds constants (`equal_to`) are equal by construction and never raced. An
    inconclusive comparison (the interval straddles the margin) is measured again, up to a
    budget; if it stays inconclusive, the incumbent stays.

@@ -28,6 +28,7 @@ __all__ = [
     "AI_EDGE_LITERT_1_2_MAX_VERSIONS",
     "BUILTIN_OPERATOR_NAMES",
     "TFLITE_RUNTIME_2_14_MAX_VERSIONS",
+    "FlatbufferReader",
     "OperatorVersion",
     "TFLiteModelError",
     "UnmeasuredRuntimeError",
@@ -130,6 +131,10 @@ class _Buffer:
         if len(raw) != length:
             raise self.fail("a string runs past the end of the file")
         return raw.decode("utf-8", errors="replace")
+
+
+# Public name for the reader (the pruning pass walks tensors and buffers with it).
+FlatbufferReader = _Buffer
 
 
 def read_operator_codes(data: bytes, *, where: str = "<bytes>") -> list[OperatorVersion]:

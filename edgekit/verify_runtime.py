@@ -61,6 +61,8 @@ __all__ = [
     "RuntimeConformanceError",
     "RuntimeEnvironment",
     "RuntimeInstallError",
+    "ToolEnvironment",
+    "ToolSpec",
     "VerifyReport",
     "Which",
     "build_cached",
@@ -161,6 +163,51 @@ def _platform_tag() -> str:
 
 
 @dataclass(frozen=True)
+class ToolSpec:
+    """A converter tool that needs its own pins (onnx2tf pins tensorflow 2.19 and numpy<2), kept
+    in a cached venv of its own like a runtime version, and run there as a subprocess."""
+
+    name: str  # the tool's package name, for the cache key and messages
+    version: str
+    requirements: tuple[str, ...]  # exactly what pip installs into the venv
+    import_check: str  # the module(s) that must import before the venv is trusted: "a, b"
+
+
+@dataclass(frozen=True)
+class ToolEnvironment:
+    """A ready venv holding one `ToolSpec`."""
+
+    tool: ToolSpec
+    path: Path
+    created: bool  # False: found in the cache
+    seconds: float  # time spent getting it (building, or just checking the cache)
+
+    @property
+    def python(self) -> Path:
+        """The venv's interpreter."""
+        return self.path / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class _EnvironmentSpec:
+    """What one cached venv holds, for runtimes and tools alike."""
+
+    package: str
+    version: str
+    requirements: tuple[str, ...]
+    module: str
+
+    @classmethod
+    def of_runtime(cls, pin: RuntimePin) -> _EnvironmentSpec:
+        return cls(
+            pin.package,
+            pin.version,
+            runtime_requirements(pin),
+            _RUNTIME_MODULES.get(pin.package, pin.package.replace("-", "_")),
+        )
+
+
+@dataclass(frozen=True)
 class RuntimeEnvironment:
     """A ready venv holding one runtime version."""
 
@@ -192,11 +239,7 @@ class RuntimeCache:
 
     def key(self, pin: RuntimePin) -> str:
         """`<package>-<version>-<python>-<platform>-<hash of the requirements>`."""
-        requirements = runtime_requirements(pin)
-        digest = hashlib.sha256(
-            json.dumps([_CACHE_LAYOUT, list(requirements)]).encode()
-        ).hexdigest()[:10]
-        return f"{pin.package}-{pin.version}-{_python_tag()}-{_platform_tag()}-{digest}"
+        return _key(_EnvironmentSpec.of_runtime(pin))
 
     def path(self, pin: RuntimePin) -> Path:
         """Where the venv for `pin` lives once built."""
@@ -206,37 +249,52 @@ class RuntimeCache:
         self, pin: RuntimePin, *, progress: ProgressCallback | None = None
     ) -> RuntimeEnvironment:
         """The cached venv for `pin`, built first if needed; raises `RuntimeInstallError`."""
+        spec = _EnvironmentSpec.of_runtime(pin)
+        path, created, seconds = self._ensure(spec, progress=progress)
+        return RuntimeEnvironment(pin, path, spec.requirements, created, seconds)
+
+    def ensure_tool(
+        self, tool: ToolSpec, *, progress: ProgressCallback | None = None
+    ) -> ToolEnvironment:
+        """The cached venv for a converter tool, built first if needed (`RuntimeInstallError`)."""
+        spec = _EnvironmentSpec(tool.name, tool.version, tool.requirements, tool.import_check)
+        path, created, seconds = self._ensure(spec, progress=progress)
+        return ToolEnvironment(tool, path, created, seconds)
+
+    def _ensure(
+        self, spec: _EnvironmentSpec, *, progress: ProgressCallback | None
+    ) -> tuple[Path, bool, float]:
         started = time.monotonic()
-        requirements = runtime_requirements(pin)
-        key = self.key(pin)
+        key = _key(spec)
         final = self.root / key
         make_cache_root(self.root)
         if _usable(final):
-            return RuntimeEnvironment(pin, final, requirements, False, time.monotonic() - started)
+            return final, False, time.monotonic() - started
         remembered = (str(final.absolute()), *(os.environ.get(name, "") for name in _PIP_SOURCES))
         if remembered in RuntimeCache._failures:
             raise RuntimeInstallError(RuntimeCache._failures[remembered])
         try:
-            return self._ensure_locked(pin, requirements, key, started, progress=progress)
+            return self._ensure_locked(spec, key, started, progress=progress)
         except RuntimeInstallError as e:
             RuntimeCache._failures[remembered] = str(e)
             raise
 
     def _ensure_locked(
         self,
-        pin: RuntimePin,
-        requirements: tuple[str, ...],
+        spec: _EnvironmentSpec,
         key: str,
         started: float,
         *,
         progress: ProgressCallback | None,
-    ) -> RuntimeEnvironment:
+    ) -> tuple[Path, bool, float]:
+        requirements = spec.requirements
+
         def build(folder: Path) -> dict[str, Any]:
-            self._build(folder, pin, requirements, progress=progress)
-            _check_import(folder, pin, requirements)
+            self._build(folder, spec, progress=progress)
+            _check_module(folder, spec.module, requirements)
             return {
-                "package": pin.package,
-                "version": pin.version,
+                "package": spec.package,
+                "version": spec.version,
                 "requirements": list(requirements),
                 "python": platform.python_version(),
                 "platform": sysconfig.get_platform(),
@@ -245,16 +303,12 @@ class RuntimeCache:
         final, created = build_cached(
             self.root, key, build=build, what=requirements[0], progress=progress
         )
-        return RuntimeEnvironment(pin, final, requirements, created, time.monotonic() - started)
+        return final, created, time.monotonic() - started
 
     def _build(
-        self,
-        folder: Path,
-        pin: RuntimePin,
-        requirements: Sequence[str],
-        *,
-        progress: ProgressCallback | None,
+        self, folder: Path, spec: _EnvironmentSpec, *, progress: ProgressCallback | None
     ) -> None:
+        requirements = spec.requirements
         what = " ".join(requirements)
         if progress is not None:
             progress(f"creating a venv for {what}")
@@ -278,13 +332,24 @@ class RuntimeCache:
         lines = _stream(command, progress=progress, prefix=f"installing {what}: ")
         if lines is None:
             return
-        raise RuntimeInstallError(_install_failure(pin, requirements, lines))
+        raise RuntimeInstallError(_install_failure(spec, lines))
+
+
+def _key(spec: _EnvironmentSpec) -> str:
+    """`<package>-<version>-<python>-<platform>-<hash of the requirements>`."""
+    digest = hashlib.sha256(
+        json.dumps([_CACHE_LAYOUT, list(spec.requirements)]).encode()
+    ).hexdigest()[:10]
+    return f"{spec.package}-{spec.version}-{_python_tag()}-{_platform_tag()}-{digest}"
 
 
 def _check_import(venv: Path, pin: RuntimePin, requirements: Sequence[str]) -> None:
     """Import numpy and the runtime in the new venv: pip succeeding is not enough (a wheel
     built against another numpy, a missing system library)."""
-    module = _RUNTIME_MODULES.get(pin.package, pin.package.replace("-", "_"))
+    _check_module(venv, _EnvironmentSpec.of_runtime(pin).module, requirements)
+
+
+def _check_module(venv: Path, module: str, requirements: Sequence[str]) -> None:
     _run_quiet(
         [str(venv / "bin" / "python"), "-I", "-c", f"import numpy, {module}"],
         timeout=_IMPORT_TIMEOUT_S,
@@ -445,7 +510,7 @@ def _stream(
     return None if returncode == 0 else lines
 
 
-def _install_failure(pin: RuntimePin, requirements: Sequence[str], lines: Sequence[str]) -> str:
+def _install_failure(spec: _EnvironmentSpec, lines: Sequence[str]) -> str:
     errors = [line.removeprefix("ERROR: ").strip() for line in lines if line.startswith("ERROR")]
     detail = errors[-1] if errors else (lines[-1] if lines else "pip failed without output")
     where = f"{_python_tag()} {sysconfig.get_platform()}"
@@ -453,10 +518,10 @@ def _install_failure(pin: RuntimePin, requirements: Sequence[str], lines: Sequen
         "No matching distribution" in line or "Could not find a version" in line for line in errors
     ):
         return (
-            f"{pin.package} {pin.version} cannot be installed here: no wheel for {where} on the "
+            f"{spec.package} {spec.version} cannot be installed here: no wheel for {where} on the "
             f"configured package index (pip: {detail})"
         )
-    return f"{pin.package} {pin.version} cannot be installed here ({where}): pip: {detail}"
+    return f"{spec.package} {spec.version} cannot be installed here ({where}): pip: {detail}"
 
 
 # ---------------------------------------------------------------------------------------------

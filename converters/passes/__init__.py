@@ -2,6 +2,7 @@
 
 from edgekit.converters.passes import onnx_passes as onnx_passes
 from edgekit.converters.passes import tflite_passes as tflite_passes
+from edgekit.converters.passes import tflite_prune as tflite_prune
 from edgekit.converters.passes.base import (
     Pass,
     PassContext,
@@ -18,4 +19,5 @@ __all__ = [
     "onnx_passes",
     "registered_passes",
     "tflite_passes",
+    "tflite_prune",
 ]

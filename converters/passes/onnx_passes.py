@@ -512,6 +512,7 @@ class PrunePass(Pass):
         return configure(defaults, options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
+        from edgekit.converters.passes.tflite_prune import magnitude_mask
         from onnx import numpy_helper
 
         if not 0.0 < self.config.sparsity < 1.0:
@@ -524,12 +525,9 @@ class PrunePass(Pass):
             graph = graphs[weight.graph_index]
             init = next(init for init in graph.initializer if init.name == weight.name)
             values = numpy_helper.to_array(init).astype(np.float32)
-            flat = np.abs(values).ravel()
-            k = int(flat.size * self.config.sparsity)
-            if k == 0:
+            mask = magnitude_mask(values, self.config.sparsity)
+            if not mask.any():
                 continue
-            threshold = np.partition(flat, k - 1)[k - 1]
-            mask = np.abs(values) <= threshold
             values = np.where(mask, np.float32(0.0), values).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(values, weight.name))
             pruned += int(mask.sum())

@@ -55,6 +55,7 @@ __all__ = [
     "TfliteConvertPass",
     "TfliteKind",
     "litert_quantizer_available",
+    "quantize_with_litert",
     "rank_tflite_layers",
     "source_kind",
 ]
@@ -645,46 +646,67 @@ class LiteRtQuantizePass(Pass):
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         try:
-            quantizer = importlib.import_module("ai_edge_quantizer.quantizer")
-            recipe = importlib.import_module("ai_edge_quantizer.recipe")
-        except ImportError as e:
-            raise ConversionError(
-                "the LiteRT quantizer is not installed: pip install ai-edge-quantizer"
-            ) from e
-        from importlib import metadata
-
-        recipe_name, io_type = LITERT_QUANTIZER_RECIPES[self.config.kind]
-        try:
             with _quiet_converter():
-                float_model = make_converter(source, "fp32", context).convert()
-            engine = quantizer.Quantizer(bytes(float_model))
+                float_model = bytes(make_converter(source, "fp32", context).convert())
+        except Exception as e:  # TFLiteConverter raises ConverterError/ValueError/...
+            raise ConversionError(f"TFLiteConverter cannot build fp32: {first_line(e)}") from e
+        feeds = (
+            representative_feeds(context, self.config.calibration_samples)
+            if self.config.kind == "full_int8"
+            else []
+        )
+        content, details = quantize_with_litert(
+            float_model, self.config.kind, calibration=feeds, threads=context.threads
+        )
+        destination.write_bytes(content)
+        return PassResult(details=details)
+
+
+def quantize_with_litert(
+    float_model: bytes,
+    kind: Literal["dynamic_int8", "full_int8"],
+    *,
+    calibration: Sequence[Mapping[str, Array]] = (),
+    threads: int = 1,
+) -> tuple[bytes, dict[str, Any]]:
+    """A float32 TFLite model quantized by ai-edge-quantizer (`LITERT_QUANTIZER_RECIPES`);
+    full int8 calibrates on `calibration` feeds (keyed by the model's signature names).
+    Used for TFLiteConverter's fp32 output and for float models from litert-torch alike."""
+    try:
+        quantizer = importlib.import_module("ai_edge_quantizer.quantizer")
+        recipe = importlib.import_module("ai_edge_quantizer.recipe")
+    except ImportError as e:
+        raise ConversionError(
+            "the LiteRT quantizer is not installed: pip install ai-edge-quantizer"
+        ) from e
+    from importlib import metadata
+
+    recipe_name, io_type = LITERT_QUANTIZER_RECIPES[kind]
+    if kind == "full_int8" and not calibration:
+        raise ConversionError("full int8 needs calibration data; give --calibration")
+    try:
+        with _quiet_converter():
+            engine = quantizer.Quantizer(float_model)
             engine.load_quantization_recipe(getattr(recipe, recipe_name)())
-            calibration = None
-            if self.config.kind == "full_int8":
-                feeds = representative_feeds(context, self.config.calibration_samples)
-                calibration = engine.calibrate(
-                    {SIGNATURE_KEY: feeds}, num_threads=max(1, context.threads)
+            calibrated = None
+            if kind == "full_int8":
+                calibrated = engine.calibrate(
+                    {SIGNATURE_KEY: [dict(feed) for feed in calibration]},
+                    num_threads=max(1, threads),
                 )
             result = engine.quantize(
-                calibration, enable_progress_bar=False, enable_progress_report=False
+                calibrated, enable_progress_bar=False, enable_progress_report=False
             )
-        except ConversionError:
-            raise
-        except Exception as e:  # the quantizer raises ValueError/RuntimeError, undocumented
-            raise ConversionError(
-                f"ai-edge-quantizer cannot build {self.config.kind}: {first_line(e)}"
-            ) from e
-        if result.quantized_model is None:
-            raise ConversionError(f"ai-edge-quantizer built no model for {self.config.kind}")
-        destination.write_bytes(bytes(result.quantized_model))
-        return PassResult(
-            details={
-                "converter": f"ai-edge-quantizer {metadata.version('ai-edge-quantizer')}",
-                "recipe": recipe_name,
-                "kind": self.config.kind,
-                "io_type": io_type,
-            }
-        )
+    except Exception as e:  # the quantizer raises ValueError/RuntimeError, undocumented
+        raise ConversionError(f"ai-edge-quantizer cannot build {kind}: {first_line(e)}") from e
+    if result.quantized_model is None:
+        raise ConversionError(f"ai-edge-quantizer built no model for {kind}")
+    return bytes(result.quantized_model), {
+        "converter": f"ai-edge-quantizer {metadata.version('ai-edge-quantizer')}",
+        "recipe": recipe_name,
+        "kind": kind,
+        "io_type": io_type,
+    }
 
 
 @dataclass(frozen=True)
