@@ -76,7 +76,8 @@ def test_equal_by_construction_is_not_raced_and_the_smaller_file_wins() -> None:
 def test_a_challenger_must_be_shown_faster_beyond_the_margin() -> None:
     profile = load_profile("raspberrypi")
     small, fast = _row("static_int8", 1000), _row("fp32", 4000)
-    compare, _ = _table({("fp32", "static_int8"): (0.93, 0.90, 0.96)})  # 7% faster, not shown
+    # 12% faster by its estimate, but the interval reaches into the 10% margin: not shown.
+    compare, _ = _table({("fp32", "static_int8"): (0.88, 0.84, 0.93)})
     assert choose([small, fast], profile, compare).name == "static_int8"
     assert "not shown faster than static_int8" in fast.reason
     small, fast = _row("static_int8", 1000), _row("fp32", 4000)
