@@ -42,8 +42,8 @@ import numpy.typing as npt
 
 from edgekit._bench_worker import BenchWorkerError, run_worker
 from edgekit.accuracy import compare_outputs
-from edgekit.bundle import hash_file
 from edgekit.errors import EdgekitError
+from edgekit.files import hash_file
 from edgekit.messages import (
     CandidateMeasurement,
     DeviceInfo,

@@ -27,8 +27,8 @@ import msgspec
 from edgekit.agent.bench import BenchSubject, run_bench
 from edgekit.agent.config import BenchSettings
 
-from edgekit.bundle import hash_file
 from edgekit.errors import EdgekitError
+from edgekit.files import hash_file
 from edgekit.messages import Event
 from edgekit.mqtt import Message, MqttClient
 from edgekit.topics import Topics
@@ -180,7 +180,7 @@ class BenchService:
                 item.topic_prefix,
                 partial,
                 sha256=item.sha256,
-                size=item.size_bytes,
+                size_bytes=item.size_bytes,
                 max_bytes=self.settings.max_bytes,
             )
             target = folder / item.name

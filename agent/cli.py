@@ -126,6 +126,7 @@ def status_command(config_path: Path, as_json: bool) -> None:
     click.echo(f"{'rollout':<20}{state.get('rollout_id') or '-'}")
     click.echo(f"{'inference':<20}{state.get('inference_url') or '-'}")
     click.echo(f"{'bad bundles':<20}{len(state.get('bad_bundles') or {})}")
+    click.echo(f"{'trust store':<20}version {state.get('trust_version') or '-'}")
     click.echo(f"{'data dir':<20}{state.get('data_dir')}")
     if state.get("error"):
         click.echo(f"{'error':<20}{state['error']}")

@@ -35,6 +35,7 @@ __all__ = [
     "BenchSettings",
     "BudgetOverrides",
     "ConfigError",
+    "InferenceSettings",
     "MqttSettings",
     "TelemetrySettings",
     "UpdateSettings",
@@ -78,6 +79,29 @@ class UpdateSettings:
     latency_runs: int = 20  # health check: batch-1 runs measured for the latency budget
     https_ca_file: Path | None = None
     threads: int | None = None
+    download_timeout_s: float = 1800.0  # fetching one bundle, every attempt and source
+    min_download_bytes_per_s: float = 1024.0  # slower over download_window_s: dropped
+    download_window_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What local inference may cost (see `edgekit.agent.oip.InferenceLimits`).
+
+    `memory_bytes` (default: the profile's RAM budget, or 256 MiB without one) is what the
+    concurrent requests may use together; the body, request and response caps derive from
+    it unless set here.
+    """
+
+    memory_bytes: int | None = None
+    max_concurrent: int = 2
+    queue_wait_s: float = 1.0
+    max_connections: int = 16
+    request_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    max_body_bytes: int | None = None
+    max_request_elements: int | None = None
+    max_response_elements: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +154,7 @@ class AgentConfig:
     log_level: str = "INFO"
     budgets: BudgetOverrides = field(default_factory=BudgetOverrides)
     update: UpdateSettings = field(default_factory=UpdateSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     source: str = "<memory>"
@@ -172,6 +197,18 @@ _SCHEMA: dict[tuple[str, str], tuple[str, bool]] = {
     ("update", "latency_runs"): ("posint", False),
     ("update", "https_ca_file"): ("path", False),
     ("update", "threads"): ("posint", False),
+    ("update", "download_timeout_s"): ("posfloat", False),
+    ("update", "min_download_bytes_per_s"): ("nonnegfloat", False),
+    ("update", "download_window_s"): ("posfloat", False),
+    ("inference", "memory_bytes"): ("posint", False),
+    ("inference", "max_concurrent"): ("posint", False),
+    ("inference", "queue_wait_s"): ("posfloat", False),
+    ("inference", "max_connections"): ("posint", False),
+    ("inference", "request_timeout_s"): ("posfloat", False),
+    ("inference", "idle_timeout_s"): ("posfloat", False),
+    ("inference", "max_body_bytes"): ("posint", False),
+    ("inference", "max_request_elements"): ("posint", False),
+    ("inference", "max_response_elements"): ("posint", False),
     ("telemetry", "interval_s"): ("posfloat", False),
     ("telemetry", "queue_max_messages"): ("posint", False),
     ("telemetry", "qos"): ("qos", False),
@@ -181,7 +218,7 @@ _SCHEMA: dict[tuple[str, str], tuple[str, bool]] = {
     ("bench", "threads"): ("posint", False),
     ("bench", "throttle"): ("throttle", False),
 }
-_TABLES = ("mqtt", "budgets", "update", "telemetry", "bench")
+_TABLES = ("mqtt", "budgets", "update", "inference", "telemetry", "bench")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -295,6 +332,7 @@ def parse_config(
         log_level=top.get("log_level", "INFO"),
         budgets=BudgetOverrides(**section("budgets")),
         update=UpdateSettings(**section("update")),
+        inference=InferenceSettings(**section("inference")),
         telemetry=TelemetrySettings(**section("telemetry")),
         bench=BenchSettings(**section("bench")),
         source=source,

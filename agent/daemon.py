@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,12 @@ import msgspec
 from edgekit.agent.bench_service import BenchService
 from edgekit.agent.config import AgentConfig
 from edgekit.agent.download import BundleFetcher, HttpsDownloader
-from edgekit.agent.journal import StorageError, read_json, write_json_atomic
+from edgekit.agent.journal import (
+    StorageError,
+    install_step_hook,
+    read_json,
+    write_json_atomic,
+)
 from edgekit.agent.oip import InferenceServer
 from edgekit.agent.queue import DiskQueue, QueueError
 from edgekit.agent.serving import ModelHost
@@ -30,12 +36,17 @@ from edgekit.agent.store import Store
 from edgekit.agent.telemetry import build_telemetry, resource_usage
 from edgekit.agent.updater import Updater
 
-from edgekit.errors import EdgekitError, first_line
+from edgekit.errors import BundleError, EdgekitError, first_line
 from edgekit.mqtt import Message, MqttClient
 from edgekit.profiles import load_profile
 from edgekit.topics import Event, Status, Topics, client_id
 from edgekit.transfer import MAX_CHUNK_BYTES
-from edgekit.trust import load_truststore
+from edgekit.trust import (
+    TrustStore,
+    TrustUpdateError,
+    establish_trust,
+    parse_truststore_envelope,
+)
 
 __all__ = ["MAX_PACKET_BYTES", "Agent", "notify_systemd"]
 
@@ -68,6 +79,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        install_step_hook(config.data_dir)  # crash tests only: a no-op unless armed
         self.topics = Topics(config.fleet)
         self.profile = load_profile(config.profile)
         try:
@@ -77,8 +89,9 @@ class Agent:
                 f"cannot read the trust store {config.truststore}: {e.strerror or e}; provision "
                 "the device with the fleet's trust store (truststore key)"
             ) from e
-        self.trust = load_truststore(truststore_bytes)
         self.store = Store(config.data_dir)
+        self._trust_note: tuple[str, str] | None = None  # (event kind, reason), reported at run
+        self.trust, self.trust_envelope = self._establish_trust(truststore_bytes)
         self.host = ModelHost(config.model_name)
         self.queue = self._open_queue()
         self.session = MqttClient(
@@ -92,8 +105,13 @@ class Agent:
         self.fetcher = BundleFetcher(
             self.store.downloads_dir,
             mqtt_client=lambda: self.session if self.session.connected else None,
-            https=HttpsDownloader(ca_file=config.update.https_ca_file),
+            https=HttpsDownloader(
+                ca_file=config.update.https_ca_file,
+                min_bytes_per_s=config.update.min_download_bytes_per_s,
+                window_s=config.update.download_window_s,
+            ),
             max_bytes=config.update.max_bundle_bytes,
+            timeout_s=config.update.download_timeout_s,
         )
         self.updater = Updater(
             config=config,
@@ -103,6 +121,7 @@ class Agent:
             host=self.host,
             fetcher=self.fetcher,
             reporter=self,
+            trust_envelope=self.trust_envelope,
         )
         # The updater's trust store is the one bench requests are verified against too (it is
         # replaced when the trust store rotates).
@@ -117,13 +136,49 @@ class Agent:
         )
         host_name, _, port = config.inference_address.rpartition(":")
         host_name = host_name.strip("[]")  # [::1]:8080
-        self.server = InferenceServer(self.host, (host_name, int(port)))
+        self.server = InferenceServer(
+            self.host, (host_name, int(port)), limits=self.updater.inference_limits
+        )
         self._kick = threading.Event()
         self._status: Status | None = None
         self._status_lock = threading.Lock()
         self._telemetry_seq = 0
         self._threads: list[threading.Thread] = []
         self.produced_telemetry = 0
+
+    def _establish_trust(self, provisioned: bytes) -> tuple[TrustStore, bytes]:
+        """The trust store to start with: the floor in the data directory (the highest
+        version this device accepted) unless the provisioned file follows it by the rotation
+        rule; the choice becomes the floor. An older provisioned file is ignored."""
+        now = datetime.now(timezone.utc)
+        try:
+            self.store.ensure_layout()
+            floor = self.store.trust_floor()
+        except StorageError as e:
+            log.error("%s; using the provisioned trust store", e)
+            floor = None
+        try:
+            choice = establish_trust(provisioned, floor, now=now)
+        except TrustUpdateError as e:
+            log.error("%s", e)
+            self._trust_note = ("trust_refused", str(e))
+            choice = establish_trust(floor or provisioned, None)
+        except BundleError as e:
+            if floor is None:
+                raise
+            log.error("the trust floor in the data directory is unreadable (%s)", first_line(e))
+            choice = establish_trust(provisioned, None, now=now)
+        if choice.note:
+            log.warning("trust store: %s", choice.note)
+        if choice.source != "floor":
+            try:
+                self.store.set_trust_floor(choice.envelope)
+            except StorageError as e:
+                log.error("%s", e)
+        if choice.source == "rotated":
+            self._trust_note = ("trust_updated", choice.note)
+        log.info("trust store version %d (%s)", choice.store.version, choice.source)
+        return choice.store, choice.envelope
 
     def _open_queue(self) -> DiskQueue | None:
         try:
@@ -202,6 +257,10 @@ class Agent:
     def _on_desired(self, message: Message) -> None:
         self.updater.submit(message.payload)
 
+    def _on_trust(self, message: Message) -> None:
+        if message.payload:  # an empty retained message clears the topic
+            self.updater.apply_trust(bytes(message.payload))
+
     def _sender(self, stop: threading.Event) -> None:
         queue = self.queue
         if queue is None:
@@ -251,7 +310,7 @@ class Agent:
     def send_telemetry(self, interval_s: float) -> int:
         """Build one interval's telemetry and queue it; returns its seq."""
         drift = self.host.drift
-        info = self.host.info
+        serving = self.host.bundle
         record = self.updater.record
         message = build_telemetry(
             fleet=self.config.fleet,
@@ -261,7 +320,7 @@ class Agent:
             snapshot=self.host.stats.snapshot(),
             resources=resource_usage(),
             drift_psi=drift.psi() if drift is not None else None,
-            bundle=info.bundle() if info is not None else None,
+            bundle=serving,
             rollout_id=record.rollout_id,
             state=record.state,
             dropped=self.queue.dropped if self.queue is not None else 0,
@@ -314,8 +373,19 @@ class Agent:
             "agent_started",
             details={"inference_url": self.server.url, "pid": os.getpid()},
         )
+        if self._trust_note is not None:
+            kind, reason = self._trust_note
+            self.updater.emit_event(
+                kind,
+                ok=kind == "trust_updated",
+                reason=reason,
+                bundle=None,
+                rollout_id=None,
+                details={"version": self.trust.version},
+            )
         self.session.subscribe(self.topics.desired(self.config.device_id), self._on_desired)
         self.session.subscribe(self.bench.topic, self.bench.handle)
+        self.session.subscribe(self.topics.trust(), self._on_trust)
         self.session.start()
         self._spawn("updater", self.updater.run, stop)
         self._spawn("sender", self._sender, stop)
@@ -370,11 +440,20 @@ def describe_state(config: AgentConfig) -> dict[str, Any]:
         for label, slot in (("active", pointer.active), ("previous", pointer.previous)):
             info = store.slot_info(slot) if slot else None
             result[label] = (
-                {"slot": slot, "name": info.name, "version": info.version, "sha256": info.sha256}
+                {
+                    "slot": slot,
+                    "name": info.bundle.name,
+                    "version": info.bundle.version,
+                    "sha256": info.bundle.sha256,
+                }
                 if info
                 else None
             )
         result["bad_bundles"] = store.bad_bundles()
+        floor_envelope = store.trust_floor()  # the highest trust store version accepted
+        result["trust_version"] = (
+            parse_truststore_envelope(floor_envelope)[0].version if floor_envelope else None
+        )
         probation = store.probation()  # the resumable probation record, while one runs
         result["probation"] = (
             {key: probation.get(key) for key in ("sequence", "observed_s", "window_s", "baseline")}

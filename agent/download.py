@@ -11,23 +11,29 @@ caller still verifies the bundle's signatures.
 
 from __future__ import annotations
 
+import base64
+import collections
+import contextlib
 import errno
+import http.client
 import logging
+import math
 import os
+import socket
 import ssl
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urljoin, urlsplit
 
 from edgekit.agent.journal import StorageError
 
-from edgekit.bundle import fsync_dir, hash_file
 from edgekit.errors import EdgekitError, TransportError, first_line
+from edgekit.files import fsync_dir, hash_file
 from edgekit.trust import BundleRef
 
 if TYPE_CHECKING:
@@ -45,7 +51,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _BLOCK = 256 * 1024
-_SLICE_S = 5.0  # longest a stopping agent waits for an MQTT fetch to notice
+_SLICE_S = 2.0  # longest a stopping agent or a newer directive waits for an MQTT fetch
+_WATCH_INTERVAL_S = 0.2
+_SESSION_GRACE_S = 30.0  # how long an MQTT fetch waits for a lost broker session
+_MAX_REDIRECTS = 5
 
 
 _STORAGE_ERRNOS = frozenset(
@@ -74,10 +83,10 @@ def storage_cause(error: BaseException) -> OSError | None:
     return None
 
 
-def file_matches(path: Path, *, sha256: str, size: int) -> bool:
-    """True if `path` exists with exactly `size` bytes hashing to `sha256`."""
+def file_matches(path: Path, *, sha256: str, size_bytes: int) -> bool:
+    """True if `path` exists with exactly `size_bytes` bytes hashing to `sha256`."""
     try:
-        if path.stat().st_size != size:
+        if path.stat().st_size != size_bytes:
             return False
     except OSError:
         return False
@@ -101,74 +110,201 @@ class Fetcher(Protocol):
 
     last: DownloadStats
 
-    def fetch(self, bundle: BundleRef, destination: Path) -> Path:
+    def fetch(
+        self,
+        bundle: BundleRef,
+        destination: Path,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> Path:
         """The bundle at `destination`, size and sha256 checked; raises `TransportError`
-        (`StorageError` if the local disk refuses the download)."""
+        (`StorageError` if the local disk refuses the download). The fetch ends early, with
+        a `TransportError`, once `should_stop()` is true or at `deadline` (`time.monotonic`)."""
         ...
 
 
-class HttpsDownloader:
-    """HTTPS GET with resume: a partial file grows with `Range: bytes=<have>-` requests."""
+class _Watchdog:
+    """Ends a blocked HTTPS read when the fetch must stop: cancelled, past its deadline, or
+    slower than the minimum throughput over the last window. Shutting the socket down makes
+    the reading thread's `recv` return at once, wherever it waits."""
 
-    def __init__(self, *, ca_file: Path | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        should_stop: Callable[[], bool],
+        deadline: float,
+        min_bytes_per_s: float,
+        window_s: float,
+    ) -> None:
+        self.received = 0  # bytes read so far (written by the reading thread)
+        self.reason: str | None = None
+        self._should_stop = should_stop
+        self._deadline = deadline
+        self._min_bytes_per_s = min_bytes_per_s
+        self._window_s = window_s
+        self._socket: socket.socket | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="https-watchdog", daemon=True)
+
+    def watch(self, connection: socket.socket | None) -> None:
+        self._socket = connection
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def check(self) -> None:
+        """Raise `TransportError` with the reason the watchdog stopped the download, if any."""
+        if self.reason is not None:
+            raise TransportError(self.reason)
+
+    def _judge(self, now: float, samples: collections.deque[tuple[float, int]]) -> str | None:
+        if self._should_stop():
+            return "download cancelled: the agent is stopping or a newer directive arrived"
+        if now >= self._deadline:
+            return "download deadline passed (update.download_timeout_s)"
+        samples.append((now, self.received))
+        while len(samples) > 1 and samples[1][0] <= now - self._window_s:
+            samples.popleft()
+        start, bytes_then = samples[0]
+        if now - start >= self._window_s and self._min_bytes_per_s > 0:
+            rate = (self.received - bytes_then) / (now - start)
+            if rate < self._min_bytes_per_s:
+                return (
+                    f"download too slow: {rate:.1f} bytes/s over the last {now - start:.0f} s, "
+                    f"below update.min_download_bytes_per_s = {self._min_bytes_per_s:g}"
+                )
+        return None
+
+    def _run(self) -> None:
+        samples: collections.deque[tuple[float, int]] = collections.deque()
+        while not self._done.wait(_WATCH_INTERVAL_S):
+            reason = self._judge(time.monotonic(), samples)
+            if reason is not None:
+                self.reason = reason
+                connection = self._socket
+                if connection is not None:
+                    with contextlib.suppress(OSError):
+                        connection.shutdown(socket.SHUT_RDWR)
+                return
+
+
+class HttpsDownloader:
+    """HTTPS GET with resume: a partial file grows with `Range: bytes=<have>-` requests.
+
+    Bounded in time: every socket operation by `timeout_s`, the whole download by the
+    caller's deadline, and a server slower than `min_bytes_per_s` over `window_s` is dropped
+    (the partial file stays: the next attempt resumes). Up to 5 redirects are followed, all
+    to https:// URLs.
+    """
+
+    def __init__(
+        self,
+        *,
+        ca_file: Path | None = None,
+        timeout_s: float = 30.0,
+        min_bytes_per_s: float = 1024.0,
+        window_s: float = 30.0,
+    ) -> None:
         self.timeout_s = timeout_s
+        self.min_bytes_per_s = min_bytes_per_s
+        self.window_s = window_s
         self._context = ssl.create_default_context(
             cafile=str(ca_file) if ca_file is not None else None
         )
 
+    def _connection(self, host: str, port: int | None) -> http.client.HTTPSConnection:
+        """A connection to `host`, through the `https_proxy` of the environment (a CONNECT
+        tunnel) unless `no_proxy` names the host, as urllib would."""
+        proxy = urllib.request.getproxies().get("https")
+        if not proxy or urllib.request.proxy_bypass(host):
+            return http.client.HTTPSConnection(
+                host, port, timeout=self.timeout_s, context=self._context
+            )
+        address = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        headers = {}
+        if address.username is not None:
+            credentials = f"{unquote(address.username)}:{unquote(address.password or '')}"
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
+                credentials.encode()
+            ).decode("ascii")
+        connection = http.client.HTTPSConnection(
+            address.hostname or "",
+            address.port or 8080,
+            timeout=self.timeout_s,
+            context=self._context,
+        )
+        connection.set_tunnel(host, port or 443, headers=headers)
+        return connection
+
+    def _open(
+        self, url: str, have: int, watchdog: _Watchdog
+    ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+        """GET `url` from byte `have`, following redirects; the connection and its response."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise TransportError(f"refusing to download {url[:100]!r}: only https:// URLs")
+            connection = self._connection(parts.hostname, parts.port)
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            try:
+                connection.connect()
+                watchdog.watch(connection.sock)
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                connection.close()
+                watchdog.check()
+                raise TransportError(f"GET {url}: {first_line(e)}") from e
+            location = response.getheader("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                connection.close()
+                url = urljoin(url, location)
+                continue
+            return connection, response
+        raise TransportError(f"GET {url}: more than {_MAX_REDIRECTS} redirects")
+
     def download(
-        self, url: str, destination: Path, *, sha256: str, size: int, stats: DownloadStats
+        self,
+        url: str,
+        destination: Path,
+        *,
+        sha256: str,
+        size_bytes: int,
+        stats: DownloadStats,
+        should_stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
     ) -> Path:
-        """Fetch `url` to `destination` (pinned by `sha256` and `size`), resuming a partial."""
+        """Fetch `url` to `destination` (pinned by `sha256` and `size_bytes`), resuming."""
         if not url.startswith("https://"):
             raise TransportError(f"refusing to download {url[:100]!r}: only https:// URLs")
         partial = destination.with_name(destination.name + ".https.part")
         have = partial.stat().st_size if partial.exists() else 0
-        if have > size:
+        if have > size_bytes:
             partial.unlink()
             have = 0
         stats.resumed_bytes = have
-        if have < size:
-            request = urllib.request.Request(url)  # noqa: S310 - scheme checked above
-            if have:
-                request.add_header("Range", f"bytes={have}-")
-            try:
-                response = urllib.request.urlopen(  # noqa: S310
-                    request, timeout=self.timeout_s, context=self._context
-                )
-            except urllib.error.HTTPError as e:
-                if e.code == 416 and have:  # the server thinks we have everything
-                    response = None
-                else:
-                    raise TransportError(f"GET {url}: HTTP {e.code} {e.reason}") from e
-            except (urllib.error.URLError, OSError) as e:
-                raise TransportError(f"GET {url}: {first_line(e)}") from e
-            if response is not None:
-                with response:
-                    status = response.status
-                    if have and status == 200:
-                        log.info("server ignored the Range request; downloading from the start")
-                        have = 0
-                    elif status not in (200, 206):
-                        raise TransportError(f"GET {url}: unexpected HTTP status {status}")
-                    with partial.open("r+b" if have else "wb") as out:
-                        out.seek(have)
-                        out.truncate(have)
-                        try:
-                            while have < size and (block := response.read(_BLOCK)):
-                                out.write(block[: size - have])
-                                have += min(len(block), size - have)
-                        except OSError as e:
-                            raise TransportError(
-                                f"GET {url}: connection lost after {have} of {size} bytes "
-                                f"({first_line(e)}); the next attempt resumes"
-                            ) from e
-                        finally:
-                            out.flush()
-                            os.fsync(out.fileno())
-        if have < size:
-            raise TransportError(f"GET {url}: got {have} of {size} bytes; the next attempt resumes")
-        if not file_matches(partial, sha256=sha256, size=size):
+        watchdog = _Watchdog(
+            should_stop=should_stop or (lambda: False),
+            deadline=math.inf if deadline is None else deadline,
+            min_bytes_per_s=self.min_bytes_per_s,
+            window_s=self.window_s,
+        )
+        try:
+            if have < size_bytes:
+                have = self._receive(url, partial, have, size_bytes, watchdog)
+        finally:
+            watchdog.close()
+        if have < size_bytes:
+            raise TransportError(
+                f"GET {url}: got {have} of {size_bytes} bytes; the next attempt resumes"
+            )
+        if not file_matches(partial, sha256=sha256, size_bytes=size_bytes):
             partial.unlink(missing_ok=True)
             raise TransportError(
                 f"GET {url}: the downloaded bytes do not hash to the directive's sha256 "
@@ -177,6 +313,43 @@ class HttpsDownloader:
         os.replace(partial, destination)
         fsync_dir(destination.parent)
         return destination
+
+    def _receive(
+        self, url: str, partial: Path, have: int, size_bytes: int, watchdog: _Watchdog
+    ) -> int:
+        """Append the server's bytes to `partial` from `have`; the new length."""
+        connection, response = self._open(url, have, watchdog)
+        with contextlib.closing(connection), response:
+            status = response.status
+            if status == 416 and have:
+                return have  # the server thinks we have everything: the hash decides
+            if have and status == 200:
+                log.info("server ignored the Range request; downloading from the start")
+                have = 0
+            elif status not in (200, 206):
+                raise TransportError(f"GET {url}: HTTP {status} {response.reason}")
+            with partial.open("r+b" if have else "wb") as out:
+                out.seek(have)
+                out.truncate(have)
+                try:
+                    while have < size_bytes:
+                        block = response.read1(_BLOCK)
+                        if not block:
+                            break
+                        out.write(block[: size_bytes - have])
+                        have += min(len(block), size_bytes - have)
+                        watchdog.received += len(block)
+                except (OSError, http.client.HTTPException) as e:
+                    watchdog.check()
+                    raise TransportError(
+                        f"GET {url}: connection lost after {have} of {size_bytes} bytes "
+                        f"({first_line(e)}); the next attempt resumes"
+                    ) from e
+                finally:
+                    out.flush()
+                    os.fsync(out.fileno())
+            watchdog.check()
+        return have
 
 
 class BundleFetcher:
@@ -193,7 +366,7 @@ class BundleFetcher:
         mqtt_client: Callable[[], MqttClient | None],
         https: HttpsDownloader | None = None,
         max_bytes: int | None = None,
-        timeout_s: float = 600.0,
+        timeout_s: float = 1800.0,
         chunk_window: int = 8,
         cancel: threading.Event | None = None,
     ) -> None:
@@ -207,25 +380,43 @@ class BundleFetcher:
         self.cancel = cancel or threading.Event()
         """Set it to end a fetch early (the partial download stays for the next one)."""
 
-    def fetch(self, bundle: BundleRef, destination: Path) -> Path:
+    def fetch(
+        self,
+        bundle: BundleRef,
+        destination: Path,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> Path:
         """The bundle at `destination`, size and sha256 checked; raises `TransportError`
-        (`StorageError` if the local disk refuses the download)."""
-        if file_matches(destination, sha256=bundle.sha256, size=bundle.size_bytes):
+        (`StorageError` if the local disk refuses the download). Ends early once
+        `should_stop()` is true, the agent stops, or at `deadline` (default: `timeout_s`
+        from now)."""
+        if file_matches(destination, sha256=bundle.sha256, size_bytes=bundle.size_bytes):
             self.last = DownloadStats(source="local", resumed_bytes=bundle.size_bytes)
             return destination
+        end = time.monotonic() + self.timeout_s if deadline is None else deadline
+
+        def stopping() -> bool:
+            return self.cancel.is_set() or (should_stop is not None and should_stop())
+
         errors = []
         for source in bundle.sources:
             stats = DownloadStats(source=f"{source.kind}:{source.location}")
             self.last = stats
             try:
                 if source.kind == "mqtt":
-                    return self._fetch_mqtt(source.location, bundle, destination, stats)
+                    return self._fetch_mqtt(
+                        source.location, bundle, destination, stats, stopping, end
+                    )
                 return self._https.download(
                     source.location,
                     destination,
                     sha256=bundle.sha256,
-                    size=bundle.size_bytes,
+                    size_bytes=bundle.size_bytes,
                     stats=stats,
+                    should_stop=stopping,
+                    deadline=end,
                 )
             except (EdgekitError, OSError) as e:
                 cause = storage_cause(e)
@@ -238,31 +429,50 @@ class BundleFetcher:
                     ) from e
                 log.warning("fetching from %s failed: %s", stats.source, first_line(e))
                 errors.append(f"{source.kind}: {first_line(e)}")
+                if stopping() or time.monotonic() >= end:
+                    break
         raise TransportError(
             f"cannot fetch bundle {bundle.sha256[:12]} from any source: " + "; ".join(errors)
         )
 
     def _fetch_mqtt(
-        self, prefix: str, bundle: BundleRef, destination: Path, stats: DownloadStats
+        self,
+        prefix: str,
+        bundle: BundleRef,
+        destination: Path,
+        stats: DownloadStats,
+        stopping: Callable[[], bool],
+        deadline: float,
     ) -> Path:
         from edgekit.transfer import MqttBundleFetcher, TransferTimeoutError
 
-        deadline = time.monotonic() + self.timeout_s
         first = True
-        # Fetch in slices so that a stopping agent is never stuck in a fetch: each slice ends
-        # by persisting the chunk bitmap, and the next one resumes from it.
+        lost_at: float | None = None
+        # Fetch in slices so that a stopping agent or a newer directive never waits for a
+        # whole fetch: each slice ends by persisting the chunk bitmap, the next resumes.
         while True:
-            if self.cancel.is_set():
-                raise TransportError("fetch cancelled: the agent is stopping")
+            if stopping():
+                raise TransportError(
+                    "download cancelled: the agent is stopping or a newer directive arrived"
+                )
             client = self._mqtt_client()
             if client is None:
-                raise TransportError("no MQTT session to fetch chunks with")
+                # A broker restart or a network blip: wait for the session to come back (the
+                # bitmap keeps what arrived) rather than spend an attempt; give up after a
+                # grace period, so another source can be tried.
+                now = time.monotonic()
+                lost_at = now if lost_at is None else lost_at
+                if now - lost_at >= _SESSION_GRACE_S or now >= deadline:
+                    raise TransportError("no MQTT session to fetch chunks with")
+                time.sleep(_WATCH_INTERVAL_S)
+                continue
+            lost_at = None
             fetcher = MqttBundleFetcher(
                 client,
                 prefix,
                 self.directory,
                 sha256=bundle.sha256,
-                size=bundle.size_bytes,
+                size_bytes=bundle.size_bytes,
                 window=self.chunk_window,
                 max_bytes=self.max_bytes,
             )

@@ -17,11 +17,21 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from edgekit.agent.oip import (
+    DEFAULT_LIMITS,
+    InferenceLimits,
+    RequestError,
+    decode_outputs,
+    encode_tensor,
+    infer_json,
+)
+from edgekit.agent.serving import ModelHost
 from edgekit.agent.store import SlotInfo
 from edgekit.agent.telemetry import read_rss_bytes
 
@@ -365,6 +375,16 @@ def rss_bytes() -> int:
     return read_rss_bytes(Path("/proc/self/status")) or 0
 
 
+def _serve(
+    host: ModelHost, feeds: Mapping[str, Array], limits: InferenceLimits
+) -> dict[str, Array]:
+    """One golden sample through the REST inference path (`infer_json`): encoded as a client
+    would send it, parsed, checked against the model's inputs, run, and decoded back."""
+    tensors = b",".join(encode_tensor(name, np.asarray(value)) for name, value in feeds.items())
+    response = infer_json(host, b'{"inputs":[' + tensors + b"]}", limits=limits)
+    return decode_outputs(response)
+
+
 def run_health_check(
     slot: SlotInfo,
     *,
@@ -372,9 +392,12 @@ def run_health_check(
     tolerance: HealthCheckTolerance,
     latency_runs: int = 20,
     threads: int | None = None,
+    limits: InferenceLimits = DEFAULT_LIMITS,
     checks: _AllOf | None = None,
 ) -> HealthReport:
-    """Load `slot`'s model in a fresh session, replay its golden samples, judge the checks."""
+    """Load `slot`'s model in a fresh session, replay its golden samples through the same
+    path REST requests take (`edgekit.agent.oip.infer_json`, with this device's `limits`),
+    and judge the checks. A sample the server would refuse fails the check (`serving`)."""
     golden_path = slot.path_of("golden")
     if golden_path is None:
         return HealthReport(
@@ -389,24 +412,36 @@ def run_health_check(
         runtime = open_runtime(slot.model_path, threads=threads)
     except EdgekitError as e:
         return HealthReport(False, (CheckResult("load", False, first_line(e)),))
+    host = ModelHost("health-check")
+    host.activate(runtime, slot.bundle)
     try:
-        actual = tuple(runtime.run(feeds) for feeds in golden.inputs)
+        actual = []
+        for index, feeds in enumerate(golden.inputs):
+            try:
+                actual.append(_serve(host, feeds, limits))
+            except RequestError as e:
+                check = "run" if e.status == HTTPStatus.INTERNAL_SERVER_ERROR else "serving"
+                reason = f"golden sample {index} is refused with HTTP {e.status.value}: {e}"
+                return HealthReport(False, (CheckResult(check, False, reason),))
         latencies = []
         for _ in range(latency_runs):
             start = time.perf_counter()
-            runtime.run(golden.inputs[0])
+            host.infer(golden.inputs[0])
             latencies.append((time.perf_counter() - start) * 1000.0)
     except Exception as e:  # noqa: BLE001 - any runtime failure fails the check, with its reason
         return HealthReport(False, (CheckResult("run", False, first_line(e)),))
-    golden, actual = _real_outputs(golden, runtime, actual)
+    finally:
+        host.close()
+    golden, real = _real_outputs(golden, runtime, actual)
     subject = CheckSubject(
         model_bytes=slot.model_path.stat().st_size,
         golden=golden,
-        actual=actual,
+        actual=real,
         latency_ms=tuple(latencies),
         memory_bytes=max(0, rss_bytes() - before),
     )
     results = (checks or default_checks(budgets)).run(subject)
     ok = all(result.ok for result in results)
-    log.info("health check of %s %s: %s", slot.name, slot.version, "passed" if ok else "FAILED")
+    bundle = slot.bundle
+    log.info("health check of %s %s: %s", bundle.name, bundle.version, "passed" if ok else "FAILED")
     return HealthReport(ok, results, runtime if ok else None)

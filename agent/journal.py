@@ -13,24 +13,28 @@ import json
 import logging
 import os
 import signal
-import tempfile
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgekit.bundle import fsync_dir
+from edgekit import files
 from edgekit.errors import EdgekitError
-from edgekit.topics import AGENT_STATES, ActiveBundle
+from edgekit.topics import AGENT_STATES, BundleId
 
 __all__ = [
     "CRASH_ENV",
+    "CRASH_STEP_ENV",
     "JOURNAL_SCHEMA",
+    "STEP_TRACE_ENV",
     "Journal",
     "JournalError",
     "JournalRecord",
     "StorageError",
     "fault_point",
+    "install_step_hook",
     "read_json",
     "write_json_atomic",
 ]
@@ -58,25 +62,66 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+CRASH_STEP_ENV = "EDGEKIT_AGENT_CRASH_STEP"
+"""Fault injection: SIGKILL the agent just before its N-th durable step (1-based)."""
+STEP_TRACE_ENV = "EDGEKIT_AGENT_STEP_TRACE"
+"""Fault injection: append one line per durable step (`index kind path`) to this file."""
+# Written by other threads at times of their own: counting them would make step N mean a
+# different step in every run.
+_UNCOUNTED = ("queue", "telemetry.json", "agent.json")
+
+
+def install_step_hook(data_dir: Path, environ: Mapping[str, str] | None = None) -> bool:
+    """Arm the crash hook tests use (`EDGEKIT_AGENT_CRASH_STEP`, `EDGEKIT_AGENT_STEP_TRACE`).
+
+    Every durable step under `data_dir` (journal, floor, pointer, slot, bad list, trust store
+    and probation writes; fsyncs, renames, removals), announced by `edgekit.files`, is
+    counted; the hook records it in the trace and SIGKILLs the process before step N. The
+    message queue and the telemetry counter (other threads) are not counted. Returns True if
+    a hook was installed (the variables were set).
+    """
+    env = os.environ if environ is None else environ
+    crash_text, trace_text = env.get(CRASH_STEP_ENV), env.get(STEP_TRACE_ENV)
+    if not crash_text and not trace_text:
+        return False
+    crash_at = int(crash_text) if crash_text else 0
+    trace = Path(trace_text) if trace_text else None
+    root = Path(data_dir).resolve()
+    count = 0
+    lock = threading.Lock()
+
+    def hook(kind: str, path: Path) -> None:
+        nonlocal count
+        try:
+            relative = path.resolve().relative_to(root)
+        except ValueError:
+            return
+        name = relative.as_posix()
+        if any(name == skip or name.startswith(skip + "/") or skip in relative.name
+               for skip in _UNCOUNTED):  # fmt: skip
+            return
+        with lock:
+            count += 1
+            index = count
+            if trace is not None:
+                with trace.open("a") as lines:
+                    kill = " KILL" if index == crash_at else ""
+                    lines.write(f"{index} {kind} {name}{kill}\n")
+            if index == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    files.set_step_hook(hook)
+    return True
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
-    """Replace `path` with `document` as JSON: temp file, fsync, rename, fsync directory."""
-    data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    """Replace `path` with `document` as JSON (`edgekit.files.write_json_atomic`: temp file,
+    fsync, rename, fsync of the directory); raises `StorageError` naming the file."""
     try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        Path(temp_name).unlink(missing_ok=True)
-        raise StorageError(
-            f"cannot write {path}: {e.strerror or e} (free space on the data disk?)"
-        ) from e
+        files.write_json_atomic(path, document)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise StorageError(f"cannot write {path}: {reason} (free space on the data disk?)") from e
 
 
 def read_json(path: Path, *, what: str) -> Any:
@@ -100,12 +145,12 @@ class JournalRecord:
     state: str = "idle"
     sequence: int = 0
     rollout_id: str | None = None
-    bundle: ActiveBundle | None = None
-    bundle_size: int = 0
+    bundle: BundleId | None = None
     directive: bytes = b""  # the verified directive envelope, to resume after a restart
     slot: str | None = None  # the slot being installed or activated
     previous_slot: str | None = None  # the slot that served before activation
     reason: str | None = None
+    bundle_at_fault: bool = False  # rolled_back: the bundle failed (it goes in bad.json)
     probation_restarts: int = 0
     attempts: int = 0  # restarts that resumed this (pre-activation) state; reset per state
     ts: float = field(default_factory=time.time)
@@ -131,17 +176,17 @@ class JournalRecord:
             state = document["state"]
             if state not in AGENT_STATES:
                 raise JournalError(f"journal names unknown state {state!r}")
-            bundle = ActiveBundle.from_json(document.get("bundle"))
+            bundle = BundleId.from_json(document.get("bundle"))
             return cls(
                 state=state,
                 sequence=int(document["sequence"]),
                 rollout_id=document.get("rollout_id"),
                 bundle=bundle,
-                bundle_size=int(document.get("bundle_size", 0)),
                 directive=base64.b64decode(document.get("directive", ""), validate=True),
                 slot=document.get("slot"),
                 previous_slot=document.get("previous_slot"),
                 reason=document.get("reason"),
+                bundle_at_fault=bool(document.get("bundle_at_fault", False)),
                 probation_restarts=int(document.get("probation_restarts", 0)),
                 attempts=int(document.get("attempts", 0)),
                 ts=float(document.get("ts", 0.0)),

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.bundle import fsync_dir
 from edgekit.errors import EdgekitError
+from edgekit.files import fsync_dir
 
 __all__ = ["DiskQueue", "QueueError", "QueuedMessage"]
 

@@ -23,10 +23,11 @@ import json
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy.typing as npt
 
 from edgekit.errors import EdgekitError, first_line
 from edgekit.runtimes import Runtime, TensorSpec, open_runtime
-from edgekit.topics import ActiveBundle
+from edgekit.topics import BundleId
 
 from .telemetry import DriftMonitor, RequestStats, StatsSnapshot
 
@@ -44,11 +45,11 @@ __all__ = [
     "InferenceInputError",
     "InferenceRuntimeError",
     "ModelHost",
-    "ModelInfo",
     "NoModelError",
     "OutputComparison",
     "ShadowReport",
     "allclose_comparison",
+    "constrains",
     "load_model",
     "read_golden_tolerance",
 ]
@@ -82,20 +83,23 @@ class InferenceRuntimeError(InferenceError):
     """The runtime failed while running a valid request."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Which model is loaded: bundle name, semantic version, sha256 (of the `.ekb`, or of the
-    model file when loaded without a bundle), and the golden tolerance of the bundle
-    (`{"rtol", "atol", "min_cosine", "min_top1_agreement"}`) when known."""
+_DIMENSION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_UNKNOWN_NAME = re.compile(r"unk__[0-9]+")  # what ONNX shape inference names an unknown dim
 
-    name: str
-    version: str
-    sha256: str
-    tolerance: Mapping[str, float] | None = field(default=None, compare=False, hash=False)
 
-    def bundle(self) -> ActiveBundle:
-        """The `ActiveBundle` that status and telemetry messages carry."""
-        return ActiveBundle(name=self.name, version=self.version, sha256=self.sha256)
+def constrains(symbol: str | None) -> bool:
+    """Whether a symbolic dimension names a size that must agree wherever it appears.
+
+    An identifier (`N`, `batch`, `height`, `s0`) does; what exporters write for "unknown"
+    does not: `?`, `-1`, an empty name, None, `unk__<n>`, or anything else that is not an
+    identifier. onnxruntime itself checks only fixed dimensions, so this is the most a
+    request can be held to beyond them.
+    """
+    return (
+        symbol is not None
+        and _DIMENSION_NAME.fullmatch(symbol) is not None
+        and _UNKNOWN_NAME.fullmatch(symbol) is None
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,14 @@ class _InputPlan:
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int | str | None, ...]
+    # per axis: the fixed size, the symbol that must agree, or None (anything goes)
+    rules: tuple[int | str | None, ...]
+
+
+def _rule(dim: int | str | None) -> int | str | None:
+    if isinstance(dim, int):
+        return dim if dim >= 0 else None
+    return dim if constrains(dim) else None
 
 
 def _plan(specs: tuple[TensorSpec, ...]) -> tuple[_InputPlan, ...]:
@@ -112,14 +124,19 @@ def _plan(specs: tuple[TensorSpec, ...]) -> tuple[_InputPlan, ...]:
             dtype = np.dtype(spec.dtype)
         except TypeError:
             dtype = np.dtype(object)  # strings and types numpy does not name
-        plans.append(_InputPlan(spec.name, dtype, tuple(spec.shape)))
+        shape = tuple(spec.shape)
+        plans.append(_InputPlan(spec.name, dtype, shape, tuple(_rule(dim) for dim in shape)))
     return tuple(plans)
 
 
 def _check_inputs(
     plans: tuple[_InputPlan, ...], feeds: Mapping[str, Any], *, model: str
 ) -> dict[str, Array]:
-    """The feeds as arrays of the model's dtypes, or InferenceInputError naming the problem."""
+    """The feeds as arrays of the model's dtypes, or InferenceInputError naming the problem.
+
+    The one input check of the device: REST requests, in-process calls, shadow runs and the
+    health check's golden samples all pass through it before the runtime sees them.
+    """
     if not isinstance(feeds, Mapping):
         raise InferenceInputError(
             f"inputs must be a mapping of input name to array; found {type(feeds).__name__}"
@@ -142,18 +159,20 @@ def _check_inputs(
                 f"input {plan.name!r} has rank {array.ndim} (shape {list(array.shape)}); "
                 f"{model} expects rank {len(plan.shape)} {_shape_text(plan.shape)}"
             )
-        for axis, (found, wanted) in enumerate(zip(array.shape, plan.shape, strict=True)):
-            if isinstance(wanted, int) and wanted >= 0 and found != wanted:
-                raise InferenceInputError(
-                    f"input {plan.name!r} has shape {list(array.shape)}; {model} expects "
-                    f"{_shape_text(plan.shape)} (axis {axis} must be {wanted})"
-                )
-            if isinstance(wanted, str) and wanted:
-                seen = symbols.setdefault(wanted, (found, plan.name))
+        for axis, (found, rule) in enumerate(zip(array.shape, plan.rules, strict=True)):
+            if isinstance(rule, int):
+                if found != rule:
+                    raise InferenceInputError(
+                        f"input {plan.name!r} has shape {list(array.shape)}; {model} expects "
+                        f"{_shape_text(plan.shape)} (axis {axis} must be {rule})"
+                    )
+            elif rule is not None:
+                seen = symbols.setdefault(rule, (found, plan.name))
                 if seen[0] != found:
                     raise InferenceInputError(
-                        f"dimension {wanted!r} is {seen[0]} in input {seen[1]!r} but {found} "
-                        f"in input {plan.name!r}; inputs must agree on it"
+                        f"dimension {rule!r} is {seen[0]} in input {seen[1]!r} but {found} "
+                        f"in input {plan.name!r}; {model} names both {rule!r}, so they must "
+                        "be equal"
                     )
         checked[plan.name] = array
     if len(feeds) != len(checked):
@@ -206,14 +225,21 @@ def _cast(array: Array, plan: _InputPlan) -> Array:
 class _Loaded:
     """One activated model and its in-flight count (guarded by the host's lock)."""
 
-    def __init__(self, runtime: Runtime, info: ModelInfo, drift: DriftMonitor | None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        bundle: BundleId,
+        tolerance: Mapping[str, float] | None,
+        drift: DriftMonitor | None,
+    ) -> None:
         self.runtime: Runtime | None = runtime
-        self.info = info
+        self.bundle = bundle
+        self.tolerance = tolerance
         self.inputs = runtime.inputs
         self.outputs = runtime.outputs
         self.engine = str(getattr(runtime, "engine", ""))
         self.plans = _plan(runtime.inputs)
-        self.label = f"model {info.name} {info.version}"
+        self.label = f"model {bundle.name} {bundle.version}"
         self.stats = RequestStats()
         self.drift = drift
         self.in_flight = 0
@@ -237,11 +263,8 @@ class ShadowReport:
 
 
 class _Shadow:
-    def __init__(
-        self, runtime: Runtime, info: ModelInfo | None, compare: OutputComparison, ratio: float
-    ) -> None:
+    def __init__(self, runtime: Runtime, compare: OutputComparison, ratio: float) -> None:
         self.runtime = runtime
-        self.info = info
         self.plans = _plan(runtime.inputs)
         self.compare = compare
         self.sample_ratio = ratio
@@ -254,8 +277,10 @@ class _Shadow:
 
 
 def allclose_comparison(*, rtol: float, atol: float) -> OutputComparison:
-    """Agree when every output both models share has the same shape, is finite, and is
-    within `|candidate - active| <= atol + rtol * |active|` element-wise."""
+    """Agree when every output both models share has the same shape and is within
+    `|candidate - active| <= atol + rtol * |active|` element-wise; equal non-finite values
+    (NaN and NaN, inf and inf of the same sign) agree, as identical models give them on
+    the same NaN or out-of-range input."""
 
     def compare(active: Mapping[str, Array], candidate: Mapping[str, Array]) -> bool:
         shared = [name for name in active if name in candidate]
@@ -265,10 +290,8 @@ def allclose_comparison(*, rtol: float, atol: float) -> OutputComparison:
             reference, found = np.asarray(active[name]), np.asarray(candidate[name])
             if reference.shape != found.shape:
                 return False
-            if found.dtype.kind in "fc" and not np.isfinite(found).all():
-                return False
             if reference.dtype.kind in "biufc" and found.dtype.kind in "biufc":
-                if not np.allclose(found, reference, rtol=rtol, atol=atol):
+                if not np.allclose(found, reference, rtol=rtol, atol=atol, equal_nan=True):
                     return False
             elif not np.array_equal(found, reference):
                 return False
@@ -290,7 +313,7 @@ class ModelHost:
         self._lock = threading.Lock()
         self._active: _Loaded | None = None
         self._previous_snapshot: StatsSnapshot | None = None
-        self._previous_info: ModelInfo | None = None
+        self._previous: tuple[BundleId, Mapping[str, float] | None] | None = None
         self._shadow: _Shadow | None = None
         self._shadow_queue: queue.Queue[_ShadowJob | None] = queue.Queue(maxsize=SHADOW_QUEUE_DEPTH)
         self._shadow_thread: threading.Thread | None = None
@@ -304,10 +327,16 @@ class ModelHost:
         return self._active is not None
 
     @property
-    def info(self) -> ModelInfo | None:
-        """The active model's info, None before the first activation."""
+    def bundle(self) -> BundleId | None:
+        """The bundle of the active model, None before the first activation."""
         active = self._active
-        return active.info if active else None
+        return active.bundle if active else None
+
+    @property
+    def tolerance(self) -> Mapping[str, float] | None:
+        """The active bundle's golden tolerance (`rtol`, `atol`, ...), when it has one."""
+        active = self._active
+        return active.tolerance if active else None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -334,9 +363,16 @@ class ModelHost:
         return active.drift if active else None
 
     @property
-    def previous_info(self) -> ModelInfo | None:
-        """The model the last `activate` replaced."""
-        return self._previous_info
+    def previous_bundle(self) -> BundleId | None:
+        """The bundle of the model the last `activate` replaced."""
+        previous = self._previous
+        return previous[0] if previous else None
+
+    @property
+    def previous_tolerance(self) -> Mapping[str, float] | None:
+        """The golden tolerance of the model the last `activate` replaced."""
+        previous = self._previous
+        return previous[1] if previous else None
 
     def in_flight(self) -> int:
         """Requests running on any model right now (active or being retired)."""
@@ -349,18 +385,20 @@ class ModelHost:
     def activate(
         self,
         runtime: Runtime,
-        info: ModelInfo,
+        bundle: BundleId,
         *,
+        tolerance: Mapping[str, float] | None = None,
         reference_stats: Mapping[str, Any] | None = None,
     ) -> None:
-        """Make `runtime` the active model (a hot swap; see the module docstring).
+        """Make `runtime` (the model of `bundle`) the active model: a hot swap (see the
+        module docstring).
 
-        With `reference_stats` (the bundle's `reference_stats.json`), inputs are also fed to
-        a `DriftMonitor` reachable as `host.drift`.
+        `tolerance` is the bundle's golden tolerance (shadow comparisons use it). With
+        `reference_stats` (the bundle's `reference_stats.json`), inputs are also fed to a
+        `DriftMonitor` reachable as `host.drift`.
         """
-        loaded = _Loaded(
-            runtime, info, DriftMonitor(reference_stats) if reference_stats is not None else None
-        )
+        drift = DriftMonitor(reference_stats) if reference_stats is not None else None
+        loaded = _Loaded(runtime, bundle, tolerance, drift)
         with self._lock:
             old = self._active
             self._active = loaded
@@ -369,8 +407,8 @@ class ModelHost:
                 old.retired = True
                 release = old.in_flight == 0
                 self._previous_snapshot = old.stats.snapshot(reset=False)
-                self._previous_info = old.info
-        log.info("activated %s (%s)", loaded.label, info.sha256[:12])
+                self._previous = (old.bundle, old.tolerance)
+        log.info("activated %s (%s)", loaded.label, bundle.sha256[:12])
         if old is not None and release:
             self._release(old)
 
@@ -397,10 +435,10 @@ class ModelHost:
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, Array]:
         """Run the active model on `feeds` (input name -> array); returns outputs by name."""
-        return self.infer_with_info(feeds)[0]
+        return self.infer_with_bundle(feeds)[0]
 
-    def infer_with_info(self, feeds: Mapping[str, Any]) -> tuple[dict[str, Array], ModelInfo]:
-        """`infer`, also returning the info of the model that answered (during a swap, the
+    def infer_with_bundle(self, feeds: Mapping[str, Any]) -> tuple[dict[str, Array], BundleId]:
+        """`infer`, also returning the bundle of the model that answered (during a swap, the
         request may have run on the model being replaced)."""
         start = time.perf_counter()
         with self._lock:
@@ -438,7 +476,7 @@ class ModelHost:
             shadow = self._shadow
             if shadow is not None:
                 self._offer_shadow(shadow, checked, outputs)
-            return outputs, active.info
+            return outputs, active.bundle
         finally:
             with self._lock:
                 active.in_flight -= 1
@@ -451,8 +489,8 @@ class ModelHost:
     def set_shadow(
         self,
         runtime: Runtime | None,
-        info: ModelInfo | None = None,
         *,
+        tolerance: Mapping[str, float] | None = None,
         rtol: float | None = None,
         atol: float | None = None,
         compare: OutputComparison | None = None,
@@ -462,8 +500,8 @@ class ModelHost:
         request path, and count agreement (`shadow_agreement()`); None stops shadowing.
 
         Agreement is `compare(active_outputs, candidate_outputs)` when given, else
-        `allclose_comparison` with `rtol`/`atol`, defaulting to the golden tolerance in
-        `info.tolerance` and then to the health-check defaults.
+        `allclose_comparison` with `rtol`/`atol`, defaulting to `tolerance` (a bundle's golden
+        tolerance) and then to the health-check defaults.
         """
         if not 0.0 <= sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be in [0, 1]; found {sample_ratio}")
@@ -472,13 +510,13 @@ class ModelHost:
             self._drain_shadow_queue()
             return
         if compare is None:
-            tolerance = info.tolerance if info and info.tolerance else {}
+            known = tolerance or {}
             compare = allclose_comparison(
-                rtol=rtol if rtol is not None else float(tolerance.get("rtol", DEFAULT_RTOL)),
-                atol=atol if atol is not None else float(tolerance.get("atol", DEFAULT_ATOL)),
+                rtol=rtol if rtol is not None else float(known.get("rtol", DEFAULT_RTOL)),
+                atol=atol if atol is not None else float(known.get("atol", DEFAULT_ATOL)),
             )
         self._drain_shadow_queue()
-        self._shadow = _Shadow(runtime, info, compare, sample_ratio)
+        self._shadow = _Shadow(runtime, compare, sample_ratio)
         with self._lock:
             if self._shadow_thread is None or not self._shadow_thread.is_alive():
                 self._shadow_thread = threading.Thread(
@@ -606,16 +644,19 @@ def load_model(
     path: Path,
     *,
     name: str = "model",
-    info: ModelInfo | None = None,
+    bundle: BundleId | None = None,
     threads: int | None = None,
 ) -> ModelHost:
     """Open a model and return a `ModelHost` serving it, for in-process inference.
 
-    `path` is a model file or an extracted bundle directory (its `model.*` file, with
-    `golden.npz`'s tolerance and `reference_stats.json` for drift when present). Without
-    `info`, the model is described by its file name, version "0" and the file's sha256.
+    `path` is a model file, an extracted bundle directory (its `model.*` file, with
+    `golden.npz`'s tolerance and `reference_stats.json` for drift when present), or an
+    agent slot (`slots/a`: its `bundle/` folder). Without `bundle`, the model is named by
+    its file name, version "0" and the model file's sha256.
     """
     path = Path(path)
+    if (path / "bundle").is_dir():
+        path = path / "bundle"
     reference_stats: Mapping[str, Any] | None = None
     tolerance: dict[str, float] | None = None
     model = path
@@ -634,15 +675,14 @@ def load_model(
             except (OSError, ValueError) as error:
                 log.warning("ignoring %s: %s", stats, first_line(error))
     runtime = open_runtime(model, threads=threads)
-    if info is None:
-        from edgekit.bundle import hash_file  # only for a bare model file (no bundle slot)
+    if bundle is None:
+        from edgekit.files import hash_file  # only for a bare model file (no bundle slot)
 
-        info = ModelInfo(
+        bundle = BundleId(
             name=path.stem if path.is_file() else path.name,
             version="0",
             sha256=hash_file(model)[1],
-            tolerance=tolerance,
         )
     host = ModelHost(name)
-    host.activate(runtime, info, reference_stats=reference_stats)
+    host.activate(runtime, bundle, tolerance=tolerance, reference_stats=reference_stats)
     return host

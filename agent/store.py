@@ -1,11 +1,15 @@
-"""What the agent keeps on disk: two model slots, the active pointer, the floor, bad bundles.
+"""What the agent keeps on disk: two model slots, the active pointer, the floors, bad bundles.
 
 Layout under the data directory:
 
     pointer.json          {"active": "a"|"b"|null, "previous": ...}: the atomic pointer swap
-    slots/a/, slots/b/    an extracted, verified bundle each, with its signed manifest
-                          (`slot.envelope.json`); `slot.json` is written last
+    slots/a/, slots/b/    one verified bundle each:
+        bundle/           the bundle's files, exactly as its manifest lists them
+        envelope.json     its signed manifest (re-verified when the slot is reused)
+        slot.json         the slot record (sha256 and size of the `.ekb`, the manifest's files)
+    slots/.a.new/         a slot being staged: extracted and verified, not yet in place
     floor.json            DirectiveFloor (last accepted sequence, epoch floor) + last digest
+    truststore.json       the highest trust store version this device accepted (its floor)
     bad.json              bundle sha256 -> sequence and reason it failed at (a record for
                           operators; the directive floor is what prevents a retry)
     journal.json          the update journal (`edgekit.agent.journal`)
@@ -15,16 +19,16 @@ Layout under the data directory:
     downloads/            partial and complete bundle downloads
     queue/                unsent telemetry and events
 
-Every file is replaced atomically (`write_json_atomic`); a slot directory is built beside its
-final name and renamed into place, so a slot is either complete or absent.
+The slot's bookkeeping lives beside the bundle's folder, never in it: a bundle may hold files
+of any name. Every file is replaced atomically (`write_json_atomic`); a slot is staged beside
+its final name and renamed into place, so a slot is either complete or absent. A slot
+written by an earlier agent (files and `slot.json` in one folder) is still read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,17 +42,19 @@ from edgekit.agent.journal import (
     write_json_atomic,
 )
 
+from edgekit import files
 from edgekit.bundle import (
+    FILE_ROLES,
     MANIFEST_PAYLOAD_TYPE,
+    BundleFile,
+    FileRole,
     Limits,
     Manifest,
     VerifiedBundle,
     extract_bundle,
-    fsync_dir,
-    hash_file,
 )
 from edgekit.errors import BundleError
-from edgekit.topics import ActiveBundle
+from edgekit.topics import BundleId
 from edgekit.trust import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     DirectiveFloor,
@@ -58,13 +64,16 @@ from edgekit.trust import (
     parse_envelope,
 )
 
-__all__ = ["SLOTS", "Pointer", "SlotError", "SlotInfo", "Store"]
+__all__ = ["SLOTS", "SLOT_SCHEMA", "Pointer", "SlotError", "SlotInfo", "Store"]
 
 log = logging.getLogger(__name__)
 
 SLOTS = ("a", "b")
-_SLOT_FILE = "slot.json"
-_ENVELOPE_FILE = "slot.envelope.json"  # the bundle's signed manifest, to re-verify on reuse
+SLOT_SCHEMA = "edgekit.agent-slot/v2"
+_RECORD = "slot.json"
+_ENVELOPE = "envelope.json"
+_BUNDLE_DIR = "bundle"
+_LEGACY_ENVELOPE = "slot.envelope.json"  # agents before v2 kept it among the bundle's files
 
 
 class SlotError(BundleError):
@@ -81,35 +90,31 @@ class Pointer:
 
 @dataclass(frozen=True)
 class SlotInfo:
-    """The verified bundle a slot holds."""
+    """The verified bundle a slot holds: its identity and size, what its manifest says, and
+    the folder its files are in (`directory`)."""
 
     slot: str
     directory: Path
-    sha256: str
+    bundle: BundleId
     size_bytes: int
-    name: str
-    version: str
     profile: str
     security_epoch: int
-    files: tuple[tuple[str, int, str, str], ...]  # path, size, sha256, role
+    files: tuple[BundleFile, ...]
     installed_at: float
-
-    @property
-    def bundle(self) -> ActiveBundle:
-        return ActiveBundle(self.name, self.version, self.sha256)
+    envelope_path: Path
 
     @property
     def model_path(self) -> Path:
-        for path, _size, _sha, role in self.files:
-            if role == "model":
-                return self.directory / path
+        for entry in self.files:
+            if entry.role == "model":
+                return self.directory / entry.path
         raise SlotError(f"slot {self.slot} lists no model file")
 
     def path_of(self, role: str) -> Path | None:
         """The first file of `role` (golden, reference_stats, report), if the bundle has one."""
-        for path, _size, _sha, file_role in self.files:
-            if file_role == role:
-                return self.directory / path
+        for entry in self.files:
+            if entry.role == role:
+                return self.directory / entry.path
         return None
 
 
@@ -125,6 +130,7 @@ class Store:
         self._pointer_path = self.root / "pointer.json"
         self._floor_path = self.root / "floor.json"
         self._bad_path = self.root / "bad.json"
+        self._trust_path = self.root / "truststore.json"
         self.probation_path = self.root / "probation.json"
 
     def ensure_layout(self) -> None:
@@ -137,6 +143,25 @@ class Store:
                     f"cannot create data directory {directory}: {e.strerror or e}; create it "
                     "and give the agent write access (systemd: StateDirectory=)"
                 ) from e
+
+    def remove_leftovers(self, *, keep_staging: bool) -> list[str]:
+        """Remove what a killed write left behind: temp files of atomic replacements (never
+        visible under their final name) and, unless an install is in progress
+        (`keep_staging`), staging folders. Returns the names removed."""
+        removed = []
+        for folder in (self.root, self.slots_dir, *(self.slot_dir(s) for s in SLOTS)):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    files.remove_file(entry, sync=False)
+                    removed.append(entry.name)
+        if not keep_staging:
+            for slot in SLOTS:
+                if self.staging_dir(slot).exists():
+                    self.clear_staging(slot)
+                    removed.append(self.staging_dir(slot).name)
+        return removed
 
     # -- pointer -------------------------------------------------------------------------
 
@@ -165,53 +190,40 @@ class Store:
             raise ValueError(f"unknown slot {slot!r}")
         return self.slots_dir / slot
 
+    def staging_dir(self, slot: str) -> Path:
+        """Where a bundle for `slot` is extracted and verified before it moves into place."""
+        return self.slots_dir / f".{self.slot_dir(slot).name}.new"
+
     def slot_info(self, slot: str) -> SlotInfo | None:
         """What `slot` holds, or None if it is empty or was never completed."""
-        directory = self.slot_dir(slot)
-        document = read_json(directory / _SLOT_FILE, what=f"slot {slot} record")
-        if document is None:
-            return None
-        try:
-            return SlotInfo(
-                slot=slot,
-                directory=directory,
-                sha256=str(document["sha256"]),
-                size_bytes=int(document["size"]),
-                name=str(document["name"]),
-                version=str(document["version"]),
-                profile=str(document["profile"]),
-                security_epoch=int(document["security_epoch"]),
-                files=tuple(
-                    (str(f["path"]), int(f["size"]), str(f["sha256"]), str(f["role"]))
-                    for f in document["files"]
-                ),
-                installed_at=float(document.get("installed_at", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise SlotError(
-                f"slot {slot} record is malformed ({e}); the slot is unusable"
-            ) from None
+        return _read_slot(slot, self.slot_dir(slot))
+
+    def staged_info(self, slot: str) -> SlotInfo | None:
+        """What is staged for `slot` (complete: its record is written last), or None."""
+        return _read_slot(slot, self.staging_dir(slot))
 
     def verify_slot(self, slot: str) -> SlotInfo:
         """Re-hash every file of `slot` against its record; raises `SlotError` on any change."""
         info = self.slot_info(slot)
         if info is None:
             raise SlotError(f"slot {slot} holds no installed bundle")
-        for path, size, sha256, _role in info.files:
-            target = info.directory / path
+        for entry in info.files:
+            target = info.directory / entry.path
             try:
-                found_size, found_sha = hash_file(target)
+                found_size, found_sha = files.hash_file(target)
             except OSError as e:
-                raise SlotError(f"slot {slot}: cannot read {path}: {e.strerror or e}") from e
-            if (found_size, found_sha) != (size, sha256):
+                raise SlotError(f"slot {slot}: cannot read {entry.path}: {e.strerror or e}") from e
+            if (found_size, found_sha) != (entry.size_bytes, entry.sha256):
                 raise SlotError(
-                    f"slot {slot}: {path} no longer matches its verified hash (disk corruption?)"
+                    f"slot {slot}: {entry.path} no longer matches its verified hash (disk "
+                    "corruption?)"
                 )
         return info
 
     def has_envelope(self, slot: str) -> bool:
         """True if `slot` keeps its signed manifest (installed by this agent version)."""
-        return (self.slot_dir(slot) / _ENVELOPE_FILE).is_file()
+        info = self.slot_info(slot)
+        return info is not None and info.envelope_path.is_file()
 
     def reverify_slot(self, slot: str, *, trust: TrustStore, min_security_epoch: int) -> SlotInfo:
         """`verify_slot`, then check the slot against today's trust and epoch floor.
@@ -219,11 +231,11 @@ class Store:
         The kept signed manifest must still carry a threshold of signatures by the trust
         store's `bundles` keys (a key removed since the install no longer counts), describe
         exactly the files the slot record lists, and have a security epoch at or above
-        `min_security_epoch`. A slot installed by an older agent keeps no manifest: only its
-        recorded epoch is checked. Raises a `BundleError` subclass naming the rule.
+        `min_security_epoch`. A slot installed by an older agent may keep no manifest: only
+        its recorded epoch is checked. Raises a `BundleError` subclass naming the rule.
         """
         info = self.verify_slot(slot)
-        path = info.directory / _ENVELOPE_FILE
+        path = info.envelope_path
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -238,10 +250,16 @@ class Store:
                 raise SlotError(f"slot {slot}: {path.name} does not hold a bundle manifest")
             check_signatures(envelope, trust.policy("bundles"))
             manifest = Manifest.from_payload(envelope.payload)
-            files = tuple((f.path, f.size_bytes, f.sha256, str(f.role)) for f in manifest.files)
             described = (manifest.name, manifest.version, manifest.profile, manifest.security_epoch)
-            recorded = (info.name, info.version, info.profile, info.security_epoch)
-            if described != recorded or sorted(files) != sorted(info.files):
+            recorded = (
+                info.bundle.name,
+                info.bundle.version,
+                info.profile,
+                info.security_epoch,
+            )
+            if described != recorded or sorted(manifest.files, key=_path) != sorted(
+                info.files, key=_path
+            ):
                 raise SlotError(
                     f"slot {slot}: its record does not match its signed manifest; the slot is "
                     "unusable (it is downloaded again when a directive names it)"
@@ -249,12 +267,13 @@ class Store:
             epoch = manifest.security_epoch
         if epoch < min_security_epoch:
             raise EpochError(
-                f"slot {slot} holds {info.name} {info.version} of security epoch {epoch}, below "
-                f"this device's floor {min_security_epoch}: refusing to run it again"
+                f"slot {slot} holds {info.bundle.name} {info.bundle.version} of security epoch "
+                f"{epoch}, below this device's floor {min_security_epoch}: refusing to run it "
+                "again"
             )
         return info
 
-    def install(
+    def stage(
         self,
         slot: str,
         bundle_path: Path,
@@ -263,52 +282,80 @@ class Store:
         min_security_epoch: int,
         expected_sha256: str,
         limits: Limits,
-    ) -> SlotInfo:
-        """Verify-while-extracting `bundle_path` into `slot`, replacing what it held."""
-        final = self.slot_dir(slot)
-        staging = self.slots_dir / f".{slot}.new"
-        shutil.rmtree(staging, ignore_errors=True)
+    ) -> tuple[SlotInfo, VerifiedBundle]:
+        """Verify-while-extracting `bundle_path` into `slot`'s staging folder, then write its
+        signed manifest and, last, its record. The one verification of an install: the
+        caller checks the manifest against the directive and `commit_staged` moves it."""
+        staging = self.staging_dir(slot)
+        files.remove_tree(staging)
         try:
+            staging.mkdir(parents=True)
             with open(bundle_path, "rb") as source:
                 verified = extract_bundle(
                     source,
-                    staging,
+                    staging / _BUNDLE_DIR,
                     trust=trust,
                     min_security_epoch=min_security_epoch,
                     limits=limits,
                     expected_sha256=expected_sha256,
                 )
             fault_point("installing/extracted")
-            _write_file(staging / _ENVELOPE_FILE, verified.envelope)
+            files.write_new(staging / _ENVELOPE, verified.envelope)
             write_json_atomic(
-                staging / _SLOT_FILE, _slot_record(verified, expected_sha256, time.time())
+                staging / _RECORD, _slot_record(verified, expected_sha256, time.time())
             )
+            files.fsync_dir(self.slots_dir)
             fault_point("installing/recorded")
+        except OSError as e:
+            files.remove_tree(staging)
+            raise StorageError(
+                f"cannot stage a bundle for slot {slot} in {staging}: {e.strerror or e} "
+                "(disk full?)"
+            ) from e
+        except BaseException:
+            files.remove_tree(staging)
+            raise
+        info = self.staged_info(slot)
+        if info is None:  # pragma: no cover - written just above
+            raise SlotError(f"slot {slot} lost its staged record")
+        return info, verified
+
+    def commit_staged(self, slot: str) -> SlotInfo:
+        """Move the staged bundle into `slot`, replacing what it held (idempotent: if the
+        move happened before a restart, the slot already holds it)."""
+        final, staging = self.slot_dir(slot), self.staging_dir(slot)
+        staged = self.staged_info(slot)
+        if staged is None:
+            done = self.slot_info(slot)
+            if done is None:
+                raise SlotError(f"nothing is staged for slot {slot}")
+            return done
+        try:
             if final.exists():
                 # Remove the old record first: a slot without slot.json counts as empty.
-                (final / _SLOT_FILE).unlink(missing_ok=True)
-                fsync_dir(final)
-                shutil.rmtree(final)
+                files.remove_file(final / _RECORD)
+                files.remove_tree(final)
             fault_point("installing/removed")
-            os.rename(staging, final)
-            fsync_dir(self.slots_dir)
+            files.rename(staging, final)
+            files.fsync_dir(self.slots_dir)
         except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
             raise StorageError(
                 f"cannot install into slot {slot} at {final}: {e.strerror or e} (disk full?)"
             ) from e
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         info = self.slot_info(slot)
-        if info is None:  # pragma: no cover - written just above
+        if info is None:  # pragma: no cover - renamed just above
             raise SlotError(f"slot {slot} lost its record while installing")
         return info
 
     def clear_slot(self, slot: str) -> None:
-        """Forget what `slot` holds (a failed install)."""
-        shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
-        shutil.rmtree(self.slots_dir / f".{slot}.new", ignore_errors=True)
+        """Forget what `slot` holds and what is staged for it (a refused bundle)."""
+        files.remove_file(self.slot_dir(slot) / _RECORD)
+        files.remove_tree(self.slot_dir(slot))
+        files.remove_tree(self.staging_dir(slot))
+
+    def clear_staging(self, slot: str) -> None:
+        """Forget what is staged for `slot` (a refused bundle, before it moved into place)."""
+        files.remove_tree(self.staging_dir(slot))
 
     # -- floor and bad bundles -----------------------------------------------------------
 
@@ -345,6 +392,9 @@ class Store:
     def mark_bad(self, sha256: str, *, sequence: int, reason: str) -> None:
         """Remember that `sha256` failed under directive `sequence` (a newer one may retry it)."""
         bad = self.bad_bundles()
+        entry = bad.get(sha256)
+        if isinstance(entry, Mapping) and entry.get("sequence") == sequence:
+            return  # recorded already (a rollback finished after a restart)
         bad[sha256] = {"sequence": sequence, "reason": reason[:500], "ts": time.time()}
         write_json_atomic(self._bad_path, bad)
 
@@ -358,6 +408,26 @@ class Store:
         if isinstance(entry, Mapping) and int(entry.get("sequence", 0)) >= sequence:
             return str(entry.get("reason", "marked bad"))
         return None
+
+    # -- trust floor -----------------------------------------------------------------------
+
+    def trust_floor(self) -> bytes | None:
+        """The highest trust store version this device accepted (its envelope), or None."""
+        try:
+            return self._trust_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot read {self._trust_path}: {e.strerror or e}") from e
+
+    def set_trust_floor(self, envelope: bytes) -> None:
+        """Replace the trust floor durably (temp file, fsync, rename, fsync of the folder)."""
+        try:
+            files.write_atomic(self._trust_path, envelope)
+        except OSError as e:
+            raise StorageError(
+                f"cannot write {self._trust_path}: {e.strerror or e} (free space on the data disk?)"
+            ) from e
 
     # -- probation baseline ----------------------------------------------------------------
 
@@ -374,12 +444,9 @@ class Store:
     def clear_probation(self) -> None:
         """Remove the probation record (the update committed or rolled back)."""
         try:
-            self.probation_path.unlink()
-        except FileNotFoundError:
-            return
+            files.remove_file(self.probation_path)
         except OSError as e:
             raise StorageError(f"cannot remove {self.probation_path}: {e.strerror or e}") from e
-        fsync_dir(self.root)
 
     # -- downloads -----------------------------------------------------------------------
 
@@ -392,21 +459,26 @@ class Store:
             if keep is not None and entry.name.startswith(keep):
                 continue
             if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+                files.remove_tree(entry)
             else:
-                entry.unlink(missing_ok=True)
+                files.remove_file(entry, sync=False)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with path.open("xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _path(entry: BundleFile) -> str:
+    return entry.path
+
+
+def _role(value: object) -> FileRole:
+    for role in FILE_ROLES:
+        if value == role:
+            return role
+    raise ValueError(f"unknown file role {value!r}")
 
 
 def _slot_record(verified: VerifiedBundle, sha256: str, installed_at: float) -> dict[str, Any]:
     manifest = verified.manifest
     return {
+        "schema": SLOT_SCHEMA,
         "sha256": sha256,
         "size": verified.size_bytes,
         "name": manifest.name,
@@ -419,3 +491,31 @@ def _slot_record(verified: VerifiedBundle, sha256: str, installed_at: float) -> 
         ],
         "installed_at": installed_at,
     }
+
+
+def _read_slot(slot: str, directory: Path) -> SlotInfo | None:
+    """The record of a slot folder (this layout or an earlier agent's), None without one."""
+    document = read_json(directory / _RECORD, what=f"slot {slot} record")
+    if document is None:
+        return None
+    try:
+        legacy = document.get("schema") != SLOT_SCHEMA
+        listed = tuple(
+            BundleFile(str(f["path"]), int(f["size"]), str(f["sha256"]), _role(f["role"]))
+            for f in document["files"]
+        )
+        return SlotInfo(
+            slot=slot,
+            directory=directory if legacy else directory / _BUNDLE_DIR,
+            bundle=BundleId(
+                str(document["name"]), str(document["version"]), str(document["sha256"])
+            ),
+            size_bytes=int(document["size"]),
+            profile=str(document["profile"]),
+            security_epoch=int(document["security_epoch"]),
+            files=listed,
+            installed_at=float(document.get("installed_at", 0.0)),
+            envelope_path=directory / (_LEGACY_ENVELOPE if legacy else _ENVELOPE),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SlotError(f"slot {slot} record is malformed ({e}); the slot is unusable") from None

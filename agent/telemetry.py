@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgekit.topics import ActiveBundle, Telemetry
+from edgekit.topics import BundleId, Telemetry
 
 __all__ = [
     "DriftMonitor",
@@ -435,7 +435,7 @@ def build_telemetry(
     snapshot: StatsSnapshot,
     resources: Resources | None = None,
     drift_psi: float | None = None,
-    bundle: ActiveBundle | None = None,
+    bundle: BundleId | None = None,
     rollout_id: str | None = None,
     state: str | None = None,
     dropped: int = 0,

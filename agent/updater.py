@@ -4,14 +4,21 @@
          -> committed,   or -> rolled_back from any step (pointer back, bundle marked bad)
 
 Every transition is written to the journal (fsync'd) before it takes effect and then
-reported (a `state` event and a retained status). `Updater.start` recovers from whatever the
-journal says: steps before activation are redone (each is idempotent) once and rolled back
-(bundle marked bad) if the agent dies in the same step again, an interrupted activation is
-finished, a probation is resumed once and rolled back if the agent dies in it again, an
-interrupted rollback is finished. Before the pointer swap, the replaced model's latency
-baseline is written to `probation.json` (atomically, fsync'd); probation checkpoints the time
-it has observed there, so a resumed probation judges p95 against that baseline and runs only
-the remaining window (at least `_MIN_RESUMED_FRACTION` of it: the new model's statistics
+reported (a `state` event and a retained status); a rollback too: `rolled_back` is journaled
+(with whether the bundle is at fault) before the bundle goes in `bad.json`. `Updater.start`
+recovers from whatever the journal says: steps before activation are redone (each is
+idempotent) once and rolled back (bundle marked bad) if the agent dies in the same step
+again, an interrupted activation is finished, a probation is resumed once and rolled back if
+the agent dies in it again, an interrupted rollback is finished, and a `bad.json` entry for
+the journal's bundle and sequence counts as a decided rollback. The bundle is verified once
+per install, while it is extracted into the idle slot's staging folder (verifying), and the
+verified directive is passed along the pipeline (read back from the journal only after a
+restart). A newer valid directive cancels a download in progress.
+
+Before the pointer swap, the replaced model's latency baseline is written to
+`probation.json` (atomically, fsync'd); probation checkpoints the time it has observed
+there, so a resumed probation judges p95 against that baseline and runs only the remaining
+window (at least `_MIN_RESUMED_FRACTION` of it: the new model's statistics
 restart at zero). Shadow comparison stays off after a restart (the previous runtime is not
 loaded again); the `probation` state event's details say so. The record is removed when the
 update commits or rolls back. A slot reused for an update (a rollback directive naming
@@ -31,7 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,24 +47,29 @@ from edgekit.agent.config import AgentConfig
 from edgekit.agent.download import Fetcher
 from edgekit.agent.health import HealthReport, run_health_check
 from edgekit.agent.journal import Journal, JournalRecord, StorageError, fault_point
-from edgekit.agent.serving import ModelHost, ModelInfo, read_golden_tolerance
+from edgekit.agent.oip import InferenceLimits
+from edgekit.agent.serving import ModelHost, read_golden_tolerance
 from edgekit.agent.store import Pointer, SlotInfo, Store
 from edgekit.agent.telemetry import StatsSnapshot
 
 from edgekit import __version__
-from edgekit.bundle import Limits, hash_file, verify_bundle
+from edgekit.bundle import Limits, hash_file
 from edgekit.contract import Accepted, Duplicate, Refused, accept_directive, bundle_mismatch
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
 from edgekit.profiles import Budgets, Profile
 from edgekit.runtimes import Runtime, open_runtime
-from edgekit.topics import ActiveBundle, Event, Status
+from edgekit.topics import BundleId, Event, Status
 from edgekit.trust import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     BundleRef,
     Directive,
     DirectiveFloor,
     TrustStore,
+    TrustUpdate,
+    TrustUpdateError,
     parse_envelope,
+    verify_directive,
+    verify_trust_message,
 )
 
 __all__ = [
@@ -108,6 +120,28 @@ def effective_budgets(profile: Profile, config: AgentConfig) -> Budgets:
         max_model_bytes=over.max_model_bytes or base.max_model_bytes,
         max_ram_bytes=over.max_ram_bytes or base.max_ram_bytes,
         max_latency_ms=over.max_latency_ms or base.max_latency_ms,
+    )
+
+
+DEFAULT_INFERENCE_MEMORY_BYTES = 256 << 20
+"""What inference may use when neither the config nor the profile names a RAM budget."""
+
+
+def inference_limits(config: AgentConfig, budgets: Budgets) -> InferenceLimits:
+    """The bounds of local inference: `[inference]` settings, the rest derived from
+    `inference.memory_bytes`, else the RAM budget, else `DEFAULT_INFERENCE_MEMORY_BYTES`."""
+    settings = config.inference
+    memory = settings.memory_bytes or budgets.max_ram_bytes or DEFAULT_INFERENCE_MEMORY_BYTES
+    derived = InferenceLimits.for_memory(memory, max_concurrent=settings.max_concurrent)
+    return replace(
+        derived,
+        queue_wait_s=settings.queue_wait_s,
+        max_connections=settings.max_connections,
+        request_timeout_s=settings.request_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        max_body_bytes=settings.max_body_bytes or derived.max_body_bytes,
+        max_request_elements=settings.max_request_elements or derived.max_request_elements,
+        max_response_elements=settings.max_response_elements or derived.max_response_elements,
     )
 
 
@@ -196,17 +230,21 @@ class Updater:
         fetcher: Fetcher,
         reporter: Reporter,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        trust_envelope: bytes = b"",
     ) -> None:
         self.config = config
         self.profile = profile
         self.store = store
         self.journal = Journal(store.journal_path)
         self.trust = trust
+        self.trust_envelope = trust_envelope  # the signed form of `trust` (its floor)
+        self._trust_lock = threading.Lock()
         self.host = host
         self.fetcher = fetcher
         self.reporter = reporter
         self.clock = clock
         self.budgets = effective_budgets(profile, config)
+        self.inference_limits = inference_limits(config, self.budgets)
         self.record = JournalRecord()
         self._pending: collections.deque[bytes] = collections.deque(maxlen=16)
         self._wake = threading.Condition()
@@ -216,11 +254,12 @@ class Updater:
         self._resume = False
         self._recovered_failure: str | None = None  # a rollback decided at start, to report
         self._swapped = False  # this process swapped the host to the candidate
+        self._superseded = threading.Event()  # a newer directive arrived during a download
         self._plan: _ProbationPlan | None = None
 
     # -- reporting -----------------------------------------------------------------------
 
-    def _bundle_of(self, slot: str | None) -> ActiveBundle | None:
+    def _bundle_of(self, slot: str | None) -> BundleId | None:
         if slot is None:
             return None
         try:
@@ -301,6 +340,49 @@ class Updater:
         )
         self._publish_status()
 
+    # -- trust rotation --------------------------------------------------------------------
+
+    def apply_trust(self, payload: bytes) -> TrustUpdate | None:
+        """Apply a `trust` message (newer trust store versions, by the rotation rule): the new
+        version is made the device's floor on disk before it is used. Reports
+        `trust_updated` or `trust_refused`; None if refused."""
+        with self._trust_lock:
+            try:
+                update = verify_trust_message(
+                    payload,
+                    current=self.trust,
+                    current_envelope=self.trust_envelope,
+                    fleet=self.config.fleet,
+                    now=self.clock(),
+                )
+            except TrustUpdateError as e:
+                log.warning("refused a trust message: %s", first_line(e))
+                self.emit_event(
+                    "trust_refused",
+                    reason=first_line(e),
+                    bundle=None,
+                    rollout_id=None,
+                    details={"version": self.trust.version},
+                )
+                return None
+            if not update.applied:
+                return update  # nothing newer (a retained message seen again)
+            try:
+                self.store.set_trust_floor(update.envelope)
+            except StorageError as e:
+                self.report_error(f"cannot keep trust store version {update.store.version}: {e}")
+                return None
+            self.trust, self.trust_envelope = update.store, update.envelope
+        log.info("trust store rotated to version %d", update.store.version)
+        self.emit_event(
+            "trust_updated",
+            ok=True,
+            bundle=None,
+            rollout_id=None,
+            details={"version": update.store.version, "applied": list(update.applied)},
+        )
+        return update
+
     # -- start and recovery --------------------------------------------------------------
 
     def start(self) -> None:
@@ -317,8 +399,16 @@ class Updater:
         self._recover_pointer()
         if self.record.state not in ("activating", "probation"):
             self._clear_probation()
+        try:
+            removed = self.store.remove_leftovers(
+                keep_staging=self.record.state in ("verifying", "installing")
+            )
+            if removed:
+                log.info("removed what an interrupted write left behind: %s", removed)
+        except OSError as e:
+            log.warning("cannot remove leftovers of an interrupted write: %s", first_line(e))
         self._load_active()
-        if self.host.info is None and self.config.initial_bundle is not None:
+        if self.host.bundle is None and self.config.initial_bundle is not None:
             self._install_initial(self.config.initial_bundle)
         if self._recovered_failure is not None:
             reason, self._recovered_failure = self._recovered_failure, None
@@ -338,7 +428,13 @@ class Updater:
         try:
             self._recover_floor(record)
             pointer = self.store.pointer()
-            if state == "activating" and record.slot is not None:
+            decided = self._decided_failure(record)
+            if decided is not None:
+                # bad.json names this update's bundle and sequence: the rollback was decided
+                # (an earlier agent marked it bad before journaling the rollback).
+                self._rollback_on_disk(decided)
+                self._recovered_failure = decided
+            elif state == "activating" and record.slot is not None:
                 # The candidate passed its checks before "activating" was journaled: finish.
                 if pointer.active != record.slot:
                     self.store.set_pointer(Pointer(record.slot, record.previous_slot))
@@ -356,10 +452,11 @@ class Updater:
                     self.journal.write(self.record)
                     self._resume = True
             elif state == "rolled_back":
-                # The bundle was marked bad (when the failure was its fault) before this record
-                # was journaled; finishing the rollback must not mark a download or storage
-                # failure as the bundle's fault.
-                self._rollback_on_disk(record.reason or "rolled back", mark_bad=False)
+                # Finish it: the record says whether the bundle was at fault (a download or
+                # storage failure is not), and marking it bad again is harmless.
+                self._rollback_on_disk(
+                    record.reason or "rolled back", mark_bad=record.bundle_at_fault
+                )
             elif state in _PRE_ACTIVATION:
                 if record.slot is not None and pointer.active == record.slot:
                     # Never install over the serving slot (a journal from an older pointer).
@@ -400,18 +497,27 @@ class Updater:
         )
         self.store.set_floor(recovered, directive=record.directive)
 
+    def _decided_failure(self, record: JournalRecord) -> str | None:
+        """The reason bad.json gives for this update's bundle and sequence, if the journal
+        has not reached rolled_back yet (None otherwise)."""
+        if record.state in ("idle", "committed", "rolled_back") or record.bundle is None:
+            return None
+        return self.store.is_bad(record.bundle.sha256, sequence=record.sequence)
+
     def _fail_journal(self, reason: str) -> None:
-        self.record = self.record.advance("rolled_back", reason=reason)
+        self.record = self.record.advance("rolled_back", reason=reason, bundle_at_fault=False)
         self.journal.write(self.record)
 
     def _rollback_on_disk(self, reason: str, *, mark_bad: bool = True) -> None:
-        """Finish a rollback: pointer back to the previous slot, bundle marked bad."""
+        """Finish a rollback: journaled first, then the bundle marked bad, pointer back."""
         record = self.record
+        if record.state != "rolled_back":
+            record = self.record = record.advance(
+                "rolled_back", reason=reason, bundle_at_fault=mark_bad
+            )
+            self.journal.write(record)
         if mark_bad and record.bundle is not None:
             self.store.mark_bad(record.bundle.sha256, sequence=record.sequence, reason=reason)
-        if record.state != "rolled_back":
-            self.record = record.advance("rolled_back", reason=reason)
-            self.journal.write(self.record)
         pointer = self.store.pointer()
         if record.slot is not None and pointer.active == record.slot:
             self.store.set_pointer(Pointer(record.previous_slot, record.slot))
@@ -456,13 +562,12 @@ class Updater:
                 reference = loaded if isinstance(loaded, dict) else None
             except (OSError, ValueError) as e:
                 log.warning("ignoring %s: %s", stats_path, first_line(e))
-        model_info = ModelInfo(
-            info.name,
-            info.version,
-            info.sha256,
+        self.host.activate(
+            runtime,
+            info.bundle,
             tolerance=read_golden_tolerance(golden) if golden else None,
+            reference_stats=reference,
         )
-        self.host.activate(runtime, model_info, reference_stats=reference)
         self._serving = runtime
 
     def _install_initial(self, path: Path) -> None:
@@ -471,7 +576,7 @@ class Updater:
         try:
             _, sha = hash_file(path)
             floor, _ = self.store.floor()
-            info = self.store.install(
+            self.store.stage(
                 slot,
                 path,
                 trust=self.trust,
@@ -479,17 +584,16 @@ class Updater:
                 expected_sha256=sha,
                 limits=self._limits(),
             )
+            info = self.store.commit_staged(slot)
             self._check_profile(info)
             report = self._health(info)
             if not report.ok or report.runtime is None:
                 raise UpdateFailed(f"health check failed: {report.reason}")
-            self.record = JournalRecord(
-                state="committed", bundle=info.bundle, bundle_size=info.size_bytes, slot=slot
-            )
+            self.record = JournalRecord(state="committed", bundle=info.bundle, slot=slot)
             self.journal.write(self.record)
             self.store.set_pointer(Pointer(slot, None))
             self._activate_host(info, report.runtime)
-            log.info("installed the initial bundle %s %s", info.name, info.version)
+            log.info("installed the initial bundle %s %s", info.bundle.name, info.bundle.version)
         except (EdgekitError, OSError) as e:
             self.store.clear_slot(slot)
             self.report_error(f"cannot install the initial bundle {path}: {first_line(e)}")
@@ -523,6 +627,28 @@ class Updater:
         with self._wake:
             self._pending.append(bytes(envelope))
             self._wake.notify_all()
+        if self.record.state == "downloading" and self._supersedes(envelope):
+            log.info("a newer directive arrived: cancelling the download of the current one")
+            self._superseded.set()
+        return True
+
+    def _supersedes(self, envelope: bytes) -> bool:
+        """Whether `envelope` is a valid directive newer than the update in progress (checked
+        in full, so that nothing forged or replayed can cancel a download)."""
+        try:
+            floor, _ = self.store.floor()
+            verify_directive(
+                envelope,
+                truststore=self.trust,
+                fleet=self.config.fleet,
+                device=self.config.device_id,
+                floor=DirectiveFloor(
+                    max(floor.last_sequence, self.record.sequence), floor.min_security_epoch
+                ),
+                now=self.clock(),
+            )
+        except EdgekitError:
+            return False
         return True
 
     @property
@@ -536,7 +662,7 @@ class Updater:
             self._resume = False
             self._busy = True
             try:
-                self._continue(stop)
+                self._continue(stop, directive=self._journaled_directive())
             finally:
                 self._busy = False
         while not stop.is_set():
@@ -558,6 +684,7 @@ class Updater:
     def process(self, envelope: bytes, *, stop: threading.Event | None = None) -> None:
         """Verify a directive and, if accepted, run the update to committed or rolled back."""
         stop = stop or threading.Event()
+        self._superseded.clear()
         try:
             floor, last_digest = self.store.floor()
         except StorageError as e:
@@ -600,19 +727,18 @@ class Updater:
         ref = directive.bundle
         pointer = self.store.pointer()
         active = self._slot(pointer.active)
-        target = ActiveBundle(ref.name, ref.version, ref.sha256)
+        target = BundleId(ref.name, ref.version, ref.sha256)
         base = JournalRecord(
             state="idle",
             sequence=directive.sequence,
             rollout_id=directive.rollout_id,
             bundle=target,
-            bundle_size=ref.size_bytes,
             directive=envelope,
             previous_slot=pointer.active,
         )
         new_floor = accepted.floor
         try:
-            if active is not None and active.sha256 == ref.sha256:
+            if active is not None and active.bundle.sha256 == ref.sha256:
                 # Already running it (e.g. a re-issued directive): accept and report committed,
                 # once the slot still passes today's trust store and the directive's epoch.
                 try:
@@ -638,7 +764,11 @@ class Updater:
             idle = self._slot(slot)
             # The idle slot may still hold the bundle (a rollback directive): `_check`
             # re-verifies it against today's trust store and epoch floor before it serves.
-            reuse = idle is not None and idle.sha256 == ref.sha256 and self.store.has_envelope(slot)
+            reuse = (
+                idle is not None
+                and idle.bundle.sha256 == ref.sha256
+                and self.store.has_envelope(slot)
+            )
             first = "checking" if reuse else "downloading"
             self.record = base.advance(first, slot=slot)
             self.journal.write(self.record)
@@ -657,7 +787,7 @@ class Updater:
         self.emit_event("directive_accepted", sequence=directive.sequence)
         self.emit_event("state", state=first, sequence=directive.sequence)
         self._publish_status()
-        self._continue(stop)
+        self._continue(stop, directive=directive)
 
     def _refuse_active(
         self, base: JournalRecord, envelope: bytes, new_floor: DirectiveFloor, reason: str
@@ -668,7 +798,7 @@ class Updater:
         newer bundle)."""
         sequence = base.sequence
         log.error("directive %d names the serving bundle, refused: %s", sequence, reason)
-        self.record = base.advance("rolled_back", reason=reason)
+        self.record = base.advance("rolled_back", reason=reason, bundle_at_fault=True)
         self.journal.write(self.record)
         self.store.set_floor(new_floor, directive=envelope)
         if base.bundle is not None:
@@ -691,46 +821,61 @@ class Updater:
 
     # -- the pipeline --------------------------------------------------------------------
 
-    def _directive(self) -> Directive:
-        return Directive.from_payload(parse_envelope(self.record.directive).payload)
+    def _journaled_directive(self) -> Directive | None:
+        """The directive of the update the journal resumes (verified before it was journaled;
+        read back only after a restart)."""
+        if not self.record.directive:
+            return None
+        try:
+            return Directive.from_payload(parse_envelope(self.record.directive).payload)
+        except BundleError as e:
+            log.warning("journaled directive is unreadable: %s", first_line(e))
+            return None
 
     def _limits(self) -> Limits:
         cap = self.config.update.max_bundle_bytes
         return Limits(max_file_bytes=cap, max_total_bytes=cap)
 
-    def _continue(self, stop: threading.Event) -> None:
-        """Drive the journaled update from its current state to committed or rolled back."""
+    def _continue(self, stop: threading.Event, *, directive: Directive | None) -> None:
+        """Drive the journaled update from its current state to committed or rolled back.
+
+        `directive` is the verified directive the update applies (passed on from `_accept`,
+        or read back from the journal after a restart).
+        """
         candidate: _Candidate | None = None
+        staged_here = False  # verified and staged by this process (no need to re-verify)
+        installed: SlotInfo | None = None
         try:
-            directive = self._directive() if self.record.directive else None
             while True:
                 state = self.record.state
+                if state in ("downloading", "verifying", "installing") and directive is None:
+                    raise UpdateFailed(
+                        f"journal has no directive to resume {state}", mark_bad=False
+                    )
                 if state == "downloading":
-                    if directive is None:
-                        raise UpdateFailed("journal has no directive to download", mark_bad=False)
+                    assert directive is not None
                     self._download(directive.bundle, stop)
                     fault_point("downloading/done")
                     self._enter("verifying")
                 elif state == "verifying":
-                    if directive is None:
-                        raise UpdateFailed("journal has no directive to verify", mark_bad=False)
+                    assert directive is not None
                     if not self.store.download_path(directive.bundle.sha256).exists():
                         self._enter("downloading")  # the download vanished: fetch it again
                         continue
-                    self._verify(directive.bundle)
+                    self._stage(directive.bundle)
+                    staged_here = True
                     fault_point("verifying/done")
                     self._enter("installing")
                 elif state == "installing":
-                    if directive is None:
-                        raise UpdateFailed("journal has no directive to install", mark_bad=False)
-                    if not self.store.download_path(directive.bundle.sha256).exists():
-                        self._enter("downloading")
+                    assert directive is not None
+                    installed = self._install(directive.bundle)
+                    if installed is None:  # nothing staged survived a restart: verify again
+                        self._enter("verifying")
                         continue
-                    self._install(directive.bundle)
                     fault_point("installing/done")
                     self._enter("checking")
                 elif state == "checking":
-                    candidate = self._check()
+                    candidate = self._check(installed if staged_here else None)
                     fault_point("checking/done")
                     self._enter("activating")
                 elif state == "activating":
@@ -779,10 +924,18 @@ class Updater:
                 refused=True,
             )
         destination = self.store.download_path(ref.sha256)
+        superseded = self._superseded
+        deadline = time.monotonic() + self.config.update.download_timeout_s
+
+        def should_stop() -> bool:
+            return stop.is_set() or superseded.is_set()
+
         delay = 1.0
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
             try:
-                path = self.fetcher.fetch(ref, destination)
+                path = self.fetcher.fetch(
+                    ref, destination, should_stop=should_stop, deadline=deadline
+                )
             except OSError as e:
                 raise StorageError(
                     f"cannot store the download in {destination.parent}: {e.strerror or e} "
@@ -791,13 +944,18 @@ class Updater:
             except TransportError as e:
                 if stop.is_set():
                     raise _Interrupted() from e
-                if attempt == _DOWNLOAD_ATTEMPTS:
+                if superseded.is_set():
                     raise UpdateFailed(
-                        f"download failed after {attempt} attempts: {first_line(e)}",
+                        "superseded by a newer directive while downloading", mark_bad=False
+                    ) from e
+                if attempt == _DOWNLOAD_ATTEMPTS or time.monotonic() >= deadline:
+                    raise UpdateFailed(
+                        f"download failed after {attempt} attempt(s): {first_line(e)}",
                         mark_bad=False,
                     ) from e
                 log.warning("download attempt %d failed: %s", attempt, first_line(e))
-                stop.wait(delay)
+                if _wait_any(min(delay, max(0.0, deadline - time.monotonic())), stop, superseded):
+                    continue  # the next attempt notices why and ends at once
                 delay = min(delay * 2, 30.0)
                 continue
             stats = self.fetcher.last
@@ -810,16 +968,21 @@ class Updater:
             return path
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _verify(self, ref: BundleRef) -> None:
+    def _stage(self, ref: BundleRef) -> SlotInfo:
+        """verifying: the one verification of an install, while extracting the download into
+        the slot's staging folder; the manifest must match the directive and the profile."""
+        slot = self.record.slot
+        if slot is None:
+            raise UpdateFailed("journal names no slot to install into", mark_bad=False)
         floor, _ = self.store.floor()
-        with self.store.download_path(ref.sha256).open("rb") as source:
-            verified = verify_bundle(
-                source,
-                trust=self.trust,
-                min_security_epoch=floor.min_security_epoch,
-                limits=self._limits(),
-                expected_sha256=ref.sha256,
-            )
+        info, verified = self.store.stage(
+            slot,
+            self.store.download_path(ref.sha256),
+            trust=self.trust,
+            min_security_epoch=floor.min_security_epoch,
+            expected_sha256=ref.sha256,
+            limits=self._limits(),
+        )
         manifest = verified.manifest
         mismatch = bundle_mismatch(
             name=manifest.name,
@@ -830,21 +993,24 @@ class Updater:
             device_profile=self.profile.name,
         )
         if mismatch is not None:
+            self.store.clear_staging(slot)
             raise UpdateFailed(mismatch, refused=True)
+        return info
 
-    def _install(self, ref: BundleRef) -> None:
+    def _install(self, ref: BundleRef) -> SlotInfo | None:
+        """installing: move the staged bundle into the slot. Idempotent across a restart: if
+        the move had happened, the slot holds the bundle; None if neither holds it (it must
+        be verified and staged again)."""
         slot = self.record.slot
         if slot is None:
             raise UpdateFailed("journal names no slot to install into", mark_bad=False)
-        floor, _ = self.store.floor()
-        self.store.install(
-            slot,
-            self.store.download_path(ref.sha256),
-            trust=self.trust,
-            min_security_epoch=floor.min_security_epoch,
-            expected_sha256=ref.sha256,
-            limits=self._limits(),
-        )
+        staged = self.store.staged_info(slot)
+        if staged is not None and staged.bundle.sha256 == ref.sha256:
+            return self.store.commit_staged(slot)
+        held = self.store.slot_info(slot)
+        if staged is None and held is not None and held.bundle.sha256 == ref.sha256:
+            return held
+        return None
 
     def _check_profile(self, info: SlotInfo) -> None:
         if info.profile != self.profile.name:
@@ -861,20 +1027,25 @@ class Updater:
             tolerance=self.profile.health_check,
             latency_runs=self.config.update.latency_runs,
             threads=self.config.update.threads,
+            limits=self.inference_limits,
         )
 
-    def _check(self) -> _Candidate:
+    def _check(self, installed: SlotInfo | None) -> _Candidate:
+        """checking: the health check. `installed` is the slot this process just verified
+        and installed; otherwise (a reused slot installed long ago, or a restart) the slot is
+        re-hashed and its kept signatures and epoch re-checked against today's trust store
+        and floor first."""
         slot = self.record.slot
         if slot is None:
             raise UpdateFailed("journal names no slot to check", mark_bad=False)
-        # Re-hash, re-check the kept signatures against today's trust store and the epoch
-        # against the floor: the slot may be a reused one installed long ago (or recovered).
-        floor, _ = self.store.floor()
-        info = self.store.reverify_slot(
-            slot, trust=self.trust, min_security_epoch=floor.min_security_epoch
-        )
-        self._check_profile(info)
-        if self.record.bundle is not None and info.sha256 != self.record.bundle.sha256:
+        info = installed
+        if info is None:
+            floor, _ = self.store.floor()
+            info = self.store.reverify_slot(
+                slot, trust=self.trust, min_security_epoch=floor.min_security_epoch
+            )
+            self._check_profile(info)
+        if self.record.bundle is not None and info.bundle.sha256 != self.record.bundle.sha256:
             raise UpdateFailed(f"slot {slot} holds another bundle than the directive names")
         fault_point("checking/health")
         report = self._health(info)
@@ -899,8 +1070,8 @@ class Updater:
                 candidate = _Candidate(info, open_runtime(info.model_path))
             except EdgekitError as e:
                 raise UpdateFailed(f"cannot load the new model: {first_line(e)}") from e
-        active = self.host.info
-        swap = active is None or active.sha256 != candidate.slot.sha256
+        active = self.host.bundle
+        swap = active is None or active.sha256 != candidate.slot.bundle.sha256
         if swap:
             # Before the swap takes effect: the serving model's statistics are the baseline a
             # probation resumed after a restart judges against.
@@ -918,11 +1089,11 @@ class Updater:
     # -- probation -----------------------------------------------------------------------
 
     def _save_baseline(self, slot: SlotInfo) -> None:
-        serving = self.host.since_activation() if self.host.info is not None else None
+        serving = self.host.since_activation() if self.host.bundle is not None else None
         document = {
             "schema": PROBATION_SCHEMA,
             "sequence": self.record.sequence,
-            "bundle_sha256": slot.sha256,
+            "bundle_sha256": slot.bundle.sha256,
             "baseline": serving.to_dict() if serving is not None and serving.requests else None,
             "window_s": self.config.update.probation_s,
             "observed_s": 0.0,
@@ -1025,7 +1196,7 @@ class Updater:
             )
             self._publish_status()
         if plan.shadow:
-            self.host.set_shadow(self._previous_runtime, self.host.previous_info)
+            self.host.set_shadow(self._previous_runtime, tolerance=self.host.previous_tolerance)
         interval = min(_CHECKPOINT_MAX_S, max(_CHECKPOINT_MIN_S, settings.probation_s / 20))
         start = time.monotonic()
         deadline = start + plan.remaining_s
@@ -1092,16 +1263,19 @@ class Updater:
         log.info("committed %s", f"{bundle.name} {bundle.version}" if bundle else "")
 
     def _fail(self, failure: UpdateFailed) -> None:
-        """Roll back: journal, pointer back, host back to the previous model, mark bad."""
+        """Roll back: journal (the decision, durable first), mark the bundle bad, pointer
+        back, host back to the previous model. A restart at any step finishes the rollback
+        from the journal (`_recover_pointer`)."""
         record = self.record
         reason = failure.reason
         log.error("update to sequence %d failed: %s", record.sequence, reason)
         if failure.refused:
             self.emit_event("bundle_refused", reason=reason, sequence=record.sequence, ok=False)
         try:
+            self._enter("rolled_back", reason=reason, bundle_at_fault=failure.mark_bad)
+            fault_point("rolled_back/decided")
             if failure.mark_bad and record.bundle is not None:
                 self.store.mark_bad(record.bundle.sha256, sequence=record.sequence, reason=reason)
-            self._enter("rolled_back", reason=reason)
             self._clear_probation()
             pointer = self.store.pointer()
             if record.slot is not None and pointer.active == record.slot:
@@ -1110,8 +1284,17 @@ class Updater:
         except StorageError as e:
             self.report_error(f"cannot journal the rollback: {e}")
         self._restore_host(record)
-        if record.slot is not None and failure.refused:
-            self.store.clear_slot(record.slot)
+        if record.slot is not None:
+            self.store.clear_staging(record.slot)
+            held = self._slot(record.slot)
+            if (
+                failure.refused
+                and held is not None
+                and record.bundle is not None
+                and held.bundle.sha256 == record.bundle.sha256
+                and self.store.pointer().active != record.slot
+            ):
+                self.store.clear_slot(record.slot)  # refused: its files must not be reused
         self.emit_event(
             "rolled_back", ok=False, reason=reason, sequence=record.sequence, state="rolled_back"
         )
@@ -1119,8 +1302,8 @@ class Updater:
 
     def _restore_host(self, record: JournalRecord) -> None:
         previous = record.previous_slot
-        info = self.host.info
-        if record.bundle is None or info is None or info.sha256 != record.bundle.sha256:
+        serving = self.host.bundle
+        if record.bundle is None or serving is None or serving.sha256 != record.bundle.sha256:
             return  # the failed bundle never served
         runtime = self._previous_runtime
         slot = self._slot(previous)
@@ -1141,3 +1324,15 @@ class _Interrupted(UpdateFailed):
 
     def __init__(self) -> None:
         super().__init__("agent stopping", mark_bad=False)
+
+
+def _wait_any(seconds: float, *events: threading.Event) -> bool:
+    """Wait up to `seconds` for any of `events`; True if one is set."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if any(event.is_set() for event in events):
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        events[0].wait(min(0.1, remaining))

@@ -14,6 +14,12 @@ Measured in one run, peers side by side:
   server started, one request answered, then idle), next to a process that only opened a bare
   onnxruntime session on the same model; plus whether tensorflow, onnx or edgekit.converters
   were imported.
+- `concurrent`: 10 client threads, each with its own keep-alive connection, against an
+  agent-like server process (magika, the limits the agent derives for a 256 MiB inference
+  budget: 2 requests run at once, the others wait their turn); per-request p50/p99/max next
+  to one client alone, 503s, and requests per second. The goal is a bounded p99: about the
+  queue (10 clients / 2 slots) times one request's time, no outliers from 10 requests
+  fighting for 2 cores.
 - `import`: seconds to import `edgekit.agent.serving` and `edgekit.agent.oip` in a fresh
   interpreter (median of several), and the forbidden-module check there.
 - `update`: rows from `benchmarks/agent_update.py` when it exists (see `update_rows`).
@@ -40,9 +46,10 @@ from typing import Any
 
 import numpy as np
 from edgekit.agent.oip import InferenceServer
-from edgekit.agent.serving import ModelHost, ModelInfo
+from edgekit.agent.serving import ModelHost
 
 from edgekit.runtimes import OnnxRuntimeBackend, TensorSpec
+from edgekit.topics import BundleId
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,11 +104,11 @@ def _inprocess(
     runtime = OnnxRuntimeBackend(path, threads=threads)
     session = runtime._session  # the same session: only ModelHost + Runtime wrapper differ
     host = ModelHost("bench")
-    host.activate(runtime, ModelInfo("bench", "1", "0" * 64))
+    host.activate(runtime, BundleId("bench", "1", "0" * 64))
     drift_host = ModelHost("bench")
     drift_host.activate(
         runtime,
-        ModelInfo("bench", "1", "0" * 64),
+        BundleId("bench", "1", "0" * 64),
         reference_stats=_reference_stats(feed, runtime.inputs),
     )
     peers: dict[str, Callable[[], object]] = {
@@ -155,7 +162,7 @@ def _rest(
 ) -> dict[str, Any]:
     runtime = OnnxRuntimeBackend(path, threads=threads)
     host = ModelHost("bench")
-    host.activate(runtime, ModelInfo("bench", "1", "0" * 64))
+    host.activate(runtime, BundleId("bench", "1", "0" * 64))
     [(name, value)] = feed.items()
     datatype = {"int32": "INT32", "float32": "FP32"}[value.dtype.name]
     body = json.dumps(
@@ -275,6 +282,108 @@ def _idle_rss(script: str, model: Path, threads: int, settle_s: float = 1.0) -> 
         process.wait(10)
 
 
+_SERVER_PROCESS = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from edgekit.agent.serving import load_model
+    from edgekit.agent.oip import InferenceServer
+
+    host = load_model(Path(sys.argv[1]), name="bench", threads=int(sys.argv[2]))
+    try:
+        from edgekit.agent.oip import InferenceLimits
+    except ImportError:  # an edgekit before issue 13 (no limits): the peer to compare with
+        server = InferenceServer(host)
+    else:
+        server = InferenceServer(host, limits=InferenceLimits.for_memory(256 << 20))
+    server.start()
+    print(json.dumps({"port": server.port}), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _clients(
+    port: int, body: bytes, *, clients: int, requests: int
+) -> tuple[list[float], dict[int, int], float]:
+    """Latencies (ms) of `clients` threads x `requests` each, status counts, wall seconds."""
+    import threading
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    start_line = threading.Barrier(clients)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine: list[tuple[float, int]] = []
+        start_line.wait()
+        for _ in range(requests):
+            start = time.perf_counter()
+            conn.request("POST", "/v2/models/bench/infer", body=body)
+            response = conn.getresponse()
+            response.read()
+            mine.append(((time.perf_counter() - start) * 1e3, response.status))
+        conn.close()
+        with lock:
+            for latency, status in mine:
+                latencies.append(latency)
+                statuses[status] = statuses.get(status, 0) + 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, statuses, time.perf_counter() - began
+
+
+def _concurrent(
+    model: Path, feed: dict[str, np.ndarray], *, clients: int, requests: int, threads: int
+) -> dict[str, Any]:
+    [(name, value)] = feed.items()
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": name, "shape": list(value.shape), "datatype": "INT32",
+                 "data": value.ravel().tolist()}
+            ]
+        }
+    ).encode()  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_PROCESS, str(model), str(threads)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
+    try:
+        assert process.stdout is not None
+        port = int(json.loads(process.stdout.readline())["port"])
+        _clients(port, body, clients=2, requests=10)  # warm-up
+        alone, _, _ = _clients(port, body, clients=1, requests=clients * requests // 4)
+        together, statuses, wall_s = _clients(port, body, clients=clients, requests=requests)
+    finally:
+        process.kill()
+        process.wait(10)
+
+    def pct(values: list[float], q: float) -> float:
+        return round(float(np.percentile(values, q)), 3)
+
+    return {
+        "model": "magika-standard-v3.3",
+        "clients": clients,
+        "requests_per_client": requests,
+        "one_client": {"p50_ms": pct(alone, 50), "p99_ms": pct(alone, 99)},
+        "p50_ms": pct(together, 50),
+        "p99_ms": pct(together, 99),
+        "max_ms": round(max(together), 3),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "requests_per_s": round(len(together) / wall_s, 1),
+        "p99_over_one_client_p50": round(pct(together, 99) / pct(alone, 50), 2),
+    }
+
+
 _IMPORT_PROCESS = textwrap.dedent(
     """
     import json, sys, time
@@ -350,6 +459,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--rest-requests", type=int, default=200)
     parser.add_argument("--skip-update", action="store_true")
+    parser.add_argument("--clients", type=int, default=10, help="concurrent REST clients")
     args = parser.parse_args()
     if not MAGIKA.exists():
         sys.exit(f"error: {MAGIKA} is missing; set EDGEKIT_SHARED_MODELS")
@@ -379,6 +489,9 @@ def main() -> None:
             100 * (fixed_us + magika_drift_us) / magika_bare_us, 3
         ),
     }
+    concurrent = _concurrent(
+        MAGIKA, magika_feed, clients=args.clients, requests=50, threads=args.threads
+    )
     agent_rss, agent_report = _idle_rss(_AGENT_PROCESS, MAGIKA, args.threads)
     bare_rss, _ = _idle_rss(_BARE_PROCESS, MAGIKA, args.threads)
     result = {
@@ -388,11 +501,13 @@ def main() -> None:
         "meets_goal": inprocess["magika"]["overhead_pct"] <= GOAL_OVERHEAD_PCT,
         "rest_overhead_p50_ms": rest["magika"]["overhead_p50_ms"],
         "rest_overhead_p99_ms": rest["magika"]["overhead_p99_ms"],
+        "concurrent_p99_ms": concurrent["p99_ms"],
         "idle_rss_bytes": agent_rss,
         "import_serving_oip_s": None,
         "inprocess": inprocess,
         "inprocess_derived": derived,
         "rest": rest,
+        "concurrent": concurrent,
         "rest_note": "client and server share one process (and its GIL): a pessimistic REST "
         "overhead; JSON encoding of the request and response dominates for magika",
         "footprint": {

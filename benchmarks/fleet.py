@@ -85,7 +85,7 @@ def _transfer_once(
     downloads = work / "downloads"
     start = time.perf_counter()
     MqttBundleFetcher(
-        fetch_client, TOPICS.bundle_prefix(sha), downloads, sha256=sha, size=size, window=16
+        fetch_client, TOPICS.bundle_prefix(sha), downloads, sha256=sha, size_bytes=size, window=16
     ).fetch(destination, timeout_s=600)
     fetch_s = time.perf_counter() - start
     if hashlib.sha256(destination.read_bytes()).hexdigest() != sha:

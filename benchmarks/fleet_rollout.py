@@ -39,7 +39,7 @@ from edgekit.fleet.simulate import SimulatedFleet
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings
-from edgekit.topics import ActiveBundle
+from edgekit.topics import BundleId
 from edgekit.trust import Signer, TrustStore, create_truststore
 
 CREATED = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -92,7 +92,7 @@ def _one(
     strategy: str,
 ) -> dict[str, Any]:
     fleet = f"bench-{count}-{strategy}"
-    initial = ActiveBundle("bench", "1.0.0", "0" * 64)
+    initial = BundleId("bench", "1.0.0", "0" * 64)
     release = load_release([bundle])
     with (
         SimulatedFleet(

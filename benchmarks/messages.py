@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgekit.messages import MAX_DEPTH, ActiveBundle, MessageError, Telemetry, check_depth
+from edgekit.messages import MAX_DEPTH, BundleId, MessageError, Telemetry, check_depth
 
 
 def hand_written(payload: bytes) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def _valid() -> bytes:
         rss_bytes=61_000_000,
         temperature_c=51.2,
         drift_psi=0.031,
-        bundle=ActiveBundle("digits", "2.1.0", "a" * 64),
+        bundle=BundleId("digits", "2.1.0", "a" * 64),
         rollout_id="r-20250601T120000-abc123",
         state="committed",
         dropped=0,

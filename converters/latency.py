@@ -30,7 +30,7 @@ from edgekit.converters.benchmark import (
 from edgekit.converters.candidates import CandidateReport, order_key
 from edgekit.converters.choice import latency_class, verdict
 
-from edgekit.bundle import hash_file
+from edgekit.files import hash_file
 from edgekit.messages import Measurements
 from edgekit.profiles import Profile
 

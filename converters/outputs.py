@@ -26,8 +26,8 @@ from edgekit.converters.data import Dataset
 from edgekit.converters.passes.base import PassResult
 
 from edgekit import __version__
-from edgekit.bundle import hash_file
 from edgekit.errors import ConversionError
+from edgekit.files import hash_file
 from edgekit.profiles import Profile
 from edgekit.runtimes import Runtime, TensorSpec, model_feed
 

@@ -448,14 +448,12 @@ def _parse_output_kinds(given: tuple[str, ...]) -> dict[str, OutputKind]:
 
 def _record_verify_runtime(path: Path, runtime_report: VerifyReport) -> None:
     """Add the device check's summary to the converter's report.json (atomically)."""
-    import os
+    from edgekit.files import write_atomic
 
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         document["verify_runtime"] = runtime_report.to_dict()
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, path)
+        write_atomic(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
     except (OSError, ValueError) as e:
         raise EdgekitError(f"cannot add the runtime check to {path}: {e}") from e
 

@@ -306,6 +306,38 @@ def _print_devices(records: Sequence[DeviceRecord], fleet: str) -> None:
     console.print(f"{online} online, {len(records) - online} offline")
 
 
+# -- trust ---------------------------------------------------------------------------------------
+
+
+@fleet_group.command("trust")
+@click.argument(
+    "stores", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@_fleet_option(required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_broker_options
+def trust_command(
+    *, stores: tuple[Path, ...], fleet: str, as_json: bool, settings: BrokerSettings
+) -> None:
+    """Deliver a trust store rotation: publish STORES (signed versions, e.g. v1 v2 v3) retained
+    on the fleet's trust topic. Each version must follow the one before by the rotation rule;
+    devices apply those newer than theirs, keep the newest, and refuse what the rotated
+    roles no longer sign."""
+    from edgekit.fleet.trust import publish_trust
+
+    envelopes = [path.read_bytes() for path in stores]
+    with fleet_client(settings) as connection:
+        newest = publish_trust(connection, fleet, envelopes)
+    topic = Topics(fleet).trust()
+    if as_json:
+        click.echo(json.dumps({"topic": topic, "version": newest.version, "count": len(stores)}))
+        return
+    _stdout().print(
+        f"published trust store versions up to {newest.version} ({len(stores)} in the chain) "
+        f"on {topic} (retained)"
+    )
+
+
 # -- publish -------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 Errors are not caught here: any `EdgekitError` propagates to the main CLI, which prints one
 line and exits with code 2. Passphrases come from `EDGEKIT_KEY_PASSPHRASE` or a hidden prompt.
+Every file written (trust stores, drafts, signatures, public keys) replaces the old one
+atomically and durably (`edgekit.files.write_atomic`): a kill mid-write leaves the old file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from edgekit.bundle import (
     sign_bundle,
     verify_bundle,
 )
+from edgekit.errors import EdgekitError
+from edgekit.files import write_atomic as _replace_file
 from edgekit.trust._schema import format_rfc3339, parse_rfc3339
 from edgekit.trust.dsse import Envelope, SignaturePolicy, add_signatures, check_signatures, pae
 from edgekit.trust.errors import BundleError, SignatureError, TrustStoreError
@@ -58,6 +62,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 __all__ = ["bundle_group", "keys_group", "trust_group"]
 
 _ROLE_CHOICE = click.Choice(ROLE_NAMES)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` atomically and durably, or say what failed (the old file stays)."""
+    try:
+        _replace_file(path, data)
+    except OSError as e:
+        raise EdgekitError(
+            f"cannot write {path}: {e.strerror or e}; {path} is unchanged (free space, "
+            "permissions?)"
+        ) from e
 
 
 def _console() -> Console:
@@ -161,7 +176,7 @@ def keys_export_public(*, name: str, output: Path | None) -> None:
     if output is None:
         click.echo(pem.decode("ascii"), nl=False)
     else:
-        output.write_bytes(pem)
+        write_atomic(output, pem)
         click.echo(f"wrote {output}")
 
 
@@ -186,7 +201,7 @@ def _write_draft(store: TrustStore, source: Envelope, output: Path) -> TrustStor
     # A signed store is a published version: edits start version N+1. An unsigned draft is
     # edited in place, so several edits make one new version.
     draft = store.next_version() if source.signatures else store
-    output.write_bytes(sign_truststore(draft, []))
+    write_atomic(output, sign_truststore(draft, []))
     return draft
 
 
@@ -252,7 +267,7 @@ def trust_init(
     if not sign_names:
         local_private = {i.name for i in list_keys() if i.private_path is not None}
         sign_names = tuple(k for k in root_keys if k in local_private)
-    output.write_bytes(sign_truststore(store, _signers(sign_names)))
+    write_atomic(output, sign_truststore(store, _signers(sign_names)))
     _print_self_status(output)
 
 
@@ -328,8 +343,8 @@ def trust_sign(*, file: Path, key_names: tuple[str, ...], previous: Path | None)
                 + (" or of the previous version" if previous_store else "")
                 + ": only root keys sign trust stores"
             )
-    file.write_bytes(
-        add_signatures(file.read_bytes(), signers, payload_type=TRUSTSTORE_PAYLOAD_TYPE)
+    write_atomic(
+        file, add_signatures(file.read_bytes(), signers, payload_type=TRUSTSTORE_PAYLOAD_TYPE)
     )
     _print_self_status(file)
     if previous_store is not None:

@@ -60,7 +60,7 @@ __all__ = [
     "REJECT_REASONS",
     "STATUS_SCHEMA",
     "TELEMETRY_SCHEMA",
-    "ActiveBundle",
+    "BundleId",
     "BundleMeta",
     "CandidateMeasurement",
     "DeviceInfo",
@@ -120,6 +120,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "rolled_back",  # `reason` says why
     "bundle_refused",  # signature, hash, manifest or profile mismatch; `reason` says which
     "error",  # the agent kept serving but something needs attention (disk full, journal)
+    "trust_updated",  # a trust store rotation was applied; `details` has version and applied
+    "trust_refused",  # a trust message or provisioned trust store was refused; `reason` says why
     "bench_refused",  # a bench request was refused; `reason` says why, `details.request_id`
     "bench_started",  # fetching and measuring; `details` has the request id and files
     "bench_done",  # measurements published on devices/<id>/bench/result (or `ok: false`)
@@ -282,7 +284,7 @@ def message(*, schema: str, max_bytes: int) -> Callable[[MessageType], MessageTy
 # -- the messages ---------------------------------------------------------------------------------
 
 
-class ActiveBundle(msgspec.Struct, frozen=True):
+class BundleId(msgspec.Struct, frozen=True):
     """The bundle a device runs (or ran): name, semantic version and sha256 of the `.ekb`."""
 
     name: Label
@@ -290,7 +292,7 @@ class ActiveBundle(msgspec.Struct, frozen=True):
     sha256: Sha256
 
     @classmethod
-    def from_json(cls, value: object) -> ActiveBundle | None:
+    def from_json(cls, value: object) -> BundleId | None:
         """From a decoded JSON value (a journal or state file); None stays None."""
         if value is None:
             return None
@@ -314,8 +316,8 @@ class Status(_Message, frozen=True, tag_field="schema", tag=STATUS_SCHEMA):
     profile: Label = ""
     group: Label = ""
     tags: Tags = {}
-    active: ActiveBundle | None = None
-    previous: ActiveBundle | None = None
+    active: BundleId | None = None
+    previous: BundleId | None = None
     rollout_id: Label | None = None
     last_sequence: Count = 0
     agent_version: Label = ""
@@ -332,7 +334,7 @@ class Event(_Message, frozen=True, tag_field="schema", tag=EVENT_SCHEMA):
     state: Token | None = None
     ok: bool | None = None
     reason: Reason | None = None
-    bundle: ActiveBundle | None = None
+    bundle: BundleId | None = None
     rollout_id: Label | None = None
     sequence: Count | None = None
     details: Details = {}
@@ -359,7 +361,7 @@ class Telemetry(_Message, frozen=True, tag_field="schema", tag=TELEMETRY_SCHEMA)
     rss_bytes: Count | None = None
     temperature_c: Annotated[float, Meta(ge=-300, le=1000)] | None = None
     drift_psi: Annotated[float, Meta(ge=0, le=1e9)] | None = None
-    bundle: ActiveBundle | None = None
+    bundle: BundleId | None = None
     rollout_id: Label | None = None
     state: Token | None = None
     dropped: Count = 0
@@ -371,8 +373,8 @@ class BundleMeta(_Message, frozen=True, tag_field="schema", tag=BUNDLE_META_SCHE
     """`bundles/<sha>/meta`: how a bundle is split into retained chunks."""
 
     sha256: Sha256
-    size: Annotated[int, Meta(ge=1, le=2**40)]
-    chunk_size: Annotated[int, Meta(ge=1, le=2**32)]
+    size_bytes: Annotated[int, Meta(ge=1, le=2**40)] = msgspec.field(name="size")
+    chunk_size: Annotated[int, Meta(ge=1, le=2**32)] = msgspec.field()
     chunks: Annotated[int, Meta(ge=1, le=2**32)]
     name: Label = ""
     version: Label = ""
@@ -380,19 +382,19 @@ class BundleMeta(_Message, frozen=True, tag_field="schema", tag=BUNDLE_META_SCHE
     def __post_init__(self) -> None:
         if not _SHA256.fullmatch(self.sha256):
             raise MessageError("bundle meta: sha256 must be 64 lowercase hex digits")
-        if self.size < 1 or self.chunk_size < 1:
+        if self.size_bytes < 1 or self.chunk_size < 1:
             raise MessageError("bundle meta: size and chunk_size must be positive")
-        if self.chunks != -(-self.size // self.chunk_size):
+        if self.chunks != -(-self.size_bytes // self.chunk_size):
             raise MessageError(
-                f"bundle meta: {self.chunks} chunks cannot hold {self.size} bytes in chunks of "
-                f"{self.chunk_size}"
+                f"bundle meta: {self.chunks} chunks cannot hold {self.size_bytes} bytes in "
+                f"chunks of {self.chunk_size}"
             )
 
     @classmethod
     def for_size(
-        cls, sha256: str, size: int, *, chunk_size: int, name: str = "", version: str = ""
+        cls, sha256: str, size_bytes: int, *, chunk_size: int, name: str = "", version: str = ""
     ) -> BundleMeta:
-        return cls(sha256, size, chunk_size, -(-size // chunk_size), name, version)
+        return cls(sha256, size_bytes, chunk_size, -(-size_bytes // chunk_size), name, version)
 
 
 # -- device measurements (`edgekit-agent bench`, `devices/<id>/bench/result`) ---------------------

@@ -164,7 +164,10 @@ class OnnxRuntimeBackend(Runtime):
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        # Fatal only: every failure raises with its message, and the caller reports it (a 500,
+        # a probation error count); an error line on stderr per failed request would flood a
+        # device's journal.
+        options.log_severity_level = 4
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         source = str(model) if isinstance(model, Path) else model

@@ -22,7 +22,7 @@ from edgekit.messages import (
     EVENT_SCHEMA,
     STATUS_SCHEMA,
     TELEMETRY_SCHEMA,
-    ActiveBundle,
+    BundleId,
     BundleMeta,
     Event,
     MessageError,
@@ -38,7 +38,7 @@ __all__ = [
     "EVENT_SCHEMA",
     "STATUS_SCHEMA",
     "TELEMETRY_SCHEMA",
-    "ActiveBundle",
+    "BundleId",
     "BundleMeta",
     "BundleTopics",
     "Event",
@@ -173,6 +173,11 @@ class Topics:
     def bench_result(self, device: str) -> str:
         """Not retained, QoS 1, written by the agent: the `Measurements` of a bench request."""
         return self._device(device, "bench/result")
+
+    def trust(self) -> str:
+        """Retained, QoS 1, written by the operator: the fleet's chain of signed trust store
+        versions (`edgekit.trust.rotation.trust_message`)."""
+        return f"{self.prefix}/trust"
 
     def bundle_prefix(self, sha256: str) -> str:
         """The `topic_prefix` a directive's MQTT source names for a bundle."""

@@ -24,8 +24,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgekit.bundle import fsync_dir
 from edgekit.errors import TransportError
+from edgekit.files import fsync_dir
 from edgekit.messages import BundleMeta, MessageError
 from edgekit.topics import BundleTopics, Topics
 
@@ -186,9 +186,9 @@ class ChunkAssembler:
                 f"bundle {meta.sha256[:12]}: chunk size {meta.chunk_size} exceeds the "
                 f"{MAX_CHUNK_BYTES}-byte limit"
             )
-        if max_bytes is not None and meta.size > max_bytes:
+        if max_bytes is not None and meta.size_bytes > max_bytes:
             raise TransferError(
-                f"bundle {meta.sha256[:12]} is {meta.size} bytes; the limit is {max_bytes}"
+                f"bundle {meta.sha256[:12]} is {meta.size_bytes} bytes; the limit is {max_bytes}"
             )
         self.meta = meta
         self.directory = directory
@@ -204,7 +204,7 @@ class ChunkAssembler:
                 log.warning("ignoring a corrupt chunk bitmap %s", self.have_path)
         mode = "r+b" if self.part_path.exists() else "w+b"
         self._file = self.part_path.open(mode)
-        self._file.truncate(meta.size)
+        self._file.truncate(meta.size_bytes)
         self._held = sum(self._have)
         self.resumed_chunks = self._held
         self.written_chunks = 0
@@ -233,7 +233,7 @@ class ChunkAssembler:
 
     def expected_length(self, index: int) -> int:
         if index == self.meta.chunks - 1:
-            return self.meta.size - index * self.meta.chunk_size
+            return self.meta.size_bytes - index * self.meta.chunk_size
         return self.meta.chunk_size
 
     def add(self, index: int, data: bytes) -> bool:
@@ -321,7 +321,7 @@ class MqttBundleFetcher:
         directory: Path,
         *,
         sha256: str,
-        size: int,
+        size_bytes: int,
         window: int = 8,
         max_bytes: int | None = None,
         stall_s: float = 3.0,
@@ -331,7 +331,7 @@ class MqttBundleFetcher:
         self.names = BundleTopics(self.prefix)
         self.directory = directory
         self.sha256 = sha256
-        self.size = size
+        self.size_bytes = size_bytes
         self.window = max(1, window)
         self.max_bytes = max_bytes
         self.stall_s = stall_s
@@ -361,11 +361,11 @@ class MqttBundleFetcher:
                     raise TransferError(
                         f"bundle meta under {self.prefix} is invalid ({error.reason}): {error}"
                     ) from None
-                if meta.sha256 != self.sha256 or meta.size != self.size:
+                if meta.sha256 != self.sha256 or meta.size_bytes != self.size_bytes:
                     raise TransferError(
                         f"bundle meta under {self.prefix} names sha {meta.sha256[:12]} and "
-                        f"{meta.size} bytes; the directive pins {self.sha256[:12]} and "
-                        f"{self.size} bytes"
+                        f"{meta.size_bytes} bytes; the directive pins {self.sha256[:12]} and "
+                        f"{self.size_bytes} bytes"
                     )
                 self.assembler = ChunkAssembler(self.directory, meta, max_bytes=self.max_bytes)
             except TransferError as error:
@@ -451,8 +451,8 @@ class MqttBundleFetcher:
                             last_held, last_progress = held, now
                             if progress:
                                 progress(
-                                    min(held * self.assembler.meta.chunk_size, self.size),
-                                    self.size,
+                                    min(held * self.assembler.meta.chunk_size, self.size_bytes),
+                                    self.size_bytes,
                                 )
                         elif now - last_progress > self.stall_s:
                             # Broker restarted or the session dropped our subscriptions.
@@ -467,7 +467,7 @@ class MqttBundleFetcher:
                     self._changed.wait(timeout=0.5)
                 assembler = self.assembler
             if progress:
-                progress(self.size, self.size)
+                progress(self.size_bytes, self.size_bytes)
             try:
                 return assembler.finish(destination)
             except OSError as error:

@@ -43,8 +43,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
-from edgekit.bundle import fsync_dir
 from edgekit.errors import BundleError, EdgekitError, first_line
+from edgekit.files import fsync_dir
 from edgekit.profiles import (
     AccuracyTolerance,
     HealthCheckTolerance,

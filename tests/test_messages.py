@@ -216,7 +216,7 @@ def test_fetcher_handlers_refuse_hostile_meta_and_chunks(
 ) -> None:
     prefix = TOPICS.bundle_prefix("b" * 64)
     fetcher = MqttBundleFetcher(
-        _offline_client(), prefix, tmp_path / "dl", sha256="b" * 64, size=100
+        _offline_client(), prefix, tmp_path / "dl", sha256="b" * 64, size_bytes=100
     )
     payload = data.draw(hostile_payloads("edgekit.bundle-meta/v1"))
     fetcher._on_meta(Message(f"{prefix}/meta", payload))  # never raises

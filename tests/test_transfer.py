@@ -53,18 +53,18 @@ def test_publish_then_fetch_round_trip(
     publisher = _connected(mosquitto)
     clients.append(publisher)
     meta = publish_bundle(publisher, TOPICS, source, chunk_size=64 * 1024, version="1.0.0")
-    assert (meta.sha256, meta.size, meta.chunks) == (sha, 1_000_003, 16)
+    assert (meta.sha256, meta.size_bytes, meta.chunks) == (sha, 1_000_003, 16)
 
     device = _connected(mosquitto)
     clients.append(device)
     fetcher = MqttBundleFetcher(
-        device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size=meta.size
+        device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size_bytes=meta.size_bytes
     )
     seen: list[int] = []
     out = fetcher.fetch(tmp_path / "got.ekb", timeout_s=30, progress=lambda d, _t: seen.append(d))
     assert out.read_bytes() == source.read_bytes()
     assert fetcher.chunks_received == 16
-    assert seen[-1] == meta.size
+    assert seen[-1] == meta.size_bytes
     assert not list((tmp_path / "dl").glob("*.part"))
 
 
@@ -78,7 +78,7 @@ def test_fetch_refuses_meta_that_disagrees_with_the_pin(
     device = _connected(mosquitto)
     clients.append(device)
     fetcher = MqttBundleFetcher(
-        device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size=4999
+        device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size_bytes=4999
     )
     with pytest.raises(TransferError, match="pins"):
         fetcher.fetch(tmp_path / "got.ekb", timeout_s=10)
@@ -96,13 +96,18 @@ def test_interrupted_fetch_resumes_after_broker_restart(
         pass
 
     def stop_after_half(done: int, _total: int) -> None:
-        if done >= meta.size // 2:
+        if done >= meta.size_bytes // 2:
             raise StopError
 
     first = _connected(mosquitto)
     clients.append(first)
     fetcher = MqttBundleFetcher(
-        first, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size=meta.size, window=4
+        first,
+        TOPICS.bundle_prefix(sha),
+        tmp_path / "dl",
+        sha256=sha,
+        size_bytes=meta.size_bytes,
+        window=4,
     )
     with pytest.raises(StopError):
         fetcher.fetch(tmp_path / "got.ekb", progress=stop_after_half)
@@ -114,7 +119,7 @@ def test_interrupted_fetch_resumes_after_broker_restart(
     second = _connected(mosquitto)
     clients.append(second)
     resumed = MqttBundleFetcher(
-        second, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size=meta.size
+        second, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size_bytes=meta.size_bytes
     )
     out = resumed.fetch(tmp_path / "got.ekb", timeout_s=30)
     assert out.read_bytes() == source.read_bytes()
@@ -136,7 +141,7 @@ def test_broker_restart_during_fetch_does_not_start_over(
     device = _connected(mosquitto, client_id="edgekit-test-dev-1")
     clients.append(device)
     fetcher = MqttBundleFetcher(
-        device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size=meta.size,
+        device, TOPICS.bundle_prefix(sha), tmp_path / "dl", sha256=sha, size_bytes=meta.size_bytes,
         window=1, stall_s=1.0,
     )  # fmt: skip
     result: list[Path | BaseException] = []
@@ -215,7 +220,7 @@ def test_disk_errors_end_the_fetch_as_storage_errors(
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     fetcher = MqttBundleFetcher(
-        device, TOPICS.bundle_prefix(sha), blocker / "dl", sha256=sha, size=5000
+        device, TOPICS.bundle_prefix(sha), blocker / "dl", sha256=sha, size_bytes=5000
     )
     with pytest.raises(TransferStorageError, match="cannot write"):
         fetcher.fetch(tmp_path / "got.ekb", timeout_s=10)

@@ -80,7 +80,7 @@ def bench_on_device(
                     BenchFile(
                         name=name,
                         sha256=meta.sha256,
-                        size_bytes=meta.size,
+                        size_bytes=meta.size_bytes,
                         topic_prefix=topics.bundle_prefix(meta.sha256),
                     )
                 )

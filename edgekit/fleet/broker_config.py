@@ -34,13 +34,12 @@ import base64
 import csv
 import hashlib
 import io
-import os
 import secrets
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekit import files
 from edgekit.errors import EdgekitError
 from edgekit.topics import (
     CLIENT_ID_PREFIX,
@@ -333,29 +332,9 @@ def _read_credentials(path: Path) -> dict[str, str]:
 
 
 def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
-    """Write `text` to `path` through an unpredictable temp file in the same directory.
-
-    `mkstemp` creates the temp file with O_EXCL (never following a planted link) and mode
-    0600 from the start, so a secret is never readable by others, even briefly; the file and
-    then the directory are fsynced so the rename survives a crash.
-    """
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """`edgekit.files.write_atomic` of `text`: the temp file is created 0600 with O_EXCL (a
+    secret is never readable by others, even briefly), then gets `mode` before the rename."""
+    files.write_atomic(path, text.encode("utf-8"), mode=mode)
 
 
 def write_broker_config(

@@ -21,7 +21,7 @@ from typing import Any
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import BrokerSettings, Inbox, Message, MqttClient
 from edgekit.topics import (
-    ActiveBundle,
+    BundleId,
     MessageError,
     Status,
     Topics,
@@ -100,8 +100,8 @@ class DeviceRecord:
     profile: str
     group: str
     tags: Mapping[str, str]
-    active: ActiveBundle | None
-    previous: ActiveBundle | None
+    active: BundleId | None
+    previous: BundleId | None
     rollout_id: str | None
     last_sequence: int
     agent_version: str

@@ -25,19 +25,20 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekit.bundle import hash_file, inspect_bundle, verify_bundle
+from edgekit.bundle import inspect_bundle, verify_bundle
 from edgekit.contract import peek_sequence
 from edgekit.errors import EdgekitError
+from edgekit.files import hash_file
 from edgekit.fleet.cohorts import Strategy, assign_waves, wave_fractions
 from edgekit.fleet.gates import AllOf, GateResult, WaveObservation, standard_gates
 from edgekit.fleet.registry import DeviceRecord, DeviceRegistry, DeviceSelector
 from edgekit.fleet.store import (
-    BundleRecord,
+    ReleaseBundle,
     RolloutRecord,
     RolloutState,
     RolloutStore,
@@ -45,7 +46,7 @@ from edgekit.fleet.store import (
 )
 from edgekit.mqtt import Inbox, Message, MqttClient, wait_all
 from edgekit.topics import (
-    ActiveBundle,
+    BundleId,
     BundleMeta,
     Event,
     MessageError,
@@ -92,36 +93,6 @@ class RolloutError(EdgekitError):
 
 # ---------------------------------------------------------------------------------------------
 # Release: the signed bundles a rollout ships, one per profile.
-
-
-@dataclass(frozen=True)
-class ReleaseBundle:
-    """One bundle of a release: where it is, what its manifest says, its pin."""
-
-    path: Path | None
-    sha256: str
-    size_bytes: int
-    name: str
-    version: str
-    profile: str
-    security_epoch: int
-
-    @property
-    def active(self) -> ActiveBundle:
-        return ActiveBundle(self.name, self.version, self.sha256)
-
-    def to_record(self, sources: Sequence[BundleSource]) -> BundleRecord:
-        """What the store keeps to name this bundle in a directive again."""
-        return BundleRecord(
-            sha256=self.sha256,
-            name=self.name,
-            version=self.version,
-            profile=self.profile,
-            size_bytes=self.size_bytes,
-            security_epoch=self.security_epoch,
-            sources=tuple(source.to_json() for source in sources),
-            path=str(self.path) if self.path else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -191,23 +162,6 @@ def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None)
             )
         )
     return Release(tuple(bundles))
-
-
-def _release_from_store(records: Sequence[BundleRecord]) -> Release:
-    return Release(
-        tuple(
-            ReleaseBundle(
-                path=Path(r.path) if r.path else None,
-                sha256=r.sha256,
-                size_bytes=r.size_bytes,
-                name=r.name,
-                version=r.version,
-                profile=r.profile,
-                security_epoch=r.security_epoch,
-            )
-            for r in records
-        )
-    )
 
 
 def _sources(
@@ -280,7 +234,7 @@ def publish_release(
     mqtt = BundleSource("mqtt", topics.bundle_prefix(meta.sha256))
     known = store.bundle(bundle.sha256)
     sources = [] if known is None else [_source(entry) for entry in known.sources]
-    store.record_bundle(bundle.to_record([*sources, *([] if mqtt in sources else [mqtt])]))
+    store.record_bundle(_with_sources(bundle, [*sources, *([] if mqtt in sources else [mqtt])]))
     return meta
 
 
@@ -444,11 +398,16 @@ def new_rollout_id() -> str:
     return f"r-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _bundle_json(bundle: ActiveBundle) -> dict[str, str]:
+def _bundle_json(bundle: BundleId) -> dict[str, str]:
     return {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256}
 
 
-def _epoch_why(previous: BundleRecord, current: BundleRecord | ReleaseBundle) -> str:
+def _with_sources(bundle: ReleaseBundle, sources: Sequence[BundleSource]) -> ReleaseBundle:
+    """`bundle` as the store keeps it: with the places devices fetch it from."""
+    return replace(bundle, sources=tuple(source.to_json() for source in sources))
+
+
+def _epoch_why(previous: ReleaseBundle, current: ReleaseBundle) -> str:
     """Why a device cannot go back from `current` to `previous`."""
     return (
         f"previous bundle {previous.name} {previous.version} has security epoch "
@@ -687,7 +646,7 @@ class RolloutController:
             sources = _sources(
                 bundle, self.topics, mqtt=options.publish_mqtt, url_templates=options.bundle_urls
             )
-            self.store.record_bundle(bundle.to_record(sources))
+            self.store.record_bundle(_with_sources(bundle, sources))
         rollout_id = rollout_id or new_rollout_id()
         spec = {
             "options": options.to_json(),
@@ -719,7 +678,7 @@ class RolloutController:
         refuses any bundle below it ever after, so a previous bundle of a lower epoch cannot be
         reverted to.
         """
-        previous: dict[str, tuple[ActiveBundle, ReleaseBundle]] = {}
+        previous: dict[str, tuple[BundleId, ReleaseBundle]] = {}
         for record in selected:
             bundle = release.for_profile(record.profile)
             if bundle is not None and record.active and record.active.sha256 != bundle.sha256:
@@ -820,7 +779,11 @@ class RolloutController:
             if entry["sha256"] not in shas or self._meta_on_broker(entry["sha256"]) is not None:
                 continue  # retained on the broker already (a resumed rollout, `fleet publish`)
             bundle = ReleaseBundle(
-                **{**entry, "path": Path(entry["path"]) if entry["path"] else None}
+                **{
+                    **entry,
+                    "path": Path(entry["path"]) if entry["path"] else None,
+                    "sources": tuple(entry.get("sources", ())),
+                }
             )
             logger.info("publishing bundle %s (%d bytes)", bundle.sha256[:12], bundle.size_bytes)
             # A large bundle takes a while: keep the heartbeat going, so nobody takes the
@@ -876,7 +839,7 @@ class RolloutController:
         rollout_id: str,
         device: str,
         sequence: int,
-        bundle: BundleRecord,
+        bundle: ReleaseBundle,
         min_security_epoch: int,
         ttl_s: float,
     ) -> bytes:
@@ -905,7 +868,7 @@ class RolloutController:
         seen += [_unverified_sequence(e) for e in self._observed.desired.values()]
         return max(seen, default=0)
 
-    def _bundle(self, sha256: str) -> BundleRecord:
+    def _bundle(self, sha256: str) -> ReleaseBundle:
         found = self.store.bundle(sha256)
         if found is None:
             raise RolloutError(f"bundle {sha256[:12]} is not recorded in {self.store.path}")
@@ -1144,14 +1107,14 @@ class RolloutController:
                     return None
         return None
 
-    def _previous_bundle(self, previous: Mapping[str, str]) -> BundleRecord | None:
+    def _previous_bundle(self, previous: Mapping[str, str]) -> ReleaseBundle | None:
         """The bundle a revert names: from the store, or read from the broker's chunks."""
         known = self.store.bundle(previous["sha256"])
         if known is not None:
             return known
         return self._bundle_from_broker(previous["sha256"])
 
-    def _bundle_from_broker(self, sha256: str) -> BundleRecord | None:
+    def _bundle_from_broker(self, sha256: str) -> ReleaseBundle | None:
         """A bundle someone else published: fetch its chunks, read the manifest (its real
         security epoch) and record it; None if the broker does not hold it whole."""
         import tempfile
@@ -1168,8 +1131,8 @@ class RolloutController:
                 prefix,
                 Path(folder),
                 sha256=meta.sha256,
-                size=meta.size,
-                max_bytes=meta.size,
+                size_bytes=meta.size_bytes,
+                max_bytes=meta.size_bytes,
             )
             try:
                 path = fetcher.fetch(Path(folder) / f"{meta.sha256}.ekb", timeout_s=120)
@@ -1178,12 +1141,12 @@ class RolloutController:
             except (TransferError, EdgekitError, OSError) as e:
                 logger.warning("cannot read bundle %s from the broker: %s", sha256[:12], e)
                 return None
-        record = BundleRecord(
+        record = ReleaseBundle(
             sha256=meta.sha256,
             name=manifest.name,
             version=manifest.version,
             profile=manifest.profile,
-            size_bytes=meta.size,
+            size_bytes=meta.size_bytes,
             security_epoch=manifest.security_epoch,
             sources=(BundleSource("mqtt", prefix).to_json(),),
         )
@@ -1231,10 +1194,10 @@ class RolloutController:
                 "a version a rollout or `edgekit fleet publish` used, or run a rollout with its "
                 "bundles"
             )
-        profiles: dict[str, BundleRecord] = {}
+        profiles: dict[str, ReleaseBundle] = {}
         for record in records:
             profiles.setdefault(record.profile, record)
-        release = _release_from_store(list(profiles.values()))
+        release = Release(tuple(profiles.values()))
         options = RolloutOptions(
             strategy="all",
             max_failure=1.0,

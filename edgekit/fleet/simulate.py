@@ -46,7 +46,7 @@ from edgekit.contract import Accepted, Duplicate, Refused, accept_directive, bun
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
 from edgekit.mqtt import BrokerSettings, Message, MqttClient, NetworkLoop
 from edgekit.topics import (
-    ActiveBundle,
+    BundleId,
     Event,
     Status,
     Telemetry,
@@ -55,7 +55,7 @@ from edgekit.topics import (
     client_id,
 )
 from edgekit.transfer import MqttBundleFetcher
-from edgekit.trust import DirectiveFloor, TrustStore
+from edgekit.trust import DirectiveFloor, TrustStore, TrustUpdateError, verify_trust_message
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -242,7 +242,7 @@ class SimulatedDevice:
         fleet: SimulatedFleet,
         loop: NetworkLoop,
         faults: set[str],
-        initial_bundle: ActiveBundle | None,
+        initial_bundle: BundleId | None,
     ) -> None:
         self.spec = spec
         self.device_id = spec.device_id
@@ -253,7 +253,7 @@ class SimulatedDevice:
         self._lock = threading.RLock()
         self.state = "committed" if initial_bundle else "idle"
         self.active = initial_bundle
-        self.previous: ActiveBundle | None = None
+        self.previous: BundleId | None = None
         self.rollout_id: str | None = None
         self.floor = DirectiveFloor()
         self.accepted_sha256: str | None = None
@@ -271,8 +271,8 @@ class SimulatedDevice:
         self._busy = False
         # (sequence, target, rollout id) of the directive being applied; persisted, so a
         # simulator killed mid-update reports it rolled back when it comes back.
-        self._in_progress: tuple[int, ActiveBundle, str] | None = None
-        self._interrupted: tuple[int, ActiveBundle, str] | None = None
+        self._in_progress: tuple[int, BundleId, str] | None = None
+        self._interrupted: tuple[int, BundleId, str] | None = None
         if fleet.keep_state:
             self._load_state()
         self.client = self._make_client()
@@ -292,15 +292,15 @@ class SimulatedDevice:
             self.floor = DirectiveFloor(
                 int(document["last_sequence"]), int(document["min_security_epoch"])
             )
-            self.active = ActiveBundle.from_json(document.get("active"))
-            self.previous = ActiveBundle.from_json(document.get("previous"))
+            self.active = BundleId.from_json(document.get("active"))
+            self.previous = BundleId.from_json(document.get("previous"))
             self.state = str(document.get("state") or self.state)
             self.rollout_id = document.get("rollout_id")
             self.accepted_sha256 = document.get("accepted_sha256")
             self.accepted_digest = document.get("accepted_digest")
             interrupted = document.get("in_progress")
             if interrupted is not None:
-                target = ActiveBundle.from_json(interrupted["bundle"])
+                target = BundleId.from_json(interrupted["bundle"])
                 if target is not None:
                     self._interrupted = (
                         int(interrupted["sequence"]),
@@ -364,6 +364,7 @@ class SimulatedDevice:
             on_connect=self._on_connect,
         )
         client.subscribe(self._topics.desired(self.device_id), self._on_desired)
+        client.subscribe(self._topics.trust(), self._on_trust)
         return client
 
     def _connect(self) -> None:
@@ -389,6 +390,10 @@ class SimulatedDevice:
             # Gone for good, the way a device loses power: the broker publishes the will.
             self._want_online = False
             self.client.drop()
+
+    def _on_trust(self, message: Message) -> None:
+        if message.payload:  # an empty retained message clears the topic
+            self._fleet._apply_trust(bytes(message.payload))
 
     def _on_desired(self, message: Message) -> None:
         if not message.payload:
@@ -461,7 +466,7 @@ class SimulatedDevice:
         state: str | None = None,
         ok: bool | None = None,
         reason: str | None = None,
-        bundle: ActiveBundle | None = None,
+        bundle: BundleId | None = None,
         sequence: int | None = None,
         rollout_id: str | None = None,
         details: Mapping[str, Any] | None = None,
@@ -483,7 +488,7 @@ class SimulatedDevice:
             self.sent.events[kind] += 1
         self._publish(self._topics.events(self.device_id), event.to_json())
 
-    def _faulted(self, fault: str, bundle: ActiveBundle | None) -> bool:
+    def _faulted(self, fault: str, bundle: BundleId | None) -> bool:
         """Whether `fault` applies to this device while it runs `bundle`."""
         if fault not in self.faults or bundle is None:
             return False
@@ -557,7 +562,7 @@ class SimulatedDevice:
                 log.exception("device %s: directive handling failed", self.device_id)
 
     def _transition(
-        self, state: str, *, bundle: ActiveBundle | None, sequence: int, rollout_id: str
+        self, state: str, *, bundle: BundleId | None, sequence: int, rollout_id: str
     ) -> None:
         with self._lock:
             self.state = state
@@ -592,9 +597,7 @@ class SimulatedDevice:
     def _apply(self, accepted: Accepted) -> None:
         directive = accepted.directive
         sequence, rollout_id = directive.sequence, directive.rollout_id
-        target = ActiveBundle(
-            directive.bundle.name, directive.bundle.version, directive.bundle.sha256
-        )
+        target = BundleId(directive.bundle.name, directive.bundle.version, directive.bundle.sha256)
         with self._lock:
             self.floor = accepted.floor
             self.rollout_id = rollout_id
@@ -680,7 +683,7 @@ class SimulatedDevice:
     def _fail(
         self,
         kind: Literal["bundle_refused", "rolled_back"],
-        target: ActiveBundle,
+        target: BundleId,
         sequence: int,
         rollout_id: str,
         reason: str,
@@ -693,7 +696,7 @@ class SimulatedDevice:
         )
         self._finish(sequence, target, kind)
 
-    def _finish(self, sequence: int, target: ActiveBundle, outcome: str) -> None:
+    def _finish(self, sequence: int, target: BundleId, outcome: str) -> None:
         with self._lock:
             self.history.append((sequence, target.sha256, outcome))
             self._in_progress = None
@@ -737,7 +740,7 @@ class SimulatedFleet:
         trust_store: TrustStore,
         profiles: Sequence[str] = (DEFAULT_PROFILE,),
         faults: Faults | None = None,
-        initial_bundle: ActiveBundle | None = None,
+        initial_bundle: BundleId | None = None,
         workdir: Path | None = None,
         keep_state: bool = False,
         passwords: Mapping[str, str] | None = None,
@@ -769,6 +772,8 @@ class SimulatedFleet:
         if telemetry_interval_s < 0:
             raise SimulationError("telemetry_interval_s must be >= 0 (0 turns telemetry off)")
         self.trust_store = trust_store
+        self.trust_envelope = b""
+        self._trust_lock = threading.Lock()
         self.faults = faults or Faults()
         self.initial_bundle = initial_bundle
         self.passwords = dict(passwords) if passwords is not None else None
@@ -865,6 +870,25 @@ class SimulatedFleet:
             f"{timeout_s:g} s: is the broker running?"
         )
 
+    def _apply_trust(self, payload: bytes) -> None:
+        """A `trust` message: the simulated devices share one trust store, rotated as an
+        agent rotates its own (the same rule, `verify_trust_message`)."""
+        with self._trust_lock:
+            try:
+                update = verify_trust_message(
+                    payload,
+                    current=self.trust_store,
+                    current_envelope=self.trust_envelope,
+                    fleet=self.fleet,
+                    now=datetime.now(timezone.utc),
+                )
+            except TrustUpdateError as error:
+                log.warning("simulated fleet: refused a trust message: %s", first_line(error))
+                return
+            if update.applied:
+                log.info("simulated fleet: trust store rotated to %d", update.store.version)
+            self.trust_store, self.trust_envelope = update.store, update.envelope
+
     def _fetch(self, device: SimulatedDevice, accepted: Accepted) -> Path:
         """Fetch the directive's bundle over MQTT chunks into the device's download folder."""
         bundle = accepted.directive.bundle
@@ -879,7 +903,7 @@ class SimulatedFleet:
             prefix,
             directory,
             sha256=bundle.sha256,
-            size=bundle.size_bytes,
+            size_bytes=bundle.size_bytes,
             max_bytes=1 << 30,
         )
         with self._fetchers_lock:

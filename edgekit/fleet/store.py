@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.errors import EdgekitError
+from edgekit.topics import BundleId
 from edgekit.trust.keys import HOME_ENV
 
 __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
-    "BundleRecord",
     "OwnershipLostError",
+    "ReleaseBundle",
     "RolloutRecord",
     "RolloutState",
     "RolloutStore",
@@ -105,8 +106,10 @@ def default_db_path(environ: Mapping[str, str] | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class BundleRecord:
-    """A bundle the controller has used: enough to name it in a directive again (revert)."""
+class ReleaseBundle:
+    """A bundle the controller ships: what its manifest says, its pin (sha256 and size of the
+    `.ekb`), where its file is, and where devices fetch it (`BundleSource.to_json` entries,
+    once published). The store keeps every one it used, to name it in a directive again."""
 
     sha256: str
     name: str
@@ -114,8 +117,13 @@ class BundleRecord:
     profile: str
     size_bytes: int
     security_epoch: int
-    sources: tuple[Mapping[str, str], ...]
-    path: str | None = None
+    path: Path | None = None
+    sources: tuple[Mapping[str, str], ...] = ()
+
+    @property
+    def id(self) -> BundleId:
+        """The bundle's identity, as status and events carry it."""
+        return BundleId(self.name, self.version, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -265,7 +273,7 @@ class RolloutStore:
 
     # -- bundles -------------------------------------------------------------------------------
 
-    def record_bundle(self, bundle: BundleRecord) -> None:
+    def record_bundle(self, bundle: ReleaseBundle) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO bundles VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(sha256) DO UPDATE SET "
@@ -278,16 +286,16 @@ class RolloutStore:
                     bundle.size_bytes,
                     bundle.security_epoch,
                     json.dumps([dict(s) for s in bundle.sources], sort_keys=True),
-                    bundle.path,
+                    str(bundle.path) if bundle.path is not None else None,
                     time.time(),
                 ),
             )
 
-    def bundle(self, sha256: str) -> BundleRecord | None:
+    def bundle(self, sha256: str) -> ReleaseBundle | None:
         row = self._db.execute("SELECT * FROM bundles WHERE sha256=?", (sha256,)).fetchone()
         return None if row is None else _bundle(row)
 
-    def bundles_by_version(self, version: str, *, name: str | None = None) -> list[BundleRecord]:
+    def bundles_by_version(self, version: str, *, name: str | None = None) -> list[ReleaseBundle]:
         query = "SELECT * FROM bundles WHERE version=?"
         args: tuple[str, ...] = (version,)
         if name is not None:
@@ -618,8 +626,8 @@ class RolloutStore:
         return {str(row[0]): (str(row[1]), float(row[2])) for row in rows}
 
 
-def _bundle(row: sqlite3.Row) -> BundleRecord:
-    return BundleRecord(
+def _bundle(row: sqlite3.Row) -> ReleaseBundle:
+    return ReleaseBundle(
         sha256=row["sha256"],
         name=row["name"],
         version=row["version"],
@@ -627,7 +635,7 @@ def _bundle(row: sqlite3.Row) -> BundleRecord:
         size_bytes=int(row["size"]),
         security_epoch=int(row["security_epoch"]),
         sources=tuple(json.loads(row["sources"])),
-        path=row["path"],
+        path=Path(row["path"]) if row["path"] else None,
     )
 
 

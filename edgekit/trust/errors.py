@@ -30,6 +30,7 @@ __all__ = [
     "SignatureError",
     "ThresholdError",
     "TrustStoreError",
+    "TrustUpdateError",
     "UnexpectedFileError",
     "UnsafeMemberError",
     "UnsignedError",
@@ -129,6 +130,12 @@ class WrongTargetError(BundleError):
 
 class RotationError(BundleError):
     """A new trust store version does not follow the root rotation rule."""
+
+
+class TrustUpdateError(BundleError):
+    """A trust message (or a provisioned trust store) cannot be applied: malformed, for
+    another fleet, a broken chain, or a version that does not follow the rotation rule. The
+    one error `edgekit.trust.rotation` raises; the rule's own error is its cause."""
 
 
 class KeyringError(BundleError):

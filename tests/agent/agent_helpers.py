@@ -74,7 +74,7 @@ def write_truststore(keys: Keys, path: Path) -> Path:
 # -- models ------------------------------------------------------------------------------------
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
+def save_onnx(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -100,7 +100,7 @@ def linear_model(path: Path, *, seed: int, nan: bool = False, batch: str | int =
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch, CLASSES])],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
     )
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def slow_model(path: Path, *, seed: int, size: int = 1536) -> Path:
@@ -132,7 +132,7 @@ def slow_model(path: Path, *, seed: int, size: int = 1536) -> Path:
             numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
         ],
     )
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def batch1_model(path: Path, *, seed: int) -> Path:
@@ -153,7 +153,7 @@ def batch1_model(path: Path, *, seed: int) -> Path:
             numpy_helper.from_array(np.array([1, FEATURES], dtype=np.int64), "shape"),
         ],
     )
-    return _save(graph, path)
+    return save_onnx(graph, path)
 
 
 def sample_inputs(count: int = 8, *, seed: int = 0) -> list[np.ndarray]:
@@ -244,6 +244,49 @@ def make_bundle(
     )
 
 
+def bundle_of(
+    workdir: Path,
+    keys: Keys,
+    *,
+    version: str,
+    model: Path,
+    golden_inputs: list[dict[str, np.ndarray]],
+    extra_files: dict[str, bytes] | None = None,
+    signer: Signer | None = None,
+) -> Path:
+    """A signed `.ekb` of any ONNX model: golden outputs recorded by onnxruntime for
+    `golden_inputs`, plus `extra_files` (role "other") under the names given."""
+    source = workdir / f"src-{version}"
+    source.mkdir(parents=True, exist_ok=True)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    arrays: dict[str, Any] = {}
+    for index, feeds in enumerate(golden_inputs):
+        for name, value in feeds.items():
+            arrays[f"inputs/{index}/{name}"] = value
+        for name, value in zip(names, session.run(None, feeds), strict=True):
+            arrays[f"outputs/{index}/{name}"] = value
+    arrays["tolerance"] = np.array(json.dumps({"rtol": 0.01, "atol": 0.01}))
+    np.savez_compressed(source / "golden.npz", **arrays)
+    inputs = [
+        BundleInput("golden.npz", source / "golden.npz", "golden"),
+        BundleInput("model.onnx", model, "model"),
+    ]
+    for name, data in (extra_files or {}).items():
+        (source / name).write_bytes(data)
+        inputs.append(BundleInput(name, source / name, "other"))
+    return build_bundle(
+        sorted(inputs, key=lambda i: i.path),
+        out_path=workdir / f"demo-{version}-{PROFILE}.ekb",
+        name="demo",
+        version=version,
+        security_epoch=0,
+        profile=PROFILE,
+        signers=[signer or keys.bundles],
+        created=datetime(2025, 6, 1, tzinfo=timezone.utc),
+    )
+
+
 def directive_for(
     bundle: Path,
     keys: Keys,
@@ -294,6 +337,7 @@ def write_config(
     max_latency_ms: float = 30.0,
     extra_update: str = "",
     profile: str = PROFILE,
+    extra_tables: str = "",
 ) -> Path:
     lines = [
         f'device_id = "{DEVICE}"',
@@ -325,9 +369,36 @@ def write_config(
         extra_update,
         "[telemetry]",
         f"interval_s = {telemetry_interval_s}",
+        extra_tables,
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def agent_config(
+    root: Path,
+    keys: Keys,
+    *,
+    broker_url: str,
+    initial_bundle: Path | None,
+    probation_s: float = 0.5,
+    truststore: Path | None = None,
+    **options: Any,
+) -> tuple[Path, Path]:
+    """`root/agent.toml` for a real agent on `broker_url` (a fresh trust store unless given)
+    and its data directory `root/data`."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    config = write_config(
+        root / "agent.toml",
+        data_dir=data,
+        truststore=truststore or write_truststore(keys, root / "truststore.json"),
+        broker_url=broker_url,
+        initial_bundle=initial_bundle,
+        probation_s=probation_s,
+        **options,
+    )
+    return config, data
 
 
 # -- broker side -------------------------------------------------------------------------------

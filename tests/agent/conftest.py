@@ -17,6 +17,7 @@ from edgekit.agent.store import Store
 from edgekit.agent.updater import Updater
 
 from edgekit.errors import TransportError
+from edgekit.files import hash_file
 from edgekit.profiles import load_profile
 from edgekit.topics import Event, Status
 from edgekit.trust import BundleRef, load_truststore
@@ -110,13 +111,18 @@ class LocalFetcher:
     tested against a real broker and a real HTTPS server elsewhere)."""
 
     def __init__(self, files: list[Path]) -> None:
-        from edgekit.bundle import hash_file
-
         self.files = {hash_file(path)[1]: path for path in files}
         self.last = DownloadStats()
         self.calls = 0
 
-    def fetch(self, bundle: BundleRef, destination: Path) -> Path:
+    def fetch(
+        self,
+        bundle: BundleRef,
+        destination: Path,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> Path:
         self.calls += 1
         source = self.files.get(bundle.sha256)
         if source is None:
@@ -160,6 +166,12 @@ class Device:
 
 
 MakeDevice = Callable[..., Device]
+
+
+def serves(device: Device, bundle: Path) -> bool:
+    """Whether `device` serves the model of `bundle` now."""
+    serving = device.host.bundle
+    return serving is not None and serving.sha256 == hash_file(bundle)[1]
 
 
 def start_device(

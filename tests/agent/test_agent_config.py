@@ -17,7 +17,7 @@ from edgekit.agent.store import Pointer, SlotError, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekit.topics import ActiveBundle
+from edgekit.topics import BundleId
 
 MINIMAL = {
     "device_id": "pi-1",
@@ -108,7 +108,7 @@ def test_journal_round_trip_and_corruption(tmp_path: Path) -> None:
         state="checking",
         sequence=7,
         rollout_id="r",
-        bundle=ActiveBundle("demo", "1.0.0", "a" * 64),
+        bundle=BundleId("demo", "1.0.0", "a" * 64),
         directive=b"\x00\x01envelope",
         slot="b",
         previous_slot="a",

@@ -4,13 +4,16 @@ The fault hook `EDGEKIT_AGENT_CRASH_AT=<state>/<step>` makes the agent SIGKILL i
 named point (right after a journal write, between extracting and recording a slot, after the
 pointer swap, ...); the slow tier adds kills after random delays. After the restart the agent
 must serve a slot whose files re-hash to its record and end `committed` (the new bundle) or
-`rolled_back` (the old one), with journal, pointer and retained status agreeing.
+`rolled_back` (the old one), with journal, pointer and retained status agreeing. Every
+durable step of the updater, one by one, is crashed in `test_crash_points.py` (slow tier).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +29,12 @@ from tests.agent.agent_helpers import (
     AgentProcess,
     Keys,
     Watcher,
+    agent_config,
     directive_for,
     infer,
     run_model,
     sample_inputs,
     sha_of,
-    write_config,
-    write_truststore,
 )
 from tests.agent.conftest import Bundles
 
@@ -83,17 +85,7 @@ class Lab:
 
     def crash_and_recover(self, *, point: str | None, good: bool, delay_s: float = 0.0) -> str:
         self.runs += 1
-        run = self.root / f"run{self.runs}"
-        run.mkdir()
-        data = run / "data"
-        config = write_config(
-            run / "agent.toml",
-            data_dir=data,
-            truststore=write_truststore(self.keys, run / "truststore.json"),
-            broker_url=self.broker.url,
-            initial_bundle=self.bundles.v1,
-            probation_s=0.5,
-        )
+        config, data = _lab_config(self, f"run{self.runs}", probation_s=0.5)
         env = {"EDGEKIT_AGENT_CRASH_AT": point} if point else {}
         first = AgentProcess(config, data, env=env)
         if point is None:
@@ -121,10 +113,10 @@ class Lab:
             served = store.verify_slot(pointer.active)  # complete and intact, never half-installed
             expected_sha = sha_of(self.bundles.v2 if good else self.bundles.v1)
             if good and status.state == "committed":
-                assert served.sha256 == expected_sha
+                assert served.bundle.sha256 == expected_sha
             else:
-                assert served.sha256 == sha_of(self.bundles.v1)
-            assert status.active is not None and status.active.sha256 == served.sha256
+                assert served.bundle.sha256 == sha_of(self.bundles.v1)
+            assert status.active is not None and status.active.sha256 == served.bundle.sha256
             assert Journal(store.journal_path).read().state == status.state
             assert not list(store.slots_dir.glob(".*.new"))
             x = sample_inputs(1, seed=11)[0]
@@ -193,16 +185,7 @@ def test_dying_twice_in_the_health_check_rolls_back_and_marks_the_bundle_bad(lab
     """Review #3: a candidate that kills the agent in a pre-activation state (an onnxruntime
     segfault or the OOM killer in the health check) must not crash-loop the agent."""
     lab.publish(lab.bundles.v2, "2.0.0")
-    run = lab.root / "twice"
-    run.mkdir()
-    data = run / "data"
-    config = write_config(
-        run / "agent.toml",
-        data_dir=data,
-        truststore=write_truststore(lab.keys, run / "truststore.json"),
-        broker_url=lab.broker.url,
-        initial_bundle=lab.bundles.v1,
-    )
+    config, data = _lab_config(lab, "twice", probation_s=0.5)
     for attempt in range(2):
         crashing = AgentProcess(config, data, env={"EDGEKIT_AGENT_CRASH_AT": "checking/health"})
         code = crashing.wait_exit(60)
@@ -231,3 +214,90 @@ def test_dying_twice_in_the_health_check_rolls_back_and_marks_the_bundle_bad(lab
         assert Journal(store.journal_path).read().state == "rolled_back"
     finally:
         assert third.stop() == 0, third.output()
+
+
+def _batch2_traffic(url: str, stop: threading.Event) -> None:
+    """Requests of batch 2: the batch1 model fails every one of them (runtime errors)."""
+    x = np.concatenate(sample_inputs(2, seed=5))
+    while not stop.is_set():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            infer(url, x, timeout=5)
+        stop.wait(0.01)
+
+
+def _lab_config(lab: Lab, name: str, *, probation_s: float) -> tuple[Path, Path]:
+    return agent_config(
+        lab.root / name,
+        lab.keys,
+        broker_url=lab.broker.url,
+        initial_bundle=lab.bundles.v1,
+        probation_s=probation_s,
+    )
+
+
+def test_a_rollback_is_journaled_before_the_bundle_is_marked_bad(lab: Lab) -> None:
+    """Issue 13 #3: killed right after probation decided to roll back, the agent restarts
+    into the rollback (journal first), never into a probation that commits the bundle."""
+    lab.publish(lab.bundles.batch1, "3.0.3")
+    config, data = _lab_config(lab, "decided", probation_s=4.0)
+    first = AgentProcess(config, data, env={"EDGEKIT_AGENT_CRASH_AT": "rolled_back/decided"})
+    stop = threading.Event()
+    traffic = threading.Thread(target=_batch2_traffic, args=(first.url(), stop), daemon=True)
+    traffic.start()
+    try:
+        code = first.wait_exit(60)
+    finally:
+        stop.set()
+        traffic.join(10)
+    assert code == -signal.SIGKILL, first.output()
+    store = Store(data)
+    record = Journal(store.journal_path).read()
+    assert record.state == "rolled_back" and "error ratio" in (record.reason or "")
+    assert store.is_bad(sha_of(lab.bundles.batch1), sequence=1) is None  # not yet marked
+    restarted = time.time()
+    second = AgentProcess(config, data)  # no traffic: a resumed probation would commit
+    try:
+        second.url()
+        status = lab.watcher.wait_status(
+            lambda s: s.online and s.ts >= restarted and s.state in ("committed", "rolled_back"),
+            what="the status after the restart",
+        )
+        assert status.state == "rolled_back"
+        assert status.active is not None and status.active.sha256 == sha_of(lab.bundles.v1)
+        assert store.is_bad(sha_of(lab.bundles.batch1), sequence=1)  # the restart marked it
+    finally:
+        assert second.stop() == 0, second.output()
+
+
+def test_a_bad_list_entry_for_the_update_is_a_decided_rollback(lab: Lab) -> None:
+    """The state an agent that marked the bundle bad before journaling leaves behind: the
+    journal still in probation, bad.json naming the bundle and sequence. On restart the
+    rollback is finished; a resumed probation without traffic would commit the bad bundle."""
+    lab.publish(lab.bundles.v2, "2.0.0")
+    config, data = _lab_config(lab, "crafted", probation_s=0.5)
+    first = AgentProcess(config, data)
+    try:
+        first.url()
+        lab.watcher.wait_status(
+            lambda s: s.last_sequence >= 1 and s.state == "committed", what="v2 committed"
+        )
+    finally:
+        assert first.stop() == 0, first.output()
+    store = Store(data)
+    record = Journal(store.journal_path).read()
+    assert record.slot is not None and store.pointer().active == record.slot
+    Journal(store.journal_path).write(record.advance("probation", probation_restarts=0))
+    store.mark_bad(sha_of(lab.bundles.v2), sequence=1, reason="runtime error ratio 1.000")
+    restarted = time.time()
+    second = AgentProcess(config, data)
+    try:
+        second.url()
+        status = lab.watcher.wait_status(
+            lambda s: s.online and s.ts >= restarted and s.state in ("committed", "rolled_back"),
+            what="the status after the restart",
+        )
+        assert status.state == "rolled_back", status
+        assert status.active is not None and status.active.sha256 == sha_of(lab.bundles.v1)
+        assert Journal(store.journal_path).read().state == "rolled_back"
+    finally:
+        assert second.stop() == 0, second.output()

@@ -3,9 +3,11 @@ intervals, an agent killed mid-download; and the HTTPS source with resume."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -20,8 +22,8 @@ from edgekit.agent.config import load_config
 from edgekit.agent.daemon import Agent
 from edgekit.agent.download import DownloadStats, HttpsDownloader
 
-from edgekit.bundle import hash_file
 from edgekit.errors import TransportError
+from edgekit.files import hash_file
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.topics import BundleMeta, Status, Topics
 from tests.agent.agent_helpers import (
@@ -294,15 +296,17 @@ def test_https_download_resumes_with_a_range_request(tmp_path: Path, big_bundle:
     destination = tmp_path / "out.ekb"
     try:
         with pytest.raises(TransportError, match="resumes"):
-            downloader.download(url, destination, sha256=sha, size=size, stats=DownloadStats())
+            downloader.download(
+                url, destination, sha256=sha, size_bytes=size, stats=DownloadStats()
+            )
         stats = DownloadStats()
-        downloader.download(url, destination, sha256=sha, size=size, stats=stats)
+        downloader.download(url, destination, sha256=sha, size_bytes=size, stats=stats)
         assert stats.resumed_bytes == 200_000
         assert _RangeHandler.requests == [None, "bytes=200000-"]
         assert hash_file(destination) == (size, sha)
         with pytest.raises(TransportError, match="sha256"):
             downloader.download(
-                url, tmp_path / "x.ekb", sha256="0" * 64, size=size, stats=DownloadStats()
+                url, tmp_path / "x.ekb", sha256="0" * 64, size_bytes=size, stats=DownloadStats()
             )
     finally:
         server.shutdown()
@@ -442,7 +446,7 @@ def test_updater_fetches_an_https_source(
             directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0", https_url=url)
         )
         assert updater.record.state == "committed", recorder.kinds()
-        assert host.info is not None and host.info.sha256 == sha_of(bundles.v2)
+        assert host.bundle is not None and host.bundle.sha256 == sha_of(bundles.v2)
         assert _RangeHandler.requests == [None, "bytes=1000-"]
         resumed = [e for e in recorder.events if e.kind == "download_resumed"]
         assert resumed and resumed[0].details["resumed_bytes"] == 1000
@@ -635,3 +639,87 @@ def test_a_poisoned_bundle_meta_rolls_back_once_without_a_reconnect_storm(
             assert status.active is not None and status.active.sha256 == sha_of(bundles.v1)
     finally:
         watcher.close()
+
+
+class _ConnectProxy:
+    """A CONNECT proxy on loopback (what `https_proxy` points devices to): records each
+    CONNECT line and its Proxy-Authorization, then relays bytes both ways."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        lines = head.decode().split("\r\n")
+        auth = next((line.split(": ", 1)[1] for line in lines if line.lower().startswith(
+            "proxy-authorization")), None)  # fmt: skip
+        self.requests.append((lines[0], auth))
+        host, port = lines[0].split()[1].rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_https_download_goes_through_the_environments_proxy(
+    tmp_path: Path, big_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like urllib, the downloader honours `https_proxy` (a CONNECT tunnel, with the proxy's
+    credentials) and `no_proxy`."""
+    cert, key = self_signed_cert(tmp_path)
+    _RangeHandler.payload = big_bundle.read_bytes()
+    _RangeHandler.cut_first_at = None
+    _RangeHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = _ConnectProxy()
+    port = server.server_address[1]
+    url = f"https://127.0.0.1:{port}/bundle.ekb"
+    size, sha = hash_file(big_bundle)
+    for name in ("no_proxy", "NO_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", f"http://ops:s%40cret@127.0.0.1:{proxy.port}")
+    try:
+        downloader = HttpsDownloader(ca_file=cert, timeout_s=10)
+        downloader.download(
+            url, tmp_path / "via-proxy.ekb", sha256=sha, size_bytes=size, stats=DownloadStats()
+        )
+        assert hash_file(tmp_path / "via-proxy.ekb") == (size, sha)
+        expected_auth = "Basic " + base64.b64encode(b"ops:s@cret").decode()
+        assert proxy.requests == [(f"CONNECT 127.0.0.1:{port} HTTP/1.0", expected_auth)]
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        downloader.download(
+            url, tmp_path / "direct.ekb", sha256=sha, size_bytes=size, stats=DownloadStats()
+        )
+        assert len(proxy.requests) == 1  # bypassed
+    finally:
+        proxy.close()
+        server.shutdown()
+        server.server_close()

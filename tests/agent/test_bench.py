@@ -19,7 +19,7 @@ from edgekit.converters.examples import DigitsExample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekit.bundle import hash_file
+from edgekit.files import hash_file
 from edgekit.messages import Measurements, MessageError
 
 

@@ -16,7 +16,9 @@ from edgekit.agent.health import (
 )
 from edgekit.agent.store import SlotInfo
 
+from edgekit.bundle import BundleFile
 from edgekit.profiles import Budgets, HealthCheckTolerance, load_profile
+from edgekit.topics import BundleId
 from tests.agent.conftest import Bundles, MakeDevice
 from tests.quantized_models import quantized_classifier, write_golden
 
@@ -59,12 +61,13 @@ def test_a_slot_without_golden_samples_fails(make_device: MakeDevice) -> None:
 
 def _slot(folder: Path) -> SlotInfo:
     files = tuple(
-        (name, (folder / name).stat().st_size, "0" * 64, role)
+        BundleFile(name, (folder / name).stat().st_size, "0" * 64, role)
         for name, role in (("model.tflite", "model"), ("golden.npz", "golden"))
     )
     return SlotInfo(
-        slot="a", directory=folder, sha256="0" * 64, size_bytes=0, name="q", version="1.0.0",
+        slot="a", directory=folder, bundle=BundleId("q", "1.0.0", "0" * 64), size_bytes=0,
         profile="p", security_epoch=0, files=files, installed_at=0.0,
+        envelope_path=folder / "envelope.json",
     )  # fmt: skip
 
 

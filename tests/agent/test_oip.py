@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edgekit.agent.oip import InferenceServer, InferenceServerError
-from edgekit.agent.serving import ModelHost, ModelInfo
+from edgekit.agent.oip import InferenceLimits, InferenceServer, InferenceServerError
+from edgekit.agent.serving import ModelHost
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgekit.runtimes import OnnxRuntimeBackend
+from edgekit.topics import BundleId
 
 from .serving_helpers import (
     linear_expected,
@@ -45,7 +46,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _serve(model: Path | None, **options: Any) -> tuple[ModelHost, InferenceServer]:
     host = ModelHost("m")
     if model is not None:
-        host.activate(OnnxRuntimeBackend(model), ModelInfo("demo", "1.0.0", SHA))
+        host.activate(OnnxRuntimeBackend(model), BundleId("demo", "1.0.0", SHA))
     server = InferenceServer(host, **options)
     server.start()
     return host, server
@@ -265,14 +266,14 @@ def test_runtime_failure_is_500(models: dict[str, Path]) -> None:
 
 
 def test_body_size_limit_and_length_required(models: dict[str, Path]) -> None:
-    _, server = _serve(models["a"], max_body_bytes=1000)
+    _, server = _serve(models["a"], limits=InferenceLimits(max_body_bytes=1000))
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         conn.request("POST", "/v2/models/m/infer", body=b" " * 5000)
         response = conn.getresponse()
         assert response.status == 413
         assert response.getheader("Connection") == "close"
-        assert "exceeds the limit of 1000 bytes" in json.loads(response.read())["error"]
+        assert "exceeds this device's limit of 1000 bytes" in json.loads(response.read())["error"]
         conn.close()
 
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
@@ -336,7 +337,7 @@ def test_hot_swap_soak(models: dict[str, Path]) -> None:
 
 def _hammer_while_swapping(models: dict[str, Path], *, clients: int, swaps: int) -> None:
     host = ModelHost("m")
-    host.activate(OnnxRuntimeBackend(models["a"]), ModelInfo("demo", "1.0.0", SHA))
+    host.activate(OnnxRuntimeBackend(models["a"]), BundleId("demo", "1.0.0", SHA))
     scales = {"1.0.0": 1.0, "2.0.0": 2.0}
     stop = threading.Event()
     failures: list[str] = []
@@ -375,7 +376,7 @@ def _hammer_while_swapping(models: dict[str, Path], *, clients: int, swaps: int)
             for swap in range(swaps):
                 version = "2.0.0" if swap % 2 == 0 else "1.0.0"
                 path = models["b"] if swap % 2 == 0 else models["a"]
-                host.activate(OnnxRuntimeBackend(path), ModelInfo("demo", version, SHA))
+                host.activate(OnnxRuntimeBackend(path), BundleId("demo", version, SHA))
                 stop.wait(0.02)
         finally:
             stop.set()

@@ -173,7 +173,7 @@ def test_restart_in_probation_still_rolls_back_a_latency_regression(
         device.host.close()
 
         again = build()  # the restart: a fresh host serving the slow model, no live baseline
-        assert again.host.info is not None and again.host.info.sha256 == sha_of(slow_bundle)
+        assert again.host.bundle is not None and again.host.bundle.sha256 == sha_of(slow_bundle)
         assert again.host.previous_snapshot() is None
         assert again.store.probation() is not None
         traffic.host = again.host
@@ -182,7 +182,7 @@ def test_restart_in_probation_still_rolls_back_a_latency_regression(
     assert again.updater.record.state == "rolled_back", again.recorder.kinds()
     reason = again.updater.record.reason or ""
     assert "p95 latency" in reason, reason
-    assert again.host.info is not None and again.host.info.sha256 == sha_of(bundles.v1)
+    assert again.host.bundle is not None and again.host.bundle.sha256 == sha_of(bundles.v1)
     details = _last_probation_details(again)
     assert details["resumed"] is True and details["baseline_source"] == "persisted"
     assert details["baseline_p95_ms"] == baseline["p95_ms"]
@@ -209,7 +209,7 @@ def test_restart_in_probation_of_a_healthy_model_resumes_the_window_and_commits(
         _finish(again)
 
     assert again.updater.record.state == "committed", again.recorder.kinds()
-    assert again.host.info is not None and again.host.info.sha256 == sha_of(bundles.v2)
+    assert again.host.bundle is not None and again.host.bundle.sha256 == sha_of(bundles.v2)
     details = _last_probation_details(again)
     assert details["resumed"] is True
     # Neither restarted from zero nor shortened by the downtime: the recorded remainder.

@@ -15,7 +15,6 @@ from edgekit.agent.serving import (
     InferenceInputError,
     InferenceRuntimeError,
     ModelHost,
-    ModelInfo,
     NoModelError,
     load_model,
     read_golden_tolerance,
@@ -23,7 +22,7 @@ from edgekit.agent.serving import (
 
 from edgekit.errors import EdgekitError
 from edgekit.runtimes import OnnxRuntimeBackend
-from edgekit.topics import ActiveBundle
+from edgekit.topics import BundleId
 
 from .serving_helpers import (
     GatedRuntime,
@@ -53,7 +52,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _host(path: Path, version: str = "1.0.0", sha: str = SHA_A) -> ModelHost:
     host = ModelHost("m")
-    host.activate(OnnxRuntimeBackend(path), ModelInfo("demo", version, sha))
+    host.activate(OnnxRuntimeBackend(path), BundleId("demo", version, sha))
     return host
 
 
@@ -63,7 +62,7 @@ def _x(rows: int = 2, seed: int = 0) -> np.ndarray:
 
 def test_infer_runs_the_model_and_counts_requests(models: dict[str, Path]) -> None:
     host = _host(models["a"])
-    assert host.ready and host.info == ModelInfo("demo", "1.0.0", SHA_A)
+    assert host.ready and host.bundle == BundleId("demo", "1.0.0", SHA_A)
     assert [spec.name for spec in host.inputs] == ["x"]
     assert [spec.name for spec in host.outputs] == ["y"]
     x = _x()
@@ -79,15 +78,21 @@ def test_infer_runs_the_model_and_counts_requests(models: dict[str, Path]) -> No
     assert host.since_activation().requests == 5  # the activation window was not
 
 
-def test_model_info_becomes_the_active_bundle() -> None:
-    info = ModelInfo("demo", "1.2.0", SHA_A, tolerance={"rtol": 0.1})
-    assert info.bundle() == ActiveBundle("demo", "1.2.0", SHA_A)
-    assert info == ModelInfo("demo", "1.2.0", SHA_A)  # tolerance is not identity
+def test_the_tolerance_travels_beside_the_bundle(models: dict[str, Path]) -> None:
+    host = ModelHost("m")
+    host.activate(
+        OnnxRuntimeBackend(models["a"]), BundleId("demo", "1.2.0", SHA_A), tolerance={"rtol": 0.1}
+    )
+    assert host.bundle == BundleId("demo", "1.2.0", SHA_A)
+    assert host.tolerance == {"rtol": 0.1}
+    host.activate(OnnxRuntimeBackend(models["b"]), BundleId("demo", "2.0.0", SHA_B))
+    assert host.previous_bundle == BundleId("demo", "1.2.0", SHA_A)
+    assert host.previous_tolerance == {"rtol": 0.1} and host.tolerance is None
 
 
 def test_no_model_is_an_error_naming_what_to_do() -> None:
     host = ModelHost("m")
-    assert not host.ready and host.info is None and host.inputs == ()
+    assert not host.ready and host.bundle is None and host.inputs == ()
     with pytest.raises(NoModelError, match="no model is active"):
         host.infer({"x": _x()})
     assert issubclass(NoModelError, EdgekitError)
@@ -163,20 +168,20 @@ def test_runtime_failure_counts_as_an_error(models: dict[str, Path]) -> None:
 def test_in_flight_request_finishes_on_the_old_model(models: dict[str, Path]) -> None:
     host = ModelHost("m")
     old = GatedRuntime(models["a"])
-    host.activate(old, ModelInfo("demo", "1.0.0", SHA_A))
+    host.activate(old, BundleId("demo", "1.0.0", SHA_A))
     x = _x()
     result: dict[str, Any] = {}
 
     def slow_request() -> None:
-        result["outputs"], result["info"] = host.infer_with_info({"x": x})
+        result["outputs"], result["info"] = host.infer_with_bundle({"x": x})
 
     worker = threading.Thread(target=slow_request)
     worker.start()
     assert old.entered.wait(10)
     assert host.in_flight() == 1
-    host.activate(OnnxRuntimeBackend(models["b"]), ModelInfo("demo", "2.0.0", SHA_B))
+    host.activate(OnnxRuntimeBackend(models["b"]), BundleId("demo", "2.0.0", SHA_B))
     # New requests go to the new model while the old one still has a request in flight.
-    new_outputs, new_info = host.infer_with_info({"x": x})
+    new_outputs, new_info = host.infer_with_bundle({"x": x})
     assert new_info.version == "2.0.0"
     np.testing.assert_allclose(new_outputs["y"], linear_expected(x, scale=2.0), rtol=1e-5)
     assert old.closed == 0, "the old runtime was released while a request was running on it"
@@ -185,7 +190,7 @@ def test_in_flight_request_finishes_on_the_old_model(models: dict[str, Path]) ->
     assert result["info"].version == "1.0.0"
     np.testing.assert_allclose(result["outputs"]["y"], linear_expected(x), rtol=1e-5)
     assert old.closed == 1, "the old runtime was not released after its last request"
-    assert host.previous_info == ModelInfo("demo", "1.0.0", SHA_A)
+    assert host.previous_bundle == BundleId("demo", "1.0.0", SHA_A)
 
 
 def test_previous_snapshot_is_the_baseline_for_probation(models: dict[str, Path]) -> None:
@@ -193,7 +198,7 @@ def test_previous_snapshot_is_the_baseline_for_probation(models: dict[str, Path]
     assert host.previous_snapshot() is None
     for _ in range(5):
         host.infer({"x": _x()})
-    host.activate(OnnxRuntimeBackend(models["b"]), ModelInfo("demo", "2.0.0", SHA_B))
+    host.activate(OnnxRuntimeBackend(models["b"]), BundleId("demo", "2.0.0", SHA_B))
     for _ in range(3):
         host.infer({"x": _x()})
     previous = host.previous_snapshot()
@@ -208,7 +213,7 @@ def test_hot_swap_under_load_in_process(models: dict[str, Path]) -> None:
     paths = {"1.0.0": models["a"], "2.0.0": models["b"]}
     first = OnnxRuntimeBackend(paths["1.0.0"])
     retired = [weakref.ref(first)]
-    host.activate(first, ModelInfo("demo", "1.0.0", SHA_A))
+    host.activate(first, BundleId("demo", "1.0.0", SHA_A))
     del first
     stop = threading.Event()
     failures: list[str] = []
@@ -220,7 +225,7 @@ def test_hot_swap_under_load_in_process(models: dict[str, Path]) -> None:
         expected = {v: linear_expected(x, scale=s) for v, s in scales.items()}
         while not stop.is_set():
             try:
-                outputs, info = host.infer_with_info({"x": x})
+                outputs, info = host.infer_with_bundle({"x": x})
             except Exception as error:  # noqa: BLE001 - every failure is collected
                 failures.append(repr(error))
                 continue
@@ -237,7 +242,7 @@ def test_hot_swap_under_load_in_process(models: dict[str, Path]) -> None:
             version = "2.0.0" if swap % 2 == 0 else "1.0.0"
             runtime = OnnxRuntimeBackend(paths[version])
             retired.append(weakref.ref(runtime))
-            host.activate(runtime, ModelInfo("demo", version, SHA_A if swap % 2 else SHA_B))
+            host.activate(runtime, BundleId("demo", version, SHA_A if swap % 2 else SHA_B))
             del runtime
             stop.wait(0.01)
     finally:
@@ -262,7 +267,7 @@ def _shadow_run(host: ModelHost, requests: int) -> None:
 
 def test_shadow_identical_candidate_agrees(models: dict[str, Path]) -> None:
     host = _host(models["a"])
-    host.set_shadow(OnnxRuntimeBackend(models["a"]), ModelInfo("demo", "1.1.0", SHA_B))
+    host.set_shadow(OnnxRuntimeBackend(models["a"]))
     try:
         _shadow_run(host, 12)
         compared, agreed = host.shadow_agreement()
@@ -278,7 +283,7 @@ def test_shadow_identical_candidate_agrees(models: dict[str, Path]) -> None:
 
 def test_shadow_different_candidate_disagrees(models: dict[str, Path]) -> None:
     host = _host(models["a"])
-    host.set_shadow(OnnxRuntimeBackend(models["b"]), ModelInfo("demo", "2.0.0", SHA_B))
+    host.set_shadow(OnnxRuntimeBackend(models["b"]))
     try:
         _shadow_run(host, 10)
         compared, agreed = host.shadow_agreement()
@@ -290,14 +295,14 @@ def test_shadow_different_candidate_disagrees(models: dict[str, Path]) -> None:
 def test_shadow_tolerance_comes_from_the_golden_tolerance(models: dict[str, Path]) -> None:
     host = _host(models["a"])
     try:
-        strict = ModelInfo("demo", "1.1.0", SHA_B, tolerance={"rtol": 0.0, "atol": 1e-7})
-        host.set_shadow(OnnxRuntimeBackend(models["a_close"]), strict)
+        strict = {"rtol": 0.0, "atol": 1e-7}
+        host.set_shadow(OnnxRuntimeBackend(models["a_close"]), tolerance=strict)
         _shadow_run(host, 8)
         compared, agreed = host.shadow_agreement()
         assert compared > 0 and agreed == 0
 
-        loose = ModelInfo("demo", "1.1.0", SHA_B, tolerance={"rtol": 0.01, "atol": 0.01})
-        host.set_shadow(OnnxRuntimeBackend(models["a_close"]), loose)
+        loose = {"rtol": 0.01, "atol": 0.01}
+        host.set_shadow(OnnxRuntimeBackend(models["a_close"]), tolerance=loose)
         assert host.shadow_agreement() == (0, 0)  # a new candidate starts from zero
         _shadow_run(host, 8)
         compared, agreed = host.shadow_agreement()
@@ -307,7 +312,9 @@ def test_shadow_tolerance_comes_from_the_golden_tolerance(models: dict[str, Path
         def same_argmax(active: Any, candidate: Any) -> bool:
             return bool((active["y"].argmax(1) == candidate["y"].argmax(1)).all())
 
-        host.set_shadow(OnnxRuntimeBackend(models["a_close"]), strict, compare=same_argmax)
+        host.set_shadow(
+            OnnxRuntimeBackend(models["a_close"]), tolerance=strict, compare=same_argmax
+        )
         _shadow_run(host, 6)
         compared, agreed = host.shadow_agreement()
         assert compared > 0 and agreed == compared
@@ -318,13 +325,13 @@ def test_shadow_tolerance_comes_from_the_golden_tolerance(models: dict[str, Path
 def test_shadow_sampling_and_stop(models: dict[str, Path]) -> None:
     host = _host(models["a"])
     try:
-        host.set_shadow(OnnxRuntimeBackend(models["a"]), None, sample_ratio=0.0)
+        host.set_shadow(OnnxRuntimeBackend(models["a"]), sample_ratio=0.0)
         _shadow_run(host, 10)
         assert host.shadow_agreement() == (0, 0)
         host.set_shadow(None)
         assert host.shadow_report() is None
         with pytest.raises(ValueError, match="sample_ratio"):
-            host.set_shadow(OnnxRuntimeBackend(models["a"]), None, sample_ratio=1.5)
+            host.set_shadow(OnnxRuntimeBackend(models["a"]), sample_ratio=1.5)
     finally:
         host.close()
 
@@ -332,7 +339,7 @@ def test_shadow_sampling_and_stop(models: dict[str, Path]) -> None:
 def test_busy_shadow_drops_instead_of_blocking_requests(models: dict[str, Path]) -> None:
     host = _host(models["a"])
     candidate = GatedRuntime(models["a"])
-    host.set_shadow(candidate, None)
+    host.set_shadow(candidate)
     try:
         for seed in range(20):  # would hang if requests waited for the gated candidate
             host.infer({"x": _x(seed=seed)})
@@ -350,7 +357,7 @@ def test_busy_shadow_drops_instead_of_blocking_requests(models: dict[str, Path])
 
 def test_shadow_candidate_with_other_inputs_disagrees(models: dict[str, Path]) -> None:
     host = _host(models["a"])
-    host.set_shadow(OnnxRuntimeBackend(models["two"]), None)
+    host.set_shadow(OnnxRuntimeBackend(models["two"]))
     try:
         _shadow_run(host, 4)
         report = host.shadow_report()
@@ -376,8 +383,8 @@ def test_load_model_from_an_extracted_bundle(models: dict[str, Path], tmp_path: 
     (bundle / "reference_stats.json").write_text(json.dumps(stats))
 
     host = load_model(bundle, name="digits")
-    assert host.name == "digits" and host.info is not None
-    assert host.info.tolerance == tolerance
+    assert host.name == "digits" and host.bundle is not None
+    assert host.tolerance == tolerance
     assert read_golden_tolerance(bundle / "golden.npz") == tolerance
     assert host.drift is not None
     host.infer({"x": _x(rows=8)})
@@ -386,6 +393,6 @@ def test_load_model_from_an_extracted_bundle(models: dict[str, Path], tmp_path: 
 
 def test_load_model_from_a_file(models: dict[str, Path]) -> None:
     host = load_model(models["a"])
-    assert host.info is not None and host.info.name == "a" and len(host.info.sha256) == 64
-    assert host.info.tolerance is None and host.drift is None
+    assert host.bundle is not None and host.bundle.name == "a" and len(host.bundle.sha256) == 64
+    assert host.tolerance is None and host.drift is None
     assert host.infer({"x": _x()})["y"].shape == (2, 3)

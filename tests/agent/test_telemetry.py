@@ -29,7 +29,7 @@ from edgekit.converters.data import Dataset
 from edgekit.converters.outputs import reference_stats
 
 from edgekit.runtimes import TensorSpec
-from edgekit.topics import ActiveBundle, Telemetry
+from edgekit.topics import BundleId, Telemetry
 
 # -- request stats -----------------------------------------------------------------------
 
@@ -256,7 +256,7 @@ def test_build_telemetry_round_trips() -> None:
         snapshot=stats.snapshot(),
         resources=Resources(cpu_percent=12.5, rss_bytes=50_000_000, temperature_c=None),
         drift_psi=0.03,
-        bundle=ActiveBundle("demo", "1.0.0", "d" * 64),
+        bundle=BundleId("demo", "1.0.0", "d" * 64),
         rollout_id="r-1",
         state="committed",
         dropped=2,

@@ -26,17 +26,12 @@ from tests.agent.agent_helpers import (
     sample_inputs,
     sha_of,
 )
-from tests.agent.conftest import Bundles, Device, MakeDevice
-
-
-def _serves(device: Device, bundle: Path) -> bool:
-    info = device.host.info
-    return info is not None and info.sha256 == sha_of(bundle)
+from tests.agent.conftest import Bundles, MakeDevice, serves
 
 
 def test_initial_bundle_is_installed_and_served(make_device: MakeDevice, bundles: Bundles) -> None:
     device = make_device()
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)
     x = sample_inputs(1)[0]
     y = device.host.infer({INPUT: x})["y"]
     expected = run_model(device.store.slot_info(device.store.pointer().active).model_path, x)
@@ -50,7 +45,7 @@ def test_update_commits_and_reports_each_transition(
 ) -> None:
     device = make_device()
     device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
-    assert _serves(device, bundles.v2)
+    assert serves(device, bundles.v2)
     states = [e.state for e in device.recorder.of("state")]
     assert states == [
         "downloading",
@@ -88,7 +83,7 @@ def test_failed_health_check_rolls_back(
     bad = getattr(bundles, attribute)
     version = {"perturbed": "3.0.0", "nan": "3.0.1", "slow": "3.0.2"}[attribute]
     device.process(directive_for(bad, agent_keys, sequence=2, version=version))
-    assert _serves(device, bundles.v2)
+    assert serves(device, bundles.v2)
     rolled = device.recorder.of("rolled_back")
     assert rolled and rolled[-1].sequence == 2 and words in (rolled[-1].reason or "")
     status = device.recorder.statuses[-1]
@@ -121,11 +116,11 @@ def test_runtime_errors_in_probation_roll_back(
     finally:
         done.set()
         thread.join()
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)
     rolled = device.recorder.of("rolled_back")
     assert rolled and "error ratio" in (rolled[-1].reason or "")
     assert device.store.pointer().active is not None
-    assert device.store.slot_info(device.store.pointer().active).version == "1.0.0"
+    assert device.store.slot_info(device.store.pointer().active).bundle.version == "1.0.0"
 
 
 def test_shadow_disagreement_blocks_promotion(
@@ -150,7 +145,7 @@ def test_shadow_disagreement_blocks_promotion(
         thread.join()
     rolled = device.recorder.of("rolled_back")
     assert rolled and "shadow agreement" in (rolled[-1].reason or "")
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)
 
 
 def test_shadow_agreement_allows_promotion(
@@ -160,7 +155,7 @@ def test_shadow_agreement_allows_promotion(
     compares and promotes."""
     device = make_device(probation_s=0.5, extra_update="shadow = true\nshadow_agreement = 0.0")
     device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
-    assert _serves(device, bundles.v2)
+    assert serves(device, bundles.v2)
 
 
 @pytest.mark.parametrize("case", ["forged", "replayed", "expired", "downgrade", "wrong_device"])
@@ -173,7 +168,7 @@ def test_bad_directives_are_refused_with_events(
             bundles.v4_epoch2, agent_keys, sequence=5, version="4.0.0", min_security_epoch=2
         )
     )
-    assert _serves(device, bundles.v4_epoch2)
+    assert serves(device, bundles.v4_epoch2)
     arguments = {
         "forged": {"sequence": 6, "signer": agent_keys.outsider, "min_security_epoch": 2},
         "replayed": {"sequence": 4, "min_security_epoch": 2},
@@ -200,7 +195,7 @@ def test_bad_directives_are_refused_with_events(
         "wrong_device": "WrongTarget",
     }[case]
     assert rule in refused[0].details["rule"]
-    assert _serves(device, bundles.v4_epoch2)
+    assert serves(device, bundles.v4_epoch2)
     assert device.store.floor()[0].last_sequence == 5
     assert "state" not in [e.kind for e in device.recorder.events[before:]]
 
@@ -213,7 +208,7 @@ def test_bundle_for_another_profile_is_refused(
     refused = device.recorder.of("bundle_refused")
     assert refused and "profile" in (refused[0].reason or "") and refused[0].sequence == 1
     assert device.recorder.statuses[-1].state == "rolled_back"
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)
 
 
 def test_bundle_below_the_epoch_floor_is_refused(
@@ -231,7 +226,7 @@ def test_bundle_below_the_epoch_floor_is_refused(
     )
     refused = device.recorder.of("bundle_refused")
     assert refused and "epoch" in (refused[-1].reason or "").lower()
-    assert _serves(device, bundles.v4_epoch2)
+    assert serves(device, bundles.v4_epoch2)
 
 
 def test_rollback_directive_to_the_previous_bundle_reuses_its_slot(
@@ -241,7 +236,7 @@ def test_rollback_directive_to_the_previous_bundle_reuses_its_slot(
     device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
     calls = device.fetcher.calls
     device.process(directive_for(bundles.v1, agent_keys, sequence=2, version="1.0.0"))
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)
     assert device.fetcher.calls == calls  # v1 was still installed in the idle slot
     assert device.recorder.statuses[-1].state == "committed"
 
@@ -273,16 +268,16 @@ def test_download_failure_keeps_serving(
     rolled = device.recorder.of("rolled_back")
     assert rolled and "download failed" in (rolled[-1].reason or "")
     assert not device.store.is_bad(sha_of(bundles.v2), sequence=1)  # not the bundle's fault
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)
 
 
-def test_corrupt_journal_is_reported_and_the_last_good_model_serves(
+def test_corrupt_journal_is_reported_and_the_last_good_modelserves(
     make_device: MakeDevice, bundles: Bundles
 ) -> None:
     device = make_device()
     device.store.journal_path.write_bytes(b"\x00garbage{")
     again = make_device()  # same data dir, a fresh process
-    assert _serves(again, bundles.v1)
+    assert serves(again, bundles.v1)
     errors = again.recorder.of("error")
     assert errors and "journal" in (errors[0].reason or "")
 
@@ -293,13 +288,13 @@ def test_data_dir_removed_while_running_keeps_serving_and_reports(
     device = make_device()
     shutil.rmtree(device.config.data_dir)
     device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
-    assert _serves(device, bundles.v1)  # the model in memory keeps answering
+    assert serves(device, bundles.v1)  # the model in memory keeps answering
     x = sample_inputs(1)[0]
     assert device.host.infer({INPUT: x})["y"].shape == (1, 4)
     errors = device.recorder.of("error")
     assert errors and "data" in (errors[0].reason or "")
     again = make_device()  # a restart recreates the data dir and installs the factory bundle
-    assert again.store.slots_dir.is_dir() and _serves(again, bundles.v1)
+    assert again.store.slots_dir.is_dir() and serves(again, bundles.v1)
 
 
 @pytest.mark.parametrize(
@@ -315,14 +310,13 @@ def test_recovery_finishes_an_interrupted_update(
     device.process(envelope)  # committed v2 in slot b: use it to craft the crash states
     store = device.store
     journal = Journal(store.journal_path)
-    from edgekit.topics import ActiveBundle
+    from edgekit.topics import BundleId
 
     record = JournalRecord(
         state=state,
         sequence=1,
         rollout_id="r1",
-        bundle=ActiveBundle("demo", "2.0.0", sha_of(bundles.v2)),
-        bundle_size=bundles.v2.stat().st_size,
+        bundle=BundleId("demo", "2.0.0", sha_of(bundles.v2)),
         directive=envelope,
         slot="b",
         previous_slot="a",
@@ -345,8 +339,8 @@ def test_recovery_finishes_an_interrupted_update(
     stop.set()
     thread.join(timeout=10)
     assert again.updater.record.state == "committed", again.recorder.kinds()
-    assert _serves(again, bundles.v2)
-    assert store.verify_slot(store.pointer().active).version == "2.0.0"
+    assert serves(again, bundles.v2)
+    assert store.verify_slot(store.pointer().active).bundle.version == "2.0.0"
     assert store.pointer() == Pointer("b", "a")
 
 
@@ -356,14 +350,14 @@ def test_second_restart_in_probation_rolls_back(
     device = make_device()
     envelope = directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0")
     device.process(envelope)
-    from edgekit.topics import ActiveBundle
+    from edgekit.topics import BundleId
 
     Journal(device.store.journal_path).write(
         JournalRecord(
             state="probation",
             sequence=1,
             rollout_id="r1",
-            bundle=ActiveBundle("demo", "2.0.0", sha_of(bundles.v2)),
+            bundle=BundleId("demo", "2.0.0", sha_of(bundles.v2)),
             directive=envelope,
             slot="b",
             previous_slot="a",
@@ -372,7 +366,7 @@ def test_second_restart_in_probation_rolls_back(
     )
     again = make_device()
     assert again.updater.record.state == "rolled_back"
-    assert _serves(again, bundles.v1)
+    assert serves(again, bundles.v1)
     assert again.store.is_bad(sha_of(bundles.v2), sequence=1)
     assert DEVICE
 
@@ -390,7 +384,7 @@ def test_a_damaged_active_slot_falls_back_to_the_previous_one(
         f.seek(40)
         f.write(bytes([byte[0] ^ 0xFF]))
     again = make_device()
-    assert _serves(again, bundles.v1)
+    assert serves(again, bundles.v1)
     errors = again.recorder.of("error")
     assert errors and "verified hash" in (errors[0].reason or "")
 
@@ -473,7 +467,7 @@ def test_disk_full_keeps_serving_and_reports(
 
 
 def _serves_host(host: ModelHost, bundle: Path) -> bool:
-    return host.info is not None and host.info.sha256 == sha_of(bundle)
+    return host.bundle is not None and host.bundle.sha256 == sha_of(bundle)
 
 
 def test_rollback_directive_cannot_reuse_an_idle_slot_below_the_epoch_floor(
@@ -487,19 +481,19 @@ def test_rollback_directive_cannot_reuse_an_idle_slot_below_the_epoch_floor(
             bundles.v4_epoch2, agent_keys, sequence=1, version="4.0.0", min_security_epoch=2
         )
     )
-    assert _serves(device, bundles.v4_epoch2)
+    assert serves(device, bundles.v4_epoch2)
     assert device.store.floor()[0].min_security_epoch == 2
     device.process(
         directive_for(bundles.v1, agent_keys, sequence=2, version="1.0.0", min_security_epoch=2)
     )
-    assert _serves(device, bundles.v4_epoch2)
+    assert serves(device, bundles.v4_epoch2)
     refused = device.recorder.of("bundle_refused")
     assert refused and refused[-1].sequence == 2 and "epoch" in (refused[-1].reason or "")
     status = device.recorder.statuses[-1]
     assert status.state == "rolled_back"
     assert status.active is not None and status.active.version == "4.0.0"
     assert device.store.pointer().active is not None
-    assert device.store.slot_info(device.store.pointer().active).version == "4.0.0"
+    assert device.store.slot_info(device.store.pointer().active).bundle.version == "4.0.0"
 
 
 def test_directive_for_the_active_bundle_below_its_epoch_is_refused(
@@ -516,7 +510,7 @@ def test_directive_for_the_active_bundle_below_its_epoch_is_refused(
     status = device.recorder.statuses[-1]
     assert status.state == "rolled_back" and status.last_sequence == 1
     assert device.store.floor()[0].min_security_epoch == 2
-    assert _serves(device, bundles.v1)  # nothing else is verified: it keeps serving
+    assert serves(device, bundles.v1)  # nothing else is verified: it keeps serving
     assert device.store.is_bad(sha_of(bundles.v1), sequence=1)
 
 
@@ -530,14 +524,14 @@ def test_reused_slot_is_reverified_against_the_current_trust_store(
 
     device = make_device()
     device.process(directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0"))
-    assert _serves(device, bundles.v2)
+    assert serves(device, bundles.v2)
     rotated = Keys(agent_keys.root, agent_keys.outsider, agent_keys.directives, agent_keys.bundles)
     device.updater.trust = load_truststore(
         write_truststore(rotated, tmp_path / "rotated.json").read_bytes()
     )
     calls = device.fetcher.calls
     device.process(directive_for(bundles.v1, agent_keys, sequence=2, version="1.0.0"))
-    assert _serves(device, bundles.v2)
+    assert serves(device, bundles.v2)
     refused = device.recorder.of("bundle_refused")
     assert refused and refused[-1].sequence == 2, device.recorder.kinds()
     assert device.fetcher.calls == calls  # refused from the slot, not re-downloaded
@@ -564,7 +558,7 @@ def test_restart_in_rolled_back_after_a_download_failure_does_not_mark_the_bundl
     again = make_device()  # a restart while the journal says rolled_back
     assert again.updater.record.state == "rolled_back"
     assert not again.store.bad_bundles()
-    assert _serves(again, bundles.v1)
+    assert serves(again, bundles.v1)
 
 
 def test_oversized_desired_payload_is_dropped_before_queueing(
@@ -580,4 +574,4 @@ def test_oversized_desired_payload_is_dropped_before_queueing(
     refused = device.recorder.of("directive_refused")
     assert len(refused) == 3 and refused[0].details["rule"] == "LimitError"
     assert "bytes" in (refused[0].reason or "")
-    assert _serves(device, bundles.v1)
+    assert serves(device, bundles.v1)

@@ -26,7 +26,7 @@ import pytest
 
 from edgekit.bundle import build_bundle, collect_bundle_inputs
 from edgekit.fleet.store import RolloutStore
-from edgekit.topics import ActiveBundle
+from edgekit.topics import BundleId
 from edgekit.trust import (
     Signer,
     TrustStore,
@@ -55,9 +55,9 @@ class FleetKit:
     def bundle(self, version: str, profile: str = "x86-64") -> Path:
         return self.bundles[(version, profile)]
 
-    def active(self, version: str, profile: str = "x86-64") -> ActiveBundle:
+    def active(self, version: str, profile: str = "x86-64") -> BundleId:
         path = self.bundle(version, profile)
-        return ActiveBundle("tiny", version, hashlib.sha256(path.read_bytes()).hexdigest())
+        return BundleId("tiny", version, hashlib.sha256(path.read_bytes()).hexdigest())
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)

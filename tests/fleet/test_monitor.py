@@ -214,13 +214,13 @@ def test_docs_list_every_metric() -> None:
 def test_series_of_silent_devices_and_old_versions_are_forgotten() -> None:
     import time
 
-    from edgekit.topics import ActiveBundle, Event, Status, Telemetry
+    from edgekit.topics import BundleId, Event, Status, Telemetry
 
     monitor = FleetMonitor("mqtt://127.0.0.1:9", FLEET, forget_after_s=3600)
     old, recent = time.time() - 10_000, time.time() - 10
 
     def telemetry(device: str, version: str, seq: int) -> bytes:
-        bundle = ActiveBundle("digits", version, "a" * 64)
+        bundle = BundleId("digits", version, "a" * 64)
         return Telemetry(FLEET, device, seq, 1.0, 5, 1, bundle=bundle, rollout_id="r").to_json()
 
     monitor.ingest("telemetry", "d1", telemetry("d1", "1.0.0", 1), now=old)

@@ -23,6 +23,7 @@ from edgekit.topics import (
 from edgekit.trust import BundleRef, BundleSource, build_directive
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
+WIRE_NAMES = {"size_bytes": "size"}  # Python attribute -> its JSON field
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def spec() -> dict[str, Any]:
 )
 def test_schemas_name_every_field(spec: dict[str, Any], name: str, cls: type) -> None:
     properties = set(spec["components"]["schemas"][name]["properties"])
-    fields = set(cls.__struct_fields__) | {"schema"}
+    fields = {WIRE_NAMES.get(name, name) for name in cls.__struct_fields__} | {"schema"}
     assert properties == fields
 
 
@@ -69,6 +70,7 @@ def test_channels_match_topics(spec: dict[str, Any]) -> None:
         topics.desired("DEVICE"),
         topics.events("DEVICE"),
         topics.telemetry("DEVICE"),
+        topics.trust(),
         topics.bundle_meta(sha),
         topics.bundle_chunk(sha, 7),
         topics.bench("DEVICE"),

@@ -21,7 +21,7 @@ from edgekit.fleet.simulate import SimulatedFleet
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings, MqttClient, PublishHandle
-from edgekit.topics import ActiveBundle, Telemetry, Topics
+from edgekit.topics import BundleId, Telemetry, Topics
 from tests.fleet.conftest import FleetKit
 from tests.fleet.tools_helpers import wait_for
 
@@ -60,7 +60,7 @@ def _poison(client: MqttClient) -> list[PublishHandle]:
     handles += [client.publish(telemetry, payload) for payload in bad_telemetry]
     # 10,000 distinct versions from one device: valid messages, a bounded number of series.
     for index in range(10_000):
-        bundle = ActiveBundle("m", f"9.{index}.0", f"{index:064x}")
+        bundle = BundleId("m", f"9.{index}.0", f"{index:064x}")
         message = Telemetry(FLEET, POISON, index + 2, 1.0, requests=1, errors=0, bundle=bundle)
         handles.append(client.publish(telemetry, message.to_json(), qos=0))
     handles.append(client.publish(telemetry, good.to_json()))

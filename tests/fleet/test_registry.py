@@ -10,7 +10,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgekit.fleet.registry import DeviceRegistry, fleet_client
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings, Inbox
-from edgekit.topics import ActiveBundle, Status, Topics
+from edgekit.topics import BundleId, Status, Topics
 
 FLEET = "reg"
 TOPICS = Topics(FLEET)
@@ -27,8 +27,8 @@ def _wait_for(connection: Inbox, registry: DeviceRegistry, predicate: object) ->
 
 
 def test_last_will_keeps_the_devices_record(mosquitto: MosquittoBroker) -> None:
-    active = ActiveBundle("tiny", "2.0.0", "a" * 64)
-    previous = ActiveBundle("tiny", "1.0.0", "b" * 64)
+    active = BundleId("tiny", "2.0.0", "a" * 64)
+    previous = BundleId("tiny", "1.0.0", "b" * 64)
     full = Status(
         fleet=FLEET,
         device="dev-1",

@@ -20,7 +20,7 @@ from edgekit.fleet.simulate import Faults, SimulatedFleet, make_device_specs
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings
-from edgekit.topics import ActiveBundle, Topics
+from edgekit.topics import BundleId, Topics
 from tests.fleet.conftest import CREATED, FleetKit, _tiny_model
 
 FLEET = "epochs"
@@ -41,8 +41,8 @@ def _bundle(kit: FleetKit, folder: Path, version: str, epoch: int) -> Path:
     )
 
 
-def _active(path: Path, version: str) -> ActiveBundle:
-    return ActiveBundle("tiny", version, hashlib.sha256(path.read_bytes()).hexdigest())
+def _active(path: Path, version: str) -> BundleId:
+    return BundleId("tiny", version, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def test_plan_refuses_revert_to_a_lower_epoch(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.fleet.store import BundleRecord, RolloutStore, StoreError, default_db_path
+from edgekit.fleet.store import ReleaseBundle, RolloutStore, StoreError, default_db_path
 
 
 def _rollout(store: RolloutStore, rollout_id: str = "r-1") -> None:
@@ -88,8 +88,8 @@ def test_requests_are_taken_once(rollout_store: RolloutStore) -> None:
 def test_bundles_by_version(rollout_store: RolloutStore) -> None:
     for profile, sha in (("x86-64", "a" * 64), ("raspberrypi", "b" * 64)):
         rollout_store.record_bundle(
-            BundleRecord(
-                sha, "m", "1.0.0", profile, 10, 0, ({"kind": "mqtt", "topic_prefix": "p"},)
+            ReleaseBundle(
+                sha, "m", "1.0.0", profile, 10, 0, sources=({"kind": "mqtt", "topic_prefix": "p"},)
             )
         )
     found = rollout_store.bundles_by_version("1.0.0")

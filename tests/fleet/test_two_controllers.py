@@ -9,7 +9,7 @@ import pytest
 from edgekit.fleet.registry import fleet_client
 from edgekit.fleet.rollout import RolloutController, RolloutOptions, load_release
 from edgekit.fleet.simulate import SimulatedFleet
-from edgekit.fleet.store import BundleRecord, OwnershipLostError, RolloutStore, StoreError
+from edgekit.fleet.store import OwnershipLostError, ReleaseBundle, RolloutStore, StoreError
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings
 from tests.fleet.conftest import FleetKit
@@ -28,7 +28,7 @@ class _SpyStore(RolloutStore):
         self.calls.append("heartbeat")
         super().heartbeat(rollout_id)
 
-    def record_bundle(self, bundle: BundleRecord) -> None:
+    def record_bundle(self, bundle: ReleaseBundle) -> None:
         self.calls.append("record_bundle")
         super().record_bundle(bundle)
 

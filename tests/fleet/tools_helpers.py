@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgekit.bundle import build_bundle, collect_bundle_inputs
 from edgekit.mqtt import BrokerSettings, Message, MqttClient
-from edgekit.topics import ActiveBundle, Topics
+from edgekit.topics import BundleId, Topics
 from edgekit.transfer import publish_bundle
 from edgekit.trust import (
     BundleRef,
@@ -51,8 +51,8 @@ def make_keys() -> FleetKeys:
 @dataclass(frozen=True)
 class BuiltBundle:
     path: Path
-    active: ActiveBundle
-    size: int
+    active: BundleId
+    size_bytes: int
 
 
 def make_bundle(
@@ -83,9 +83,7 @@ def make_bundle(
         created=CREATED,
     )
     data = path.read_bytes()
-    return BuiltBundle(
-        path, ActiveBundle(name, version, hashlib.sha256(data).hexdigest()), len(data)
-    )
+    return BuiltBundle(path, BundleId(name, version, hashlib.sha256(data).hexdigest()), len(data))
 
 
 @contextmanager
@@ -126,7 +124,7 @@ def directive_for(
         sequence=sequence,
         bundle=BundleRef(
             sha256=bundle.active.sha256,
-            size_bytes=bundle.size,
+            size_bytes=bundle.size_bytes,
             name=bundle.active.name,
             version=bundle.active.version,
             sources=(BundleSource("mqtt", topics.bundle_prefix(bundle.active.sha256)),),

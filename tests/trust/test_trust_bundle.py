@@ -17,7 +17,6 @@ from edgekit.bundle import (
     BundleInput,
     Limits,
     Manifest,
-    _ustar_header,
     build_bundle,
     collect_bundle_inputs,
     create_manifest,
@@ -27,6 +26,7 @@ from edgekit.bundle import (
     sign_bundle,
     verify_bundle,
 )
+from edgekit.bundle.tarformat import ustar_header
 from edgekit.trust import (
     ArchiveError,
     BundleError,
@@ -206,7 +206,7 @@ def test_layout_is_plain_ustar_that_standard_tar_reads(keys: Keys, build: BuildB
         expected = tarfile.TarInfo(member.name)
         expected.size, expected.mtime, expected.mode = member.size, MTIME, 0o644
         # Our header is byte-identical to what the standard library writes in USTAR format.
-        ours = _ustar_header(member.name, size_bytes=member.size, mtime=MTIME)
+        ours = ustar_header(member.name, size_bytes=member.size, mtime=MTIME)
         theirs = expected.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
         assert ours == theirs
     assert len(bundle) % 512 == 0
@@ -455,10 +455,10 @@ def test_refuses_tar_bomb_without_streaming_it(
     """A member declaring more than the signed size is refused before its data is read."""
     members = dict(members_of(build([keys.bundles[0]])))
     huge = 64 << 20
-    bomb_header = _ustar_header("golden.npz", size_bytes=huge, mtime=MTIME)
+    bomb_header = ustar_header("golden.npz", size_bytes=huge, mtime=MTIME)
     envelope = members[ENVELOPE_MEMBER]
     prefix = (
-        _ustar_header(ENVELOPE_MEMBER, size_bytes=len(envelope), mtime=MTIME)
+        ustar_header(ENVELOPE_MEMBER, size_bytes=len(envelope), mtime=MTIME)
         + envelope
         + bytes(-len(envelope) % 512)
         + bomb_header
@@ -486,7 +486,7 @@ def test_refuses_envelope_over_the_limit_before_parsing(
         verify_bundle(bundle, trust=truststore, limits=Limits(max_envelope_bytes=600))
     # A header declaring a 2 GiB envelope: refused after reading only the header.
     stream = CountingReader(
-        _ustar_header(ENVELOPE_MEMBER, size_bytes=2 << 30, mtime=MTIME) + b"{" * 4096
+        ustar_header(ENVELOPE_MEMBER, size_bytes=2 << 30, mtime=MTIME) + b"{" * 4096
     )
     with pytest.raises(LimitError, match=r"envelope.json is 2147483648 bytes"):
         verify_bundle(stream, trust=truststore)

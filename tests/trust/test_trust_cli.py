@@ -286,3 +286,48 @@ def test_rotation_through_the_cli(runner: CliRunner, tmp_path: Path, fleet_keys:
     # A key that is no root key cannot sign a trust store.
     refused = run(runner, trust_group, "sign", "v2.json", "--key", "release", ok=False)
     assert "not a root key" in str(refused.exception)
+
+
+def test_a_write_cut_short_leaves_the_trust_store_intact(runner: CliRunner, tmp_path: Path) -> None:
+    """Issue 13 #7: `edgekit trust sign` whose write is cut short (a file size limit below
+    the new file's size stops it part way, as a full disk or a kill would) leaves the old
+    trust store whole, with the signatures it had collected; the error is one line."""
+    import resource
+    import subprocess
+    import sys
+
+    for name in ("root1", "root2", "release", "controller"):
+        run(runner, keys_group, "generate", name)
+    store = tmp_path / "truststore.json"
+    run(
+        runner,
+        trust_group,
+        *("init", "--root-key", "root1", "--root-key", "root2", "--root-threshold", "2"),
+        *("--bundles-key", "release", "--directives-key", "controller", "--sign", "root1"),
+        *("-o", store),
+    )
+    before = store.read_bytes()
+    assert len(json.loads(before)["signatures"]) == 1  # one of two root signatures collected
+
+    def limit() -> None:
+        # Larger than nothing, smaller than the signed file: the write stops part way.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "edgekit", "trust", "sign", str(store), "--key", "root2"],
+        # No bytecode cache: the limit would cut those writes short too.
+        env={k: v for k, v in runner.env.items() if v is not None}
+        | {"PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=tmp_path,
+        preexec_fn=limit,
+        capture_output=True,
+        check=False,
+    )
+    assert store.read_bytes() == before  # the old file, whole: not 200 unparseable bytes
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.decode().strip()
+    assert message.startswith("error: cannot write") and "unchanged" in message, message
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    # Once the limit is gone, signing works and the store becomes valid.
+    run(runner, trust_group, "sign", store, "--key", "root2")
+    assert len(load_truststore(store.read_bytes()).roles["root"].keyids) == 2

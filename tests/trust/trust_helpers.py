@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from edgekit.bundle import Manifest, _ustar_header
+from edgekit.bundle import Manifest
+from edgekit.bundle.tarformat import ustar_header
 from edgekit.trust import Signer, parse_envelope
 
 CREATED = datetime(2025, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
@@ -68,7 +69,7 @@ def canonical_tar(members: Sequence[tuple[str, bytes]], *, mtime: int) -> bytes:
     """A tar in edgekit's exact canonical layout, from arbitrary members (for mix-and-match)."""
     parts = []
     for name, data in members:
-        parts.append(_ustar_header(name, size_bytes=len(data), mtime=mtime))
+        parts.append(ustar_header(name, size_bytes=len(data), mtime=mtime))
         parts.append(data + bytes(-len(data) % 512))
     parts.append(bytes(1024))
     return b"".join(parts)
