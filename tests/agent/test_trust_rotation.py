@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from edgekit.agent.store import Store
 
 from edgekit.fleet.simulate import SimulatedFleet
@@ -51,7 +52,7 @@ def _event(watcher: Watcher, device: str, kind: str, sequence: int) -> str:
 
 
 def test_release_key_rotation_over_the_air(
-    tmp_path: Path, agent_keys: Keys, bundles: Bundles
+    tmp_path: Path, agent_keys: Keys, bundles: Bundles, request: pytest.FixtureRequest
 ) -> None:
     # Trust store v1 (release key K1 = agent_keys.bundles) and v2 (K1 replaced by K2).
     v1_path = write_truststore(agent_keys, tmp_path / "truststore.json")
@@ -73,8 +74,9 @@ def test_release_key_rotation_over_the_air(
     )
     broker = MosquittoBroker(tmp_path / "mosquitto")
     broker.start()
+    request.addfinalizer(broker.stop)  # also when an assertion below fails
     watcher = Watcher(broker.url)
-    watcher.client.subscribe(Topics(FLEET).all_devices("events"), 1)
+    watcher.client.subscribe(Topics(FLEET).all_devices("events"), watcher._on_message)
     config, data = agent_config(
         tmp_path,
         agent_keys,
@@ -126,7 +128,7 @@ def test_release_key_rotation_over_the_air(
             directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0", device=SIMULATED),
             qos=1,
             retain=True,
-        ).wait_for_publish(10)
+        ).wait(10)
         assert "signature" in _event(watcher, SIMULATED, "bundle_refused", 1)
         status = watcher.wait_status(
             lambda s: s.last_sequence >= 1 and s.state == "rolled_back", what="refused"
@@ -143,7 +145,7 @@ def test_release_key_rotation_over_the_air(
             directive_for(signed_by_new, agent_keys, sequence=2, version="7.0.0", device=SIMULATED),
             qos=1,
             retain=True,
-        ).wait_for_publish(10)
+        ).wait(10)
         _event(watcher, SIMULATED, "committed", 2)
     finally:
         simulated.stop()
