@@ -70,9 +70,11 @@ __all__ = [
     "device_id_problem",
     "hash_password",
     "new_password",
+    "read_credentials",
     "read_devices_csv",
     "render_acl",
     "render_mosquitto_conf",
+    "store_password",
     "verify_password_hash",
     "write_broker_config",
 ]
@@ -337,20 +339,42 @@ def render_mosquitto_conf(
     return "\n".join(lines) + "\n"
 
 
-def _read_credentials(path: Path) -> dict[str, str]:
+def _credential_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
-        return {}
+        return []
     try:
         with path.open(newline="") as handle:
-            return {
-                row["user"]: row["password"]
+            return [
+                {"user": row["user"], "password": row["password"], "role": row.get("role") or ""}
                 for row in csv.DictReader(handle)
                 if row.get("user") and row.get("password")
-            }
+            ]
     except (OSError, KeyError, csv.Error) as error:
         raise BrokerConfigError(
             f"cannot read existing {path}: {error}; move it away to generate new passwords"
         ) from None
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """User -> plain password from a `credentials.csv` (empty when there is none yet)."""
+    return {row["user"]: row["password"] for row in _credential_rows(path)}
+
+
+def store_password(path: Path, user: str, password: str, *, role: str = "device") -> None:
+    """Set `user`'s password in `credentials.csv` (created 0600 when missing); the next
+    `write_broker_config` into that folder keeps it."""
+    rows = [row for row in _credential_rows(path) if row["user"] != user]
+    rows.append({"user": user, "password": password, "role": role})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["user", "password", "role"])
+    for row in rows:
+        writer.writerow([row["user"], row["password"], row["role"]])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, buffer.getvalue(), mode=0o600)
+    except OSError as error:
+        raise BrokerConfigError(f"cannot write {path}: {error}") from None
 
 
 def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
@@ -422,7 +446,7 @@ def write_broker_config(
     except OSError as error:
         raise BrokerConfigError(f"cannot create {out_dir}: {error.strerror}") from None
     credentials_path = out_dir / "credentials.csv"
-    known = _read_credentials(credentials_path)
+    known = read_credentials(credentials_path)
     accounts: dict[str, str] = {operator_user: "operator", monitor_user: "monitor"}
     accounts.update({device.device_id: "device" for device in devices})
     given = {device.device_id: device.password for device in devices if device.password}
