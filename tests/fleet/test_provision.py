@@ -385,6 +385,11 @@ def test_install_script_installs_under_a_fake_root(workdir: Path, fleet_kit: Fle
     for name, mode in modes.items():
         assert (root / name).stat().st_mode & 0o777 == mode, name
     assert (root / "etc/edgekit/agent.toml").read_bytes() == (kit / "agent.toml").read_bytes()
+    shown = subprocess.run(
+        ["bash", str(kit / "install.sh"), "--help"], capture_output=True, text=True, check=False
+    )
+    assert shown.returncode == 0 and "--wheel PATH" in shown.stdout
+    assert "set -euo" not in shown.stdout  # the comment block only
     bad = _install(kit, root, "--bogus")
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
 
