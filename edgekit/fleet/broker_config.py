@@ -581,9 +581,9 @@ def _hand_over(
     Done here when the files stay where they are written, this process is root and the user
     exists on this host; otherwise returned as commands to run as root. Returns
     (setup commands, warnings)."""
-    if service_user == "root":
-        return (), ()
     account = _service_account(service_user)
+    if service_user == "root" or (account is not None and account.uid == os.geteuid()):
+        return (), ()  # the files are the service user's own already
     group = account.group if account is not None else service_user
     commands: list[str] = []
     warnings: list[str] = []

@@ -6,6 +6,7 @@ install script that installs."""
 from __future__ import annotations
 
 import csv
+import getpass
 import os
 import re
 import shlex
@@ -132,7 +133,7 @@ def test_kit_alone_runs_the_agent_and_takes_a_rollout(workdir: Path, fleet_kit: 
     assert password not in (kit / "agent.toml").read_text()  # only in its 0600 file
 
     # 2. The broker, from broker-config's output, started exactly as it says.
-    run_as = [] if os.geteuid() == 0 else ["--run-as", os.environ.get("USER", "nobody")]
+    run_as = [] if os.geteuid() == 0 else ["--run-as", getpass.getuser()]
     generated = subprocess.run(
         [
             sys.executable, "-m", "edgekit", "fleet", "broker-config", "--fleet", FLEET,
