@@ -6,8 +6,10 @@ install script that installs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import getpass
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -22,8 +24,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from edgekit.agent.config import load_config
 
 from edgekit.cli import main
+from edgekit.errors import TransportError
 from edgekit.fleet.broker_config import (
     DeviceAccount,
     read_devices_csv,
@@ -35,7 +39,7 @@ from edgekit.fleet.registry import fleet_client, load_registry
 from edgekit.fleet.rollout import RolloutController, RolloutOptions, load_release
 from edgekit.fleet.store import RolloutStore
 from edgekit.mosquitto import free_port
-from edgekit.mqtt import BrokerSettings
+from edgekit.mqtt import BrokerSettings, MqttClient
 from edgekit.topics import Topics
 from tests.fleet.conftest import FleetKit
 from tests.fleet.tools_helpers import wait_for
@@ -82,6 +86,38 @@ def _provision(
         "--devices", str(work / "devices.csv"), "--broker-config", str(work / "broker"),
         "-o", str(work / out), *extra,
     )  # fmt: skip
+
+
+def _start_broker(
+    work: Path, tls: tuple[Path, Path, Path], port: int, service_port: int, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Run broker-config on the test's inputs, then what its output says, as it says it."""
+    ca, cert, key = tls
+    run_as = [] if os.geteuid() == 0 else ["--run-as", getpass.getuser()]
+    generated = subprocess.run(
+        [
+            sys.executable, "-m", "edgekit", "fleet", "broker-config", "--fleet", FLEET,
+            "--devices", str(work / "devices.csv"), "-o", str(work / "broker"),
+            "--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key),
+            "--listener", str(port), "--service-listener", str(service_port),
+            "--bind", "127.0.0.1", *run_as, *extra,
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stderr
+    lines = generated.stdout.splitlines()
+    commands = [shlex.split(line) for line in lines[lines.index("start it as root:") + 1 :] if line]
+    for command in commands[:-1]:
+        subprocess.run(command, check=True)
+    log_path = work / "mosquitto.log"
+    with log_path.open("wb") as log:
+        broker = subprocess.Popen(commands[-1], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(broker, [port, service_port], log_path)
+    except BaseException:
+        _stop(broker)
+        raise
+    return broker
 
 
 def _wait_listening(process: subprocess.Popen[bytes], ports: list[int], log: Path) -> None:
@@ -133,29 +169,10 @@ def test_kit_alone_runs_the_agent_and_takes_a_rollout(workdir: Path, fleet_kit: 
     assert password not in (kit / "agent.toml").read_text()  # only in its 0600 file
 
     # 2. The broker, from broker-config's output, started exactly as it says.
-    run_as = [] if os.geteuid() == 0 else ["--run-as", getpass.getuser()]
-    generated = subprocess.run(
-        [
-            sys.executable, "-m", "edgekit", "fleet", "broker-config", "--fleet", FLEET,
-            "--devices", str(workdir / "devices.csv"), "-o", str(workdir / "broker"),
-            "--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key),
-            "--listener", str(port), "--service-listener", str(service_port),
-            "--bind", "127.0.0.1", *run_as,
-        ],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert generated.returncode == 0, generated.stderr
-    lines = generated.stdout.splitlines()
-    commands = [shlex.split(line) for line in lines[lines.index("start it as root:") + 1 :] if line]
-    for command in commands[:-1]:
-        subprocess.run(command, check=True)
-    broker_log = workdir / "mosquitto.log"
     agent_log = workdir / "agent.log"
     broker = agent = None
     try:
-        with broker_log.open("wb") as log:
-            broker = subprocess.Popen(commands[-1], stdout=log, stderr=subprocess.STDOUT)
-        _wait_listening(broker, [port, service_port], broker_log)
+        broker = _start_broker(workdir, (ca, cert, key), port, service_port)
 
         # 3. The agent from the kit alone: its config, nothing else (no EDGEKIT_AGENT_*).
         agent_binary = Path(sys.executable).with_name("edgekit-agent")
@@ -313,6 +330,43 @@ def test_client_certificate_is_issued_by_the_ca(workdir: Path, fleet_kit: FleetK
     assert "LoadCredential=mqtt-client-key:/etc/edgekit/client.key" in unit
 
 
+def test_client_certificate_kit_connects_to_a_broker_that_requires_one(
+    workdir: Path, fleet_kit: FleetKit
+) -> None:
+    """broker-config --require-client-cert: the kit's certificate and password get the device
+    in over TLS; the password alone does not."""
+    tls = make_tls_files(workdir / "tls")
+    ca = tls[0]
+    port, service_port = free_port(), free_port()
+    code, output = _invoke(
+        "fleet", "provision", DEVICE, "--fleet", FLEET, "--profile", "x86-64",
+        "--broker", f"mqtts://127.0.0.1:{port}", "--broker-ca", str(ca),
+        "--truststore", str(fleet_kit.truststore_path),
+        "--client-ca", str(ca), "--client-ca-key", str(workdir / "tls" / "ca.key"),
+        "--devices", str(workdir / "devices.csv"), "--broker-config", str(workdir / "broker"),
+        "--config-dir", str(workdir / "kit"), "-o", str(workdir / "kit"),
+    )  # fmt: skip
+    assert code == 0, output
+    kit = workdir / "kit"
+    config = load_config(kit / "agent.toml", environ={})
+    assert config.mqtt.cert_file == kit / "client.pem"
+    broker = _start_broker(workdir, tls, port, service_port, "--require-client-cert")
+    try:
+        client = MqttClient(config.mqtt, client_id=f"edgekit-agent-{DEVICE}").connect()
+        try:
+            handle = client.publish(Topics(FLEET).status(DEVICE), b"{}", retain=False)
+            assert handle.wait(10)
+        finally:
+            client.stop()
+        without = dataclasses.replace(config.mqtt, cert_file=None, key_file=None)
+        with pytest.raises(TransportError):
+            MqttClient(without, client_id="edgekit-agent-x", retry_refused=False).connect(
+                timeout_s=3
+            )
+    finally:
+        _stop(broker)
+
+
 # -- the systemd unit ----------------------------------------------------------------------------
 
 
@@ -393,6 +447,38 @@ def test_install_script_installs_under_a_fake_root(workdir: Path, fleet_kit: Fle
     assert "set -euo" not in shown.stdout  # the comment block only
     bad = _install(kit, root, "--bogus")
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting owners needs root")
+def test_install_script_gives_the_service_user_its_files(
+    workdir: Path, fleet_kit: FleetKit
+) -> None:
+    """With the service user present (here `nobody`, an existing account), install.sh makes
+    the data dir the user's, agent.toml root's but readable by the user's group, secrets
+    root's alone."""
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody on this host")
+    code, output = _provision(workdir, fleet_kit, "--service-user", "nobody")
+    assert code == 0, output
+    kit, root = workdir / "kit", workdir / "root"
+    stub = root / "opt/edgekit/venv/bin/edgekit-agent"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    installed = _install(kit, root, "--skip-venv")
+    assert installed.returncode == 0, installed.stderr
+    owners = {
+        "etc/edgekit/agent.toml": (0, user.pw_gid, 0o640),
+        "etc/edgekit/mqtt-password": (0, 0, 0o600),
+        "etc/edgekit/truststore.json": (0, 0, 0o644),
+        "var/lib/edgekit-agent": (user.pw_uid, user.pw_gid, 0o700),
+    }
+    for name, (uid, gid, mode) in owners.items():
+        status = (root / name).stat()
+        assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (uid, gid, mode), name
+    assert "User=nobody" in (root / "etc/systemd/system/edgekit-agent.service").read_text()
 
 
 def _fake_edgekit_wheel(folder: Path) -> Path:
