@@ -186,6 +186,42 @@ def test_plaintext_device_listener_is_refused_without_the_flag(tmp_path: Path) -
     assert "no TLS" in allowed.output  # the warning says so
 
 
+def test_output_says_what_to_do_elsewhere_and_what_stands_in_the_way(tmp_path: Path) -> None:
+    devices = _devices_csv(tmp_path / "d.csv", ["dev-a,,,,"])
+    tls = ["--tls-ca", "/etc/ca.pem", "--tls-cert", "/etc/s.pem", "--tls-key", "/etc/s.key"]
+    # Generated here for another host: the commands name the broker host's paths.
+    remote = CliRunner().invoke(
+        broker_config_command,
+        ["--fleet", FLEET, "--devices", str(devices), "-o", str(tmp_path / "o"), *tls,
+         "--install-dir", "/etc/mosquitto/plant"],
+    )  # fmt: skip
+    assert remote.exit_code == 0, remote.output
+    assert (
+        "copy " in remote.output and "to /etc/mosquitto/plant on the broker host" in remote.output
+    )
+    assert _start_commands(remote.output) == [
+        ["chown", "root:mosquitto", *(f"/etc/mosquitto/plant/{n}" for n in
+                                      ("passwords", "service-passwords", "acl"))],
+        ["chown", "mosquitto:mosquitto", "/etc/mosquitto/plant/data"],
+        ["mosquitto", "-c", "/etc/mosquitto/plant/mosquitto.conf"],
+    ]  # fmt: skip
+    # In place, in a folder the service user cannot enter, with TLS files that are not here.
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    local = CliRunner().invoke(
+        broker_config_command,
+        ["--fleet", FLEET, "--devices", str(devices), "-o", str(closed / "broker"), *tls],
+    )
+    assert local.exit_code == 0, local.output
+    match = re.search(r"warning: user mosquitto cannot enter (\S+) \(mode 0700\)", local.output)
+    assert match and str(closed).startswith(match.group(1)), local.output
+    assert "TLS file /etc/s.key does not exist on this host" in local.output
+
+
 def _start_commands(output: str) -> list[list[str]]:
     """The commands under "start it as root:" in broker-config's output, in order."""
     lines = output.splitlines()
