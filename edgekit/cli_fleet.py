@@ -1018,6 +1018,195 @@ def history_command(*, fleet: str | None, limit: int, as_json: bool, db_path: Pa
     console.print(table)
 
 
+# -- provision ---------------------------------------------------------------------------------
+
+
+@fleet_group.command("provision")
+@click.argument("device_id")
+@_fleet_option(required=True)
+@click.option("--profile", required=True, help="The device's profile (e.g. raspberrypi).")
+@click.option(
+    "--broker",
+    "broker_url",
+    required=True,
+    help="URL the device connects to: the device listener, mqtts://HOST:PORT.",
+)
+@click.option(
+    "--broker-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA (PEM) that signed the broker's certificate [default: the device's system CAs].",
+)
+@click.option(
+    "--truststore",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The signed trust store the device starts with.",
+)
+@click.option(
+    "--devices",
+    "devices_csv",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="broker-config's devices CSV: the device is added (created when missing).",
+)
+@click.option(
+    "--broker-config",
+    "broker_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="broker-config's output folder: the password goes into its credentials.csv.",
+)
+@click.option(
+    "--factory-bundle",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A bundle the device runs before its first rollout (verified here).",
+)
+@click.option(
+    "--client-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Issue a client certificate for the device with this CA (the broker's --tls-ca).",
+)
+@click.option(
+    "--client-ca-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The --client-ca's private key (PEM, unencrypted).",
+)
+@click.option("--group", default="", help="The device's group.")
+@click.option("--tag", "tags", multiple=True, metavar="K=V", help="A device tag (repeatable).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An agent.toml setting, e.g. update.probation_s=120 (repeatable).",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/etc/edgekit"),
+    show_default=True,
+    help="Where install.sh puts the config on the device (the kit's folder: runs in place).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/edgekit-agent"),
+    show_default=True,
+    help="The agent's data directory on the device.",
+)
+@click.option(
+    "--venv",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/opt/edgekit/venv"),
+    show_default=True,
+    help="The venv install.sh makes on the device.",
+)
+@click.option("--service-user", default="edgekit-agent", show_default=True)
+@click.option(
+    "--pip-spec",
+    default="edgekit[agent]",
+    show_default=True,
+    help="What install.sh installs (its --wheel/--find-links override it on the device).",
+)
+@click.option("--rotate", is_flag=True, help="Replace the device's existing credentials.")
+@click.option(
+    "--insecure-plaintext", is_flag=True, help="Allow an mqtt:// broker (test brokers only)."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The kit's folder (new or empty).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def provision_command(
+    *,
+    device_id: str,
+    fleet: str,
+    profile: str,
+    broker_url: str,
+    broker_ca: Path | None,
+    truststore: Path,
+    devices_csv: Path,
+    broker_dir: Path,
+    factory_bundle: Path | None,
+    client_ca: Path | None,
+    client_ca_key: Path | None,
+    group: str,
+    tags: Sequence[str],
+    settings: Sequence[str],
+    config_dir: Path,
+    data_dir: Path,
+    venv: Path,
+    service_user: str,
+    pip_spec: str,
+    rotate: bool,
+    insecure_plaintext: bool,
+    output: Path,
+    as_json: bool,
+) -> None:
+    """Write a device kit (agent.toml, trust store, broker CA, credentials, systemd unit,
+    install.sh) and register the device in broker-config's inputs."""
+    from edgekit.fleet import provision
+
+    if (client_ca is None) != (client_ca_key is None):
+        raise provision.ProvisionError("--client-ca and --client-ca-key go together")
+    request = provision.ProvisionRequest(
+        device_id=device_id,
+        fleet=fleet,
+        profile=profile,
+        broker_url=broker_url,
+        truststore=truststore,
+        devices_csv=devices_csv,
+        broker_dir=broker_dir,
+        broker_ca=broker_ca,
+        client_ca=provision.ClientCa(client_ca, client_ca_key)
+        if client_ca is not None and client_ca_key is not None
+        else None,
+        factory_bundle=factory_bundle,
+        group=group,
+        tags=dict(parse_tag(tag) for tag in tags),
+        settings=dict(provision.parse_setting(setting) for setting in settings),
+        layout=provision.InstallLayout(
+            config_dir=config_dir.absolute(),
+            data_dir=data_dir.absolute(),
+            venv=venv.absolute(),
+            service_user=service_user,
+        ),
+        pip_spec=pip_spec,
+        rotate=rotate,
+        insecure_plaintext=insecure_plaintext,
+    )
+    kit = provision.provision_device(request, output)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "device": kit.device_id,
+                    "kit": str(kit.directory),
+                    "files": list(kit.files),
+                    "rotated": kit.rotated,
+                    "devices_csv": str(kit.devices_csv),
+                    "credentials": str(kit.credentials),
+                },
+                sort_keys=True,
+            )
+        )
+        return
+    click.echo(
+        f"wrote the kit of {kit.device_id} in {kit.directory} ({', '.join(kit.files)}); "
+        f"{'new credentials replace the old ones' if kit.rotated else 'registered'} in "
+        f"{kit.devices_csv} and {kit.credentials}"
+    )
+    click.echo(
+        f"next: run `edgekit fleet broker-config --devices {kit.devices_csv} -o {broker_dir} "
+        "...` again (same options) and reload Mosquitto (SIGHUP re-reads passwords and acl), "
+        "then copy the kit to the device and run `sudo ./install.sh` there; the kit holds the "
+        "device's password: keep it private"
+    )
+
+
 # -- tools from the fleet tools module (simulate, broker-config, monitor) -----------------------
 
 

@@ -23,6 +23,14 @@
 - `credentials.csv`: every account's plain password (mode 0600). Running the command again
   keeps the passwords already in it, so adding devices does not re-key the fleet.
 
+Mosquitto started as root reads `mosquitto.conf`, binds its ports, drops to its service user
+(`user` in the config, else `mosquitto`) and only then opens the password files, the ACL, the
+TLS key and its persistence directory. So those files are written mode 0640 and, when this
+runs as root and the service user exists here, handed to its group (`data/` to the user);
+otherwise `BrokerConfig.setup_commands` says exactly what to run as root first, and
+`start_command` how to start the broker. A device listener without TLS (passwords in clear
+text) is refused unless asked for (`insecure_plaintext`).
+
 Every file is written to a temporary name and renamed into place: a failure leaves the
 previous files whole. Explicit per-user blocks (not `pattern` lines) keep the service
 accounts from inheriting device rights, and let Mosquitto find a user's rules by name.
@@ -32,9 +40,13 @@ from __future__ import annotations
 
 import base64
 import csv
+import grp
 import hashlib
 import io
+import os
+import pwd
 import secrets
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +69,12 @@ __all__ = [
     "TlsSettings",
     "device_id_problem",
     "hash_password",
+    "new_password",
+    "read_credentials",
     "read_devices_csv",
     "render_acl",
     "render_mosquitto_conf",
+    "store_password",
     "verify_password_hash",
     "write_broker_config",
 ]
@@ -109,6 +124,15 @@ class BrokerConfig:
     credentials: Path
     accounts: Mapping[str, str]  # user -> role (device, operator, monitor)
     generated: tuple[str, ...]  # users whose password was generated in this run
+    service_user: str = "mosquitto"  # the user Mosquitto drops to after reading its config
+    setup_commands: tuple[str, ...] = ()  # to run as root before the first start
+    start_command: str = ""  # how to start the broker with this config (as root)
+    warnings: tuple[str, ...] = ()  # what stands in the way and could not be fixed here
+
+
+def new_password() -> str:
+    """A fresh random account password (24 URL-safe characters)."""
+    return secrets.token_urlsafe(_PASSWORD_BYTES)
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -315,20 +339,42 @@ def render_mosquitto_conf(
     return "\n".join(lines) + "\n"
 
 
-def _read_credentials(path: Path) -> dict[str, str]:
+def _credential_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
-        return {}
+        return []
     try:
         with path.open(newline="") as handle:
-            return {
-                row["user"]: row["password"]
+            return [
+                {"user": row["user"], "password": row["password"], "role": row.get("role") or ""}
                 for row in csv.DictReader(handle)
                 if row.get("user") and row.get("password")
-            }
+            ]
     except (OSError, KeyError, csv.Error) as error:
         raise BrokerConfigError(
             f"cannot read existing {path}: {error}; move it away to generate new passwords"
         ) from None
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """User -> plain password from a `credentials.csv` (empty when there is none yet)."""
+    return {row["user"]: row["password"] for row in _credential_rows(path)}
+
+
+def store_password(path: Path, user: str, password: str, *, role: str = "device") -> None:
+    """Set `user`'s password in `credentials.csv` (created 0600 when missing); the next
+    `write_broker_config` into that folder keeps it."""
+    rows = [row for row in _credential_rows(path) if row["user"] != user]
+    rows.append({"user": user, "password": password, "role": role})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["user", "password", "role"])
+    for row in rows:
+        writer.writerow([row["user"], row["password"], row["role"]])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, buffer.getvalue(), mode=0o600)
+    except OSError as error:
+        raise BrokerConfigError(f"cannot write {path}: {error}") from None
 
 
 def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
@@ -350,8 +396,19 @@ def write_broker_config(
     operator_user: str = "operator",
     monitor_user: str = "monitor",
     run_as: str | None = None,
+    insecure_plaintext: bool = False,
 ) -> BrokerConfig:
-    """Write config, ACL, password file and credentials for `fleet` into `out_dir`."""
+    """Write config, ACL, password file and credentials for `fleet` into `out_dir`.
+
+    Without `tls` the device listener sends passwords in clear text: refused unless
+    `insecure_plaintext`. The result says how to start Mosquitto with the files.
+    """
+    if tls is None and not insecure_plaintext:
+        raise BrokerConfigError(
+            "no TLS for the device listener (device passwords would cross the network in "
+            "clear text): pass --tls-ca, --tls-cert and --tls-key (paths on the broker host), "
+            "or --insecure-plaintext for a test broker on a trusted network"
+        )
     try:
         check_identifier(fleet, what="fleet")
         for user in (operator_user, monitor_user):
@@ -389,7 +446,7 @@ def write_broker_config(
     except OSError as error:
         raise BrokerConfigError(f"cannot create {out_dir}: {error.strerror}") from None
     credentials_path = out_dir / "credentials.csv"
-    known = _read_credentials(credentials_path)
+    known = read_credentials(credentials_path)
     accounts: dict[str, str] = {operator_user: "operator", monitor_user: "monitor"}
     accounts.update({device.device_id: "device" for device in devices})
     given = {device.device_id: device.password for device in devices if device.password}
@@ -401,7 +458,7 @@ def write_broker_config(
         elif user in known:
             passwords[user] = known[user]
         else:
-            passwords[user] = secrets.token_urlsafe(_PASSWORD_BYTES)
+            passwords[user] = new_password()
             generated.append(user)
     where = install_dir if install_dir is not None else out_dir.resolve()
     conf = render_mosquitto_conf(
@@ -430,13 +487,19 @@ def write_broker_config(
     writer.writerow(["user", "password", "role"])
     for user, role in accounts.items():
         writer.writerow([user, passwords[user], role])
+    service_user = run_as or _MOSQUITTO_USER
     try:
-        (out_dir / "data").mkdir(exist_ok=True)
+        (out_dir / "data").mkdir(mode=0o700, exist_ok=True)
         _write_atomic(credentials_path, buffer.getvalue(), mode=0o600)
-        _write_atomic(out_dir / "passwords", device_lines, mode=0o600)
-        _write_atomic(out_dir / "service-passwords", service_lines, mode=0o600)
-        _write_atomic(out_dir / "acl", acl)
+        # Read by Mosquitto after it dropped to its service user: group-readable, no more.
+        _write_atomic(out_dir / "passwords", device_lines, mode=0o640)
+        _write_atomic(out_dir / "service-passwords", service_lines, mode=0o640)
+        _write_atomic(out_dir / "acl", acl, mode=0o640)
         _write_atomic(out_dir / "mosquitto.conf", conf)
+        in_place = install_dir is None or install_dir.resolve() == out_dir.resolve()
+        setup, warnings = _hand_over(
+            out_dir, where, service_user=service_user, tls=tls, in_place=in_place, fleet=fleet
+        )
     except OSError as error:
         raise BrokerConfigError(f"cannot write the broker config in {out_dir}: {error}") from None
     return BrokerConfig(
@@ -448,4 +511,118 @@ def write_broker_config(
         credentials=credentials_path,
         accounts=accounts,
         generated=tuple(generated),
+        service_user=service_user,
+        setup_commands=setup,
+        start_command=shlex.join(["mosquitto", "-c", str(where / "mosquitto.conf")]),
+        warnings=warnings,
     )
+
+
+_MOSQUITTO_USER = "mosquitto"  # Mosquitto's own default when the config names no `user`
+_READ_AFTER_DROP = ("passwords", "service-passwords", "acl")
+
+
+@dataclass(frozen=True)
+class _ServiceAccount:
+    name: str
+    uid: int
+    gid: int
+    group: str
+    gids: frozenset[int]
+
+
+def _service_account(name: str) -> _ServiceAccount | None:
+    """The local user `name` with its groups, or None when this host has no such user."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    try:
+        group = grp.getgrgid(entry.pw_gid).gr_name
+    except KeyError:
+        group = str(entry.pw_gid)
+    gids = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+    return _ServiceAccount(name, entry.pw_uid, entry.pw_gid, group, frozenset(gids))
+
+
+def _allows(path: Path, account: _ServiceAccount, want: int) -> bool:
+    """Whether `account` has the permission bits `want` (4 read, 1 enter) on `path`."""
+    if account.uid == 0:
+        return True
+    status = path.stat()
+    if status.st_uid == account.uid:
+        bits = status.st_mode >> 6
+    elif status.st_gid in account.gids:
+        bits = status.st_mode >> 3
+    else:
+        bits = status.st_mode
+    return bits & want == want
+
+
+def _closed_folder(path: Path, account: _ServiceAccount) -> Path | None:
+    """The first folder above `path` that `account` cannot enter (None: it reaches it)."""
+    for folder in reversed(path.resolve().parents):
+        if not _allows(folder, account, 0o1):
+            return folder
+    return None
+
+
+def _hand_over(
+    out_dir: Path,
+    where: Path,
+    *,
+    service_user: str,
+    tls: TlsSettings | None,
+    in_place: bool,
+    fleet: str,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Give Mosquitto's service user what it opens after dropping root, or say how to.
+
+    Done here when the files stay where they are written, this process is root and the user
+    exists on this host; otherwise returned as commands to run as root. Returns
+    (setup commands, warnings)."""
+    account = _service_account(service_user)
+    if service_user == "root" or (account is not None and account.uid == os.geteuid()):
+        return (), ()  # the files are the service user's own already
+    group = account.group if account is not None else service_user
+    commands: list[str] = []
+    warnings: list[str] = []
+    if in_place and account is not None and os.geteuid() == 0:
+        for name in _READ_AFTER_DROP:
+            os.chown(out_dir / name, 0, account.gid)
+        os.chown(out_dir / "data", account.uid, account.gid)
+    else:
+        files = [str(where / name) for name in _READ_AFTER_DROP]
+        commands.append(shlex.join(["chown", f"root:{group}", *files]))
+        commands.append(shlex.join(["chown", f"{service_user}:{group}", str(where / "data")]))
+    if not in_place:
+        warnings.append(
+            f"copy {out_dir} to {where} on the broker host (credentials.csv stays with the "
+            "operator), then run the commands below there as root"
+        )
+        return tuple(commands), tuple(warnings)
+    if account is None:
+        warnings.append(
+            f"there is no user {service_user!r} on this host: install Mosquitto (it creates "
+            "the user) or pass --run-as with the user it runs as"
+        )
+        return tuple(commands), tuple(warnings)
+    closed = _closed_folder(out_dir / "acl", account)
+    if closed is not None:
+        warnings.append(
+            f"user {service_user} cannot enter {closed} (mode "
+            f"{closed.stat().st_mode & 0o777:04o}), so Mosquitto will not open the files in "
+            f"{out_dir}: write them elsewhere (e.g. -o /etc/mosquitto/{fleet}) or allow it "
+            f"(chmod o+x {shlex.quote(str(closed))})"
+        )
+    for path in dict.fromkeys((tls.cafile, tls.certfile, tls.keyfile) if tls else ()):
+        if not path.exists():
+            warnings.append(f"TLS file {path} does not exist on this host")
+            continue
+        closed = _closed_folder(path, account)
+        if closed is not None:
+            warnings.append(f"user {service_user} cannot enter {closed}, so it cannot read {path}")
+        elif not _allows(path, account, 0o4):
+            commands.append(shlex.join(["chgrp", group, str(path)]))
+            commands.append(shlex.join(["chmod", "g+r", str(path)]))
+    return tuple(commands), tuple(warnings)

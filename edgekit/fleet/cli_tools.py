@@ -296,7 +296,16 @@ def _configure_logging(verbose: bool) -> None:
 )
 @click.option("--operator-user", default="operator", show_default=True)
 @click.option("--monitor-user", default="monitor", show_default=True)
-@click.option("--run-as", default=None, help="Unix user mosquitto runs as (`user` directive).")
+@click.option(
+    "--run-as",
+    default=None,
+    help="Unix user mosquitto runs as (`user` directive) [default: mosquitto's own, mosquitto].",
+)
+@click.option(
+    "--insecure-plaintext",
+    is_flag=True,
+    help="Allow a device listener without TLS (passwords in clear text): test brokers only.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def broker_config_command(
     *,
@@ -314,9 +323,11 @@ def broker_config_command(
     operator_user: str,
     monitor_user: str,
     run_as: str | None,
+    insecure_plaintext: bool,
     as_json: bool,
 ) -> None:
-    """Write a Mosquitto config, per-device ACL and password file for a fleet."""
+    """Write a Mosquitto config, per-device ACL and password file for a fleet, and print how
+    to start Mosquitto with them."""
     from edgekit.fleet.broker_config import (
         BrokerConfigError,
         TlsSettings,
@@ -351,6 +362,7 @@ def broker_config_command(
         operator_user=operator_user,
         monitor_user=monitor_user,
         run_as=run_as,
+        insecure_plaintext=insecure_plaintext,
     )
     roles = list(result.accounts.values())
     if as_json:
@@ -367,6 +379,10 @@ def broker_config_command(
                     },
                     "devices": roles.count("device"),
                     "generated_passwords": list(result.generated),
+                    "service_user": result.service_user,
+                    "setup_commands": list(result.setup_commands),
+                    "start_command": result.start_command,
+                    "warnings": list(result.warnings),
                 },
                 sort_keys=True,
             )
@@ -379,6 +395,19 @@ def broker_config_command(
         f"{len(result.generated)} new passwords) in {result.directory}; keep credentials.csv "
         "secret and give each device its own line"
     )
+    if tls is None:
+        click.echo("warning: the device listener has no TLS (--insecure-plaintext)", err=True)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if result.service_user != "root":
+        click.echo(
+            f"mosquitto reads mosquitto.conf as root, then runs as user {result.service_user}: "
+            f"it opens {result.passwords.name}, {result.service_passwords.name}, "
+            f"{result.acl.name}, the TLS key and data/ as that user"
+        )
+    click.echo("start it as root:")
+    for command in (*result.setup_commands, result.start_command):
+        click.echo(f"  {command}")
 
 
 @click.command("monitor", cls=_ExitingCommand)

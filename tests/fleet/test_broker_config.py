@@ -14,9 +14,14 @@ import contextlib
 import csv
 import getpass
 import os
+import pwd
 import re
+import shlex
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +43,7 @@ from edgekit.fleet.broker_config import (
 from edgekit.fleet.cli_tools import broker_config_command
 from edgekit.mosquitto import find_mosquitto, free_port
 from edgekit.topics import Topics
-from tests.tls_helpers import self_signed_cert
+from tests.tls_helpers import make_tls_files, self_signed_cert
 
 FLEET = "acl-fleet"
 # PUBACK reason codes meaning "accepted": 0x00 success, 0x10 no matching subscribers.
@@ -89,15 +94,19 @@ def test_devices_csv_is_validated(tmp_path: Path) -> None:
     with pytest.raises(BrokerConfigError, match="header"):
         read_devices_csv(tmp_path / "nohdr.csv")
     with pytest.raises(BrokerConfigError, match="service account"):
-        write_broker_config(FLEET, [DeviceAccount("operator")], tmp_path / "out")
+        write_broker_config(
+            FLEET, [DeviceAccount("operator")], tmp_path / "out", insecure_plaintext=True
+        )
 
 
 def test_files_and_rerun_keep_passwords(tmp_path: Path) -> None:
     out = tmp_path / "broker"
-    first = write_broker_config(FLEET, [DeviceAccount("d1"), DeviceAccount("d2", "given")], out)
+    first = write_broker_config(
+        FLEET, [DeviceAccount("d1"), DeviceAccount("d2", "given")], out, insecure_plaintext=True
+    )
     assert set(first.generated) == {"operator", "monitor", "d1"}
     assert (out / "credentials.csv").stat().st_mode & 0o777 == 0o600
-    assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+    assert (out / "passwords").stat().st_mode & 0o777 == 0o640  # read by mosquitto's group
     creds = {r["user"]: r for r in csv.DictReader((out / "credentials.csv").open())}
     assert creds["d2"]["password"] == "given" and creds["d1"]["role"] == "device"
     hashes = dict(line.split(":", 1) for line in (out / "passwords").read_text().splitlines())
@@ -105,7 +114,7 @@ def test_files_and_rerun_keep_passwords(tmp_path: Path) -> None:
     assert set(hashes) == {"d1", "d2"}  # devices only: service accounts live elsewhere
     service = (out / "service-passwords").read_text().splitlines()
     assert {line.split(":", 1)[0] for line in service} == {"operator", "monitor"}
-    assert (out / "service-passwords").stat().st_mode & 0o777 == 0o600
+    assert (out / "service-passwords").stat().st_mode & 0o777 == 0o640
     acl = (out / "acl").read_text()
     assert f"user d1\ntopic read {TOPICS.desired('d1')}\n" in acl
     assert "pattern" not in acl  # service accounts must not inherit device rights
@@ -114,7 +123,10 @@ def test_files_and_rerun_keep_passwords(tmp_path: Path) -> None:
     assert "listener 1884" in conf and "use_username_as_clientid true" in conf
     # Adding a device keeps every existing password.
     second = write_broker_config(
-        FLEET, [DeviceAccount("d1"), DeviceAccount("d2", "given"), DeviceAccount("d3")], out
+        FLEET,
+        [DeviceAccount("d1"), DeviceAccount("d2", "given"), DeviceAccount("d3")],
+        out,
+        insecure_plaintext=True,
     )
     assert second.generated == ("d3",)
     again = {r["user"]: r["password"] for r in csv.DictReader((out / "credentials.csv").open())}
@@ -151,6 +163,152 @@ def test_cli_writes_tls_stanzas(tmp_path: Path) -> None:
         ["--fleet", FLEET, "--devices", str(devices), "-o", str(out), "--tls-ca", "/x"],
     )
     assert bad.exit_code == 2 and "--tls-cert" in bad.output
+
+
+def test_plaintext_device_listener_is_refused_without_the_flag(tmp_path: Path) -> None:
+    devices = _devices_csv(tmp_path / "d.csv", ["dev-a,,,,"])
+    out = tmp_path / "o"
+    refused = CliRunner().invoke(
+        broker_config_command, ["--fleet", FLEET, "--devices", str(devices), "-o", str(out)]
+    )
+    assert refused.exit_code == 2
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no TLS for the device listener")
+    for option in ("--tls-ca", "--tls-cert", "--tls-key", "--insecure-plaintext"):
+        assert option in lines[0]
+    assert not out.exists()
+    allowed = CliRunner().invoke(
+        broker_config_command,
+        ["--fleet", FLEET, "--devices", str(devices), "-o", str(out), "--insecure-plaintext"],
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert "listener 1883\n" in (out / "mosquitto.conf").read_text()
+    assert "no TLS" in allowed.output  # the warning says so
+
+
+def test_output_says_what_to_do_elsewhere_and_what_stands_in_the_way(tmp_path: Path) -> None:
+    devices = _devices_csv(tmp_path / "d.csv", ["dev-a,,,,"])
+    tls = ["--tls-ca", "/etc/ca.pem", "--tls-cert", "/etc/s.pem", "--tls-key", "/etc/s.key"]
+    # Generated here for another host: the commands name the broker host's paths.
+    remote = CliRunner().invoke(
+        broker_config_command,
+        ["--fleet", FLEET, "--devices", str(devices), "-o", str(tmp_path / "o"), *tls,
+         "--install-dir", "/etc/mosquitto/plant"],
+    )  # fmt: skip
+    assert remote.exit_code == 0, remote.output
+    assert (
+        "copy " in remote.output and "to /etc/mosquitto/plant on the broker host" in remote.output
+    )
+    assert _start_commands(remote.output) == [
+        ["chown", "root:mosquitto", *(f"/etc/mosquitto/plant/{n}" for n in
+                                      ("passwords", "service-passwords", "acl"))],
+        ["chown", "mosquitto:mosquitto", "/etc/mosquitto/plant/data"],
+        ["mosquitto", "-c", "/etc/mosquitto/plant/mosquitto.conf"],
+    ]  # fmt: skip
+    # In place, in a folder the service user cannot enter, with TLS files that are not here.
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    local = CliRunner().invoke(
+        broker_config_command,
+        ["--fleet", FLEET, "--devices", str(devices), "-o", str(closed / "broker"), *tls],
+    )
+    assert local.exit_code == 0, local.output
+    match = re.search(r"warning: user mosquitto cannot enter (\S+) \(mode 0700\)", local.output)
+    assert match and str(closed).startswith(match.group(1)), local.output
+    assert "TLS file /etc/s.key does not exist on this host" in local.output
+
+
+def _start_commands(output: str) -> list[list[str]]:
+    """The commands under "start it as root:" in broker-config's output, in order."""
+    lines = output.splitlines()
+    start = lines.index("start it as root:")
+    return [shlex.split(line) for line in lines[start + 1 :] if line.startswith("  ")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="started as root is the case under test")
+def test_output_starts_under_the_real_mosquitto_as_root_with_tls() -> None:
+    """Run as root, do exactly what the output says, and Mosquitto, having dropped to its
+    service user, serves a device over TLS with the generated credentials."""
+    try:
+        mosquitto_user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no mosquitto user on this host (the Mosquitto package creates it)")
+    # Not under pytest's tmp_path: its base is 0700 root, which no service user can enter.
+    work = Path(tempfile.mkdtemp(prefix="edgekit-broker-", dir="/tmp"))
+    work.chmod(0o755)
+    process = None
+    try:
+        ca, cert, key = make_tls_files(work / "tls")
+        assert key.stat().st_mode & 0o777 == 0o600 and key.stat().st_uid == 0
+        devices = _devices_csv(work / "devices.csv", ["dev-a,,x86-64,,", "dev-b,,x86-64,,"])
+        port, service_port = free_port(), free_port()
+        out = work / "broker"
+        generated = subprocess.run(
+            [
+                sys.executable, "-m", "edgekit", "fleet", "broker-config",
+                "--fleet", FLEET, "--devices", str(devices), "-o", str(out),
+                "--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key),
+                "--listener", str(port), "--service-listener", str(service_port),
+                "--bind", "127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stderr == ""  # no warnings: everything is in place
+        for name in ("passwords", "service-passwords", "acl"):
+            status = (out / name).stat()
+            assert (status.st_uid, status.st_gid) == (0, mosquitto_user.pw_gid), name
+            assert status.st_mode & 0o777 == 0o640, name
+        assert (out / "data").stat().st_uid == mosquitto_user.pw_uid
+        commands = _start_commands(generated.stdout)
+        # The TLS key is root's 0600: the output says how to let mosquitto's group read it.
+        assert commands[:-1] == [["chgrp", "mosquitto", str(key)], ["chmod", "g+r", str(key)]]
+        assert commands[-1] == ["mosquitto", "-c", str(out / "mosquitto.conf")]
+        for command in commands[:-1]:
+            subprocess.run(command, check=True)
+        log = (work / "mosquitto.log").open("wb")
+        process = subprocess.Popen(commands[-1], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                for number in (port, service_port):
+                    socket.create_connection(("127.0.0.1", number), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise AssertionError((work / "mosquitto.log").read_text()) from None
+                time.sleep(0.05)
+        # It dropped root: the real situation, where 0600 root files could not be opened.
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        assert re.search(rf"(?m)^Uid:\s+{mosquitto_user.pw_uid}\s", status), status
+        creds = {r["user"]: r["password"] for r in csv.DictReader((out / "credentials.csv").open())}
+        operator = _Client(service_port, "operator", creds["operator"], ca=ca)
+        device = _Client(port, "dev-a", creds["dev-a"], ca=ca)
+        try:
+            assert operator.connect_reason == 0 and device.connect_reason == 0
+            operator.subscribe(TOPICS.status("dev-a"))
+            assert device.publish(TOPICS.status("dev-a"), b"over-tls", retain=True) in OK
+            _wait(lambda: operator.received("dev-a/status") == [b"over-tls"], "the status")
+            wrong = _Client(port, "dev-a", "wrong", ca=ca)
+            assert wrong.connect_reason in (0x86, 0x87)
+            wrong.close()
+        finally:
+            operator.close()
+            device.close()
+        log_text = (work / "mosquitto.log").read_text()
+        assert "Unable to open" not in log_text and "Error" not in log_text, log_text
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- the broker enforces it ---------------------------------------------------------------
@@ -268,7 +426,7 @@ def _run_generated(
             str(out),
             "--run-as",
             getpass.getuser(),
-            *extra_args,
+            *(extra_args or ["--insecure-plaintext"]),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -396,9 +554,9 @@ def test_writes_never_follow_a_planted_temp_name(tmp_path: Path) -> None:
     victim.write_text("precious\n")
     for name in ("passwords", "credentials.csv", "acl", "mosquitto.conf"):
         (out / f".{name}.tmp-{os.getpid()}").symlink_to(victim)
-    write_broker_config(FLEET, [DeviceAccount("d1")], out)
+    write_broker_config(FLEET, [DeviceAccount("d1")], out, insecure_plaintext=True)
     assert victim.read_text() == "precious\n"
-    assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+    assert (out / "passwords").stat().st_mode & 0o777 == 0o640
     assert not (out / "passwords").is_symlink()
     leftovers = {p.name for p in out.iterdir() if p.name.startswith(".")}
     assert leftovers == {
