@@ -1108,6 +1108,8 @@ class RolloutController:
         profile raspberrypi (200 ms)`."""
         if shas is None:
             shas = {t.bundle_sha256 for t in self.store.targets(rollout_id or "")}
+        if not shas:
+            return ""
         known = sorted({self._budget(sha) for sha in shas}, key=lambda item: item[0])
         budgets = [f"{profile} ({budget:g} ms)" for profile, budget in known if budget]
         unknown = [profile for profile, budget in known if not budget]
