@@ -555,7 +555,7 @@ class RolloutController:
         self._last_heartbeat = 0.0
         self.on_progress = on_progress
         self.on_message = on_message
-        self._said: dict[int, str] = {}  # wave -> the last line said about it
+        self._said: dict[str, str] = {}  # what waits (a wave, the revert) -> the last line
         self._first_deployment = False
         self._budgets: dict[str, tuple[str, float | None]] = {}  # sha -> (profile, budget ms)
         self.registry = DeviceRegistry(self.topics)
@@ -846,12 +846,18 @@ class RolloutController:
             record = self.store.rollout(rollout_id)
             if record.terminal:
                 break
+            if record.state != "paused":
+                self._said.pop("paused", None)
             if record.state == "running":
                 self._step_wave(record, options, gates)
             elif record.state == "reverting":
                 self._step_revert(record, options)
             elif record.state == "paused":
                 self._update_outcomes(rollout_id, self.store.targets(rollout_id))
+                self._say_once(
+                    "paused",
+                    f"paused: no new wave starts until `edgekit fleet resume {rollout_id}`",
+                )
             if self.on_progress is not None:
                 self.on_progress(progress_of(self.store, rollout_id))
             if stop_when is not None and stop_when():
@@ -1141,9 +1147,12 @@ class RolloutController:
                 if leaf.on_deadline == "fail":
                     text += ", then it halts"
             parts.append(text)
-        line = f"wave {wave}: waiting for " + "; ".join(parts)
-        if self._said.get(wave) != line:
-            self._said[wave] = line
+        self._say_once(f"wave {wave}", f"wave {wave}: waiting for " + "; ".join(parts))
+
+    def _say_once(self, key: str, line: str) -> None:
+        """Say `line` unless it is what was last said about `key`."""
+        if self._said.get(key) != line:
+            self._said[key] = line
             self._say(line)
 
     def _step_wave(self, record: RolloutRecord, options: RolloutOptions, gates: AllOf) -> None:
@@ -1357,6 +1366,21 @@ class RolloutController:
             self._revert_started = record.updated_at
         timed_out = time.time() - self._revert_started > options.report_timeout_s
         if pending and not timed_out:
+            until = time.localtime(self._revert_started + options.report_timeout_s)
+            reverting = sum(t.outcome == "reverting" for t in pending)
+            waits = [
+                f"{_count(reverting, 'device')} to report on the revert" if reverting else "",
+                f"{_count(len(pending) - reverting, 'device')} that ran no model before to "
+                "report on the release"
+                if len(pending) > reverting
+                else "",
+            ]
+            self._say_once(
+                "revert",
+                "reverting: waiting for "
+                + " and ".join(w for w in waits if w)
+                + f" until {time.strftime('%H:%M:%S', until)}",
+            )
             return
         if pending:
             self.store.set_outcomes(
