@@ -437,8 +437,11 @@ def describe_state(config: AgentConfig) -> dict[str, Any]:
         floor, _ = store.floor()
         result["last_sequence"] = floor.last_sequence
         result["min_security_epoch"] = floor.min_security_epoch
+        failed = (journal.get("bundle") or {}) if journal.get("state") == "rolled_back" else {}
         for label, slot in (("active", pointer.active), ("previous", pointer.previous)):
             info = store.slot_info(slot) if slot else None
+            if label == "previous" and info and info.bundle.sha256 == failed.get("sha256"):
+                info = None  # the bundle just rolled back from is not one to go back to
             result[label] = (
                 {
                     "slot": slot,

@@ -276,6 +276,11 @@ class Updater:
             last_sequence = floor.last_sequence
         except EdgekitError:
             pointer, last_sequence = Pointer(), self.record.sequence
+        previous = self._bundle_of(pointer.previous)
+        failed = self.record.bundle if self.record.state == "rolled_back" else None
+        if previous is not None and failed is not None and previous.sha256 == failed.sha256:
+            # The idle slot holds the bundle just rolled back from: not one to go back to.
+            previous = None
         return Status(
             fleet=self.config.fleet,
             device=self.config.device_id,
@@ -285,7 +290,7 @@ class Updater:
             group=self.config.group,
             tags=dict(self.config.tags),
             active=self._bundle_of(pointer.active),
-            previous=self._bundle_of(pointer.previous),
+            previous=previous,
             rollout_id=self.record.rollout_id,
             last_sequence=last_sequence,
             agent_version=AGENT_VERSION,

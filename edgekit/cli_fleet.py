@@ -496,6 +496,8 @@ def _drive(
         store.request(rollout_id, request)  # type: ignore[arg-type]
     view = _ProgressView(enabled=not as_json or _stderr().is_terminal)
     controller.on_progress = view.update
+    # What each wave waits for and until when, and why it passed or halted.
+    controller.on_message = lambda line: click.echo(f"{rollout_id} {line}", err=True)
     try:
         with view:
             result = controller.run(rollout_id)
@@ -517,8 +519,7 @@ def _report(progress: RolloutProgress, *, as_json: bool) -> None:
         return
     console = _stdout()
     console.print(_wave_table(progress))
-    counts = ", ".join(f"{count} {name}" for name, count in sorted(progress.counts.items()))
-    console.print(f"rollout {progress.rollout_id}: [bold]{progress.state}[/] ({counts})")
+    console.print(f"rollout {progress.rollout_id}: {progress.summary}", markup=False)
     if progress.reason:
         console.print(f"  {progress.reason}")
 
@@ -776,20 +777,20 @@ def resume_command(
     settings: BrokerSettings,
 ) -> None:
     """Resume a paused rollout; with no controller running, drive it here."""
+    from edgekit.fleet import control
+
     with _store(db_path) as store:
-        if store.controller_alive(rollout_id):
-            store.request(rollout_id, "resume")
-            _stderr().print(f"asked the controller of {rollout_id} to resume")
-            return
-        record = store.rollout(rollout_id)
-        request = "resume" if record.state == "paused" else None
+        decision = control.resume(store, rollout_id)
+    if decision.action == "requested":
+        _stderr().print(decision.message)
+        return
     _resume(
         rollout_id,
         db_path=db_path,
         key_name=key_name,
         as_json=as_json,
         settings=settings,
-        request=request,
+        request=decision.request,
     )
 
 
@@ -798,16 +799,10 @@ def resume_command(
 @_db_option
 def pause_command(*, rollout_id: str, db_path: Path | None) -> None:
     """Stop starting new waves (devices already sent a directive carry on)."""
+    from edgekit.fleet import control
+
     with _store(db_path) as store:
-        if store.controller_alive(rollout_id):
-            store.request(rollout_id, "pause")
-            _stderr().print(f"asked the controller of {rollout_id} to pause")
-        else:
-            record = store.rollout(rollout_id)
-            if record.terminal:
-                raise EdgekitError(f"rollout {rollout_id} already {record.state}")
-            store.set_state(rollout_id, "paused", reason="paused by the operator")
-            _stderr().print(f"paused {rollout_id} (no controller running)")
+        _stderr().print(control.pause(store, rollout_id).message)
 
 
 @fleet_group.command("abort")
@@ -827,17 +822,14 @@ def abort_command(
     settings: BrokerSettings,
 ) -> None:
     """Stop a rollout for good (devices keep what they run unless --revert)."""
-    request = "abort_revert" if revert else "abort"
+    from edgekit.fleet import control
+
     with _store(db_path) as store:
-        if store.controller_alive(rollout_id):
-            store.request(rollout_id, request)  # type: ignore[arg-type]
-            _stderr().print(f"asked the controller of {rollout_id} to {request.replace('_', ' ')}")
+        decision = control.abort(store, rollout_id, revert=revert)
+        if decision.action == "requested":
+            _stderr().print(decision.message)
             return
-        if not revert:
-            record = store.rollout(rollout_id)
-            if record.terminal:
-                raise EdgekitError(f"rollout {rollout_id} already {record.state}")
-            store.set_state(rollout_id, "aborted", reason="aborted by the operator")
+        if decision.action == "applied":
             _report(progress_of(store, rollout_id), as_json=as_json)
             return
     _resume(
@@ -846,7 +838,7 @@ def abort_command(
         key_name=key_name,
         as_json=as_json,
         settings=settings,
-        request=request,
+        request=decision.request,
     )
 
 

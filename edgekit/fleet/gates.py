@@ -52,6 +52,11 @@ class WaveObservation:
     on the new bundle (one value per device, so their count is how many reported);
     `baseline_p95_ms` comes from devices of the same selection running the version the
     rollout replaces; `drift_psi` likewise holds one score per succeeded device.
+
+    `first_deployment` says no selected device ran a bundle before the rollout: there is no
+    previous version to regress from, so the latency gate judges `new_p95_ms` against the
+    latency budget of each device's bundle (`new_p95_budget_ms`, parallel to `new_p95_ms`,
+    None where no budget is known); `budget_note` names where the budgets come from.
     """
 
     targeted: int
@@ -62,6 +67,9 @@ class WaveObservation:
     new_p95_ms: Sequence[float] = field(default_factory=tuple)
     baseline_p95_ms: Sequence[float] = field(default_factory=tuple)
     drift_psi: Sequence[float] = field(default_factory=tuple)
+    first_deployment: bool = False
+    new_p95_budget_ms: Sequence[float | None] = field(default_factory=tuple)
+    budget_note: str = ""
 
     @property
     def reported(self) -> int:
@@ -80,6 +88,17 @@ class GateResult:
     verdict: Verdict
     detail: str
     members: tuple[GateResult, ...] = ()
+    # While waiting: the wave time (seconds since its directives went out) at which the gate
+    # stops waiting, and how it decides then (`pass` for a soak, `fail` for a timeout).
+    deadline_s: float | None = None
+    on_deadline: Verdict | None = None
+
+    @property
+    def waiting(self) -> tuple[GateResult, ...]:
+        """The leaf results that wait (for a composite, its waiting members)."""
+        if not self.members:
+            return (self,) if self.verdict == "wait" else ()
+        return tuple(leaf for member in self.members for leaf in member.waiting)
 
     @property
     def failures(self) -> tuple[GateResult, ...]:
@@ -127,7 +146,7 @@ class DevicesReported:
                 f"{detail} after {observation.elapsed_s:.0f} s (timeout {self.timeout_s:.0f} s):"
                 " check that the devices are online",
             )
-        return GateResult(self.name, "wait", detail)
+        return GateResult(self.name, "wait", detail, deadline_s=self.timeout_s, on_deadline="fail")
 
 
 @dataclass(frozen=True)
@@ -171,7 +190,7 @@ def _telemetry_missing(
             f"{detail} after {observation.elapsed_s:.0f} s (timeout {timeout_s:.0f} s): "
             "the gate cannot judge without data; check that devices send telemetry",
         )
-    return GateResult(gate, "wait", detail)
+    return GateResult(gate, "wait", detail, deadline_s=timeout_s, on_deadline="fail")
 
 
 @dataclass(frozen=True)
@@ -204,6 +223,8 @@ class LatencyRegression:
         )
         if missing is not None:
             return missing
+        if not observation.baseline_p95_ms and observation.first_deployment:
+            return self._against_budget(observation)
         if not observation.baseline_p95_ms:
             detail = "no baseline telemetry from devices on the previous version"
             if observation.elapsed_s >= self.timeout_s:
@@ -212,7 +233,9 @@ class LatencyRegression:
                     "fail",
                     f"{detail} after {observation.elapsed_s:.0f} s: nothing to compare with",
                 )
-            return GateResult(self.name, "wait", detail)
+            return GateResult(
+                self.name, "wait", detail, deadline_s=self.timeout_s, on_deadline="fail"
+            )
         baseline = statistics.median(observation.baseline_p95_ms)
         new = statistics.median(observation.new_p95_ms)
         regression = (new / baseline - 1.0) if baseline > 0 else 0.0
@@ -222,6 +245,31 @@ class LatencyRegression:
         return GateResult(
             self.name, "fail" if regression > self.max_ratio + 1e-12 else "pass", detail
         )
+
+    def _against_budget(self, observation: WaveObservation) -> GateResult:
+        """A first deployment: nothing to regress from, so each updated device's p95 is
+        judged against its bundle's latency budget (not judged where none is known)."""
+        budgets = tuple(observation.new_p95_budget_ms)
+        pairs = [
+            (p95, budgets[index])
+            for index, p95 in enumerate(observation.new_p95_ms)
+            if index < len(budgets) and budgets[index]
+        ]
+        new = statistics.median(observation.new_p95_ms)
+        if not pairs:
+            return GateResult(
+                self.name,
+                "pass",
+                f"no baseline: first deployment, latency not judged (no latency budget known "
+                f"for the bundles' profiles); p95 {new:.2f} ms",
+            )
+        ratio = statistics.median([p95 / budget for p95, budget in pairs if budget])
+        note = observation.budget_note or "the profile's latency budget"
+        detail = (
+            f"no baseline: first deployment, latency judged against {note}: median p95 "
+            f"{new:.2f} ms is {ratio:.0%} of the budget"
+        )
+        return GateResult(self.name, "fail" if ratio > 1.0 + 1e-12 else "pass", detail)
 
 
 @dataclass(frozen=True)
@@ -274,8 +322,13 @@ class SoakTime:
             return GateResult(self.name, "wait", f"soak {self.seconds:g} s starts once all report")
         if observation.settled_s >= self.seconds:
             return GateResult(self.name, "pass", f"soaked {self.seconds:g} s")
+        settled_at = observation.elapsed_s - observation.settled_s  # wave time of the last report
         return GateResult(
-            self.name, "wait", f"soaking {observation.settled_s:.0f}/{self.seconds:g} s"
+            self.name,
+            "wait",
+            f"soaking {self.seconds:g} s after the last report",
+            deadline_s=settled_at + self.seconds,
+            on_deadline="pass",
         )
 
 

@@ -318,6 +318,7 @@ class RolloutProgress:
     current_wave: int
     waves: tuple[WaveProgress, ...]
     counts: Mapping[str, int]
+    summary: str = ""  # what happened, in words (`halted: 1 device failed its health check; ...`)
 
     @property
     def total(self) -> int:
@@ -336,6 +337,7 @@ class RolloutProgress:
             "current_wave": self.current_wave,
             "waves": [asdict(w) for w in self.waves],
             "counts": dict(self.counts),
+            "summary": self.summary,
         }
 
 
@@ -368,6 +370,7 @@ def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
             1
             for t in members
             if t.outcome in ("succeeded", "reverting", "reverted", "revert_failed")
+            or (t.outcome == "no_previous" and "keeps" in (t.detail or ""))
         )
         failed = sum(1 for t in members if t.outcome == "failed")
         waves.append(
@@ -390,7 +393,84 @@ def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
         current_wave=record.current_wave,
         waves=tuple(waves),
         counts=counts,
+        summary=summarize(record, targets),
     )
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    return f"{number} {one if number == 1 else (many or one + 's')}"
+
+
+def summarize(record: RolloutRecord, targets: Sequence[TargetRecord]) -> str:
+    """What a rollout did to its devices, in words: `halted: 1 device failed its health
+    check and is left without a model (it ran none before); 8 devices ...; 1 skipped`."""
+    labels = {
+        entry.get("sha256"): f"{entry.get('name')} {entry.get('version')}"
+        for entry in record.spec.get("release", [])
+    }
+    by: dict[str, list[TargetRecord]] = {}
+    for target in targets:
+        by.setdefault(target.outcome, []).append(target)
+    parts: list[str] = []
+
+    def label(group: Sequence[TargetRecord]) -> str:
+        return ", ".join(sorted({labels.get(t.bundle_sha256) or "the release" for t in group}))
+
+    if by.get("succeeded"):
+        group = by["succeeded"]
+        still = " and keep it" if record.state in ("halted", "aborted") else ""
+        parts.append(f"{_count(len(group), 'device')} updated to {label(group)}{still}")
+    failed = by.get("failed", [])
+    health = [t for t in failed if "health check" in (t.detail or "")]
+    others = [t for t in failed if t not in health]
+    for group, what in ((health, "failed its health check"), (others, "failed the update")):
+        if not group:
+            continue
+        bare = sum(1 for t in group if t.previous is None)
+        text = f"{_count(len(group), 'device')} " + (
+            what if len(group) == 1 else what.replace("its", "their")
+        )
+        if bare == len(group):
+            text += (
+                " and is left without a model (it ran none before)"
+                if bare == 1
+                else " and are left without a model (they ran none before)"
+            )
+        elif bare:
+            text += f" ({bare} of them ran no model before and are left without one)"
+        parts.append(text)
+    if by.get("reverted"):
+        parts.append(f"{_count(len(by['reverted']), 'device')} reverted to their previous bundle")
+    if by.get("reverting"):
+        parts.append(f"{_count(len(by['reverting']), 'device')} being reverted")
+    no_previous = by.get("no_previous", [])
+    kept = [t for t in no_previous if "keeps" in (t.detail or "")]
+    unknown = [t for t in no_previous if t not in kept]
+    if kept:
+        keep = "keeps" if len(kept) == 1 else "keep"
+        parts.append(
+            f"{_count(len(kept), 'device')} that ran no model before {keep} {label(kept)} "
+            "(nothing to revert to)"
+        )
+    if unknown:
+        parts.append(
+            f"{_count(len(unknown), 'device')} that ran no model before did not report on "
+            f"{label(unknown)} in time (nothing to revert to)"
+        )
+    if by.get("revert_failed"):
+        group = by["revert_failed"]
+        why = next((t.detail for t in group if t.detail), None)
+        parts.append(
+            f"{_count(len(group), 'device')} could not be reverted" + (f" ({why})" if why else "")
+        )
+    if by.get("sent"):
+        parts.append(f"{_count(len(by['sent']), 'device')} not reported yet")
+    if by.get("planned"):
+        later = "never received the release" if record.terminal else "in later waves"
+        parts.append(f"{_count(len(by['planned']), 'device')} {later}")
+    if by.get("skipped"):
+        parts.append(f"{len(by['skipped'])} skipped (already on the release)")
+    return f"{record.state}: " + ("; ".join(parts) if parts else "no devices")
 
 
 def new_rollout_id() -> str:
@@ -415,6 +495,12 @@ def _epoch_why(previous: ReleaseBundle, current: ReleaseBundle) -> str:
         f"{current.version}: a device that accepted the latter refuses bundles below its "
         "floor"
     )
+
+
+def _first_deployment(targets: Sequence[TargetRecord]) -> bool:
+    """No device the rollout updates ran a model before it: nothing to regress from."""
+    updated = [t for t in targets if t.outcome != "skipped"]
+    return bool(updated) and all(t.previous is None for t in updated)
 
 
 def _unverified_sequence(envelope: bytes) -> int:
@@ -452,7 +538,11 @@ class RolloutController:
         poll_s: float = 0.2,
         heartbeat_s: float = _HEARTBEAT_S,
         on_progress: Callable[[RolloutProgress], None] | None = None,
+        on_message: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_progress` gets a snapshot every poll; `on_message` gets a line whenever
+        something happens an operator should read: what a wave waits for and until when, a
+        wave that passes or halts (the CLI passes `click.echo`)."""
         self.connection = connection
         self.inbox = Inbox(connection)
         self.rejected: Counter[str] = Counter()  # device messages refused, by reason
@@ -464,6 +554,10 @@ class RolloutController:
         self.heartbeat_s = heartbeat_s
         self._last_heartbeat = 0.0
         self.on_progress = on_progress
+        self.on_message = on_message
+        self._said: dict[str, str] = {}  # what waits (a wave, the revert) -> the last line
+        self._first_deployment = False
+        self._budgets: dict[str, tuple[str, float | None]] = {}  # sha -> (profile, budget ms)
         self.registry = DeviceRegistry(self.topics)
         self._observed = _Observed()
         self._listening = False
@@ -733,6 +827,14 @@ class RolloutController:
             t.device: (t.previous or {}).get("sha256", "") for t in self.store.targets(rollout_id)
         }
         self._driving = rollout_id
+        self._first_deployment = _first_deployment(self.store.targets(rollout_id))
+        self._said = {}
+        if self._first_deployment and options.max_latency_regression is not None:
+            self._say(
+                "no baseline: first deployment (no selected device ran a model before), so "
+                f"latency is judged against {self._budget_note(record.id)} instead of a "
+                "regression"
+            )
         self._load_baselines(rollout_id)
         self._revert_started = 0.0
         self._last_heartbeat = 0.0
@@ -744,12 +846,18 @@ class RolloutController:
             record = self.store.rollout(rollout_id)
             if record.terminal:
                 break
+            if record.state != "paused":
+                self._said.pop("paused", None)
             if record.state == "running":
                 self._step_wave(record, options, gates)
             elif record.state == "reverting":
                 self._step_revert(record, options)
             elif record.state == "paused":
                 self._update_outcomes(rollout_id, self.store.targets(rollout_id))
+                self._say_once(
+                    "paused",
+                    f"paused: no new wave starts until `edgekit fleet resume {rollout_id}`",
+                )
             if self.on_progress is not None:
                 self.on_progress(progress_of(self.store, rollout_id))
             if stop_when is not None and stop_when():
@@ -959,11 +1067,12 @@ class RolloutController:
         failed = sum(1 for t in targets if t.outcome == "failed")
         # Only devices that committed the new bundle speak for it (one value per device).
         wave_devices = {t.device: t.bundle_sha256 for t in targets if t.outcome == "succeeded"}
-        new_p95 = [
-            p95
+        latency = [
+            (p95, sha)
             for device, (sha, p95) in self._observed.p95_ms.items()
             if wave_devices.get(device) == sha
         ]
+        new_p95 = [p95 for p95, _ in latency]
         drift = [
             psi
             for device, (sha, psi) in self._observed.drift.items()
@@ -978,7 +1087,73 @@ class RolloutController:
             new_p95_ms=tuple(new_p95),
             baseline_p95_ms=tuple(self._observed.baseline_p95_ms.values()),
             drift_psi=tuple(drift),
+            first_deployment=self._first_deployment,
+            new_p95_budget_ms=tuple(self._budget(sha)[1] for _, sha in latency),
+            budget_note=self._budget_note(None, shas={sha for _, sha in latency}),
         )
+
+    def _budget(self, sha256: str) -> tuple[str, float | None]:
+        """(profile, p95 latency budget in ms) of a recorded bundle: its profile's
+        `budgets.max_latency_ms`; None when the profile is not one this machine knows."""
+        if sha256 not in self._budgets:
+            from edgekit.profiles import load_profile
+
+            bundle = self.store.bundle(sha256)
+            profile = bundle.profile if bundle is not None else ""
+            budget = None
+            if profile:
+                try:
+                    budget = load_profile(profile).budgets.max_latency_ms
+                except EdgekitError as e:
+                    logger.info("no latency budget for profile %r: %s", profile, e)
+            self._budgets[sha256] = (profile, budget)
+        return self._budgets[sha256]
+
+    def _budget_note(self, rollout_id: str | None, *, shas: set[str] | None = None) -> str:
+        """Where a first deployment's latency budgets come from, e.g. `the latency budget of
+        profile raspberrypi (200 ms)`."""
+        if shas is None:
+            shas = {t.bundle_sha256 for t in self.store.targets(rollout_id or "")}
+        if not shas:
+            return ""
+        known = sorted({self._budget(sha) for sha in shas}, key=lambda item: item[0])
+        budgets = [f"{profile} ({budget:g} ms)" for profile, budget in known if budget]
+        unknown = [profile for profile, budget in known if not budget]
+        if not budgets:
+            return "no latency budget (none known for profile " + ", ".join(unknown) + ")"
+        text = (
+            "the latency budget of profile "
+            if len(budgets) == 1
+            else "the latency budgets of profiles "
+        ) + ", ".join(budgets)
+        if unknown:
+            text += f"; not judged for {', '.join(unknown)} (no budget)"
+        return text
+
+    def _say(self, line: str) -> None:
+        logger.info("%s", line)
+        if self.on_message is not None:
+            self.on_message(line)
+
+    def _say_waiting(self, wave: int, result: GateResult, started_at: float) -> None:
+        """`wave 0: waiting for latency_regression (...) until 21:18:03, then it halts`,
+        once per change."""
+        parts = []
+        for leaf in result.waiting:
+            text = f"{leaf.gate} ({leaf.detail})"
+            if leaf.deadline_s is not None:
+                until = time.strftime("%H:%M:%S", time.localtime(started_at + leaf.deadline_s))
+                text += f" until {until}"
+                if leaf.on_deadline == "fail":
+                    text += ", then it halts"
+            parts.append(text)
+        self._say_once(f"wave {wave}", f"wave {wave}: waiting for " + "; ".join(parts))
+
+    def _say_once(self, key: str, line: str) -> None:
+        """Say `line` unless it is what was last said about `key`."""
+        if self._said.get(key) != line:
+            self._said[key] = line
+            self._say(line)
 
     def _step_wave(self, record: RolloutRecord, options: RolloutOptions, gates: AllOf) -> None:
         waves = self.store.waves(record.id)
@@ -1001,11 +1176,13 @@ class RolloutController:
         )
         if result.verdict == "wait":
             self.store.update_wave(record.id, wave.wave, state="active", detail=result.detail)
+            self._say_waiting(wave.wave, result, wave.started_at or time.time())
             return
         if result.verdict == "pass":
             self.store.update_wave(
                 record.id, wave.wave, state="passed", finished_at=time.time(), detail=result.detail
             )
+            self._say(f"wave {wave.wave} passed: {result.detail}")
             next_wave = wave.wave + 1
             if next_wave >= len(waves):
                 self.store.set_state(
@@ -1024,6 +1201,8 @@ class RolloutController:
             record.id, wave.wave, state="failed", finished_at=time.time(), detail=result.detail
         )
         logger.warning("rollout %s: %s", record.id, reason)
+        if self.on_message is not None:
+            self.on_message(reason)
         if options.revert_on_halt:
             self._start_revert(record, reason=reason, then="halted")
         else:
@@ -1077,13 +1256,20 @@ class RolloutController:
                     ),
                 )
             )
-        unrevertable += [
-            (t.device, "the device ran no bundle before this rollout")
+        # Nothing to revert to: those that committed keep the release; those still on their
+        # way stay `sent` until they report (or the report timeout), see `_step_revert`.
+        no_previous = [
+            (t.device, self._kept_detail(t))
             for t in targets
-            if t.previous is None
+            if t.previous is None and t.outcome == "succeeded"
         ]
         self.store.begin_revert(
-            record.id, reason=reason, then=then, directives=directives, unrevertable=unrevertable
+            record.id,
+            reason=reason,
+            then=then,
+            directives=directives,
+            unrevertable=unrevertable,
+            no_previous=no_previous,
         )
         if directives:
             logger.info("rollout %s: reverting %d devices", record.id, len(directives))
@@ -1153,23 +1339,61 @@ class RolloutController:
         self.store.record_bundle(record)
         return record
 
+    def _kept_detail(self, target: TargetRecord) -> str:
+        bundle = self._bundle(target.bundle_sha256)
+        return (
+            f"ran no model before this rollout: nothing to revert to; keeps {bundle.name} "
+            f"{bundle.version}"
+        )
+
     def _step_revert(self, record: RolloutRecord, options: RolloutOptions) -> None:
         targets = self.store.targets(record.id)
         self._update_outcomes(record.id, targets)
         targets = self.store.targets(record.id)
-        pending = [t for t in targets if t.outcome == "reverting"]
+        # Devices that ran no model before and just reported on the release keep it.
+        self.store.set_outcomes(
+            record.id,
+            [
+                (t.device, "no_previous", self._kept_detail(t))
+                for t in targets
+                if t.outcome == "succeeded" and t.previous is None
+            ],
+        )
+        pending = [t for t in targets if t.outcome in ("reverting", "sent")]
         # Devices whose forward directive is still in flight may finish it first; their revert
         # directive (a higher sequence) then follows.
         if not self._revert_started:
             self._revert_started = record.updated_at
         timed_out = time.time() - self._revert_started > options.report_timeout_s
         if pending and not timed_out:
+            until = time.localtime(self._revert_started + options.report_timeout_s)
+            reverting = sum(t.outcome == "reverting" for t in pending)
+            waits = [
+                f"{_count(reverting, 'device')} to report on the revert" if reverting else "",
+                f"{_count(len(pending) - reverting, 'device')} that ran no model before to "
+                "report on the release"
+                if len(pending) > reverting
+                else "",
+            ]
+            self._say_once(
+                "revert",
+                "reverting: waiting for "
+                + " and ".join(w for w in waits if w)
+                + f" until {time.strftime('%H:%M:%S', until)}",
+            )
             return
         if pending:
             self.store.set_outcomes(
                 record.id,
                 [
                     (t.device, "revert_failed", "did not report on the revert in time")
+                    if t.outcome == "reverting"
+                    else (
+                        t.device,
+                        "no_previous",
+                        "ran no model before this rollout: nothing to revert to; did not "
+                        "report on the release in time",
+                    )
                     for t in pending
                 ],
             )

@@ -89,6 +89,7 @@ _DEFAULT_LATENCY_MS = 10.0
 _TICK_S = 0.1  # how often the network loops run the devices' timers (telemetry)
 _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 15.0  # reconnect backoff bounds
 _MAX_TELEMETRY_BURST = 50  # telemetry messages one device sends per tick, at most
+_TELEMETRY_SEQ_BLOCK = 100  # telemetry seqs reserved in the kept state per write
 
 
 class SimulationError(EdgekitError):
@@ -266,6 +267,9 @@ class SimulatedDevice:
             spec.device_id
         )
         self._telemetry_seq = 0
+        # With a kept state, seqs are reserved on disk a block at a time: a restarted (even
+        # killed) simulator continues above every seq it sent, as the agent does.
+        self._telemetry_reserved = 0
         self._random = random.Random(f"{fleet.faults.seed}:{spec.device_id}")
         self._pending: deque[bytes] = deque()
         self._busy = False
@@ -298,6 +302,7 @@ class SimulatedDevice:
             self.rollout_id = document.get("rollout_id")
             self.accepted_sha256 = document.get("accepted_sha256")
             self.accepted_digest = document.get("accepted_digest")
+            self._telemetry_seq = self._telemetry_reserved = int(document.get("telemetry_seq", 0))
             interrupted = document.get("in_progress")
             if interrupted is not None:
                 target = BundleId.from_json(interrupted["bundle"])
@@ -326,6 +331,7 @@ class SimulatedDevice:
                     "rollout_id": self.rollout_id,
                     "accepted_sha256": self.accepted_sha256,
                     "accepted_digest": self.accepted_digest,
+                    "telemetry_seq": max(self._telemetry_reserved, self._telemetry_seq),
                     "in_progress": None
                     if self._in_progress is None
                     else {
@@ -456,7 +462,11 @@ class SimulatedDevice:
     def publish_status(self) -> None:
         with self._lock:
             payload = self._status(online=True).to_json()
+            will = self._status(online=False).to_json()
             self.sent.status += 1
+        # As the agent does: the will carries the current status (active, previous, sequence),
+        # so a device that drops off keeps its state in the registry.
+        self.client.set_will(self._topics.status(self.device_id), will)
         self._publish(self._topics.status(self.device_id), payload, retain=True)
 
     def _event(
@@ -504,6 +514,11 @@ class SimulatedDevice:
             active, state, rollout_id = self.active, self.state, self.rollout_id
             self._telemetry_seq += 1
             seq = self._telemetry_seq
+            reserve = self._fleet.keep_state and seq > self._telemetry_reserved
+            if reserve:
+                self._telemetry_reserved = seq + _TELEMETRY_SEQ_BLOCK - 1
+        if reserve:
+            self._save_if_kept()
         rate = self._fleet.requests_per_s
         requests = max(0, round(rate * interval_s * self._random.uniform(0.7, 1.3)))
         errors = sum(1 for _ in range(requests) if self._random.random() < self._fleet.error_rate)
@@ -710,6 +725,10 @@ class SimulatedDevice:
     def stop(self) -> None:
         """On the loop thread: say goodbye with an offline status, then disconnect."""
         self._want_online = False
+        if self._fleet.keep_state:
+            with self._lock:
+                self._telemetry_reserved = self._telemetry_seq  # the next run goes on from here
+        self._save_if_kept()
         if self.connected:
             with self._lock:
                 payload = self._status(online=False).to_json()

@@ -30,6 +30,7 @@ __all__ = [
     "TERMINAL_STATES",
     "OwnershipLostError",
     "ReleaseBundle",
+    "Request",
     "RolloutRecord",
     "RolloutState",
     "RolloutStore",
@@ -52,6 +53,9 @@ TargetOutcome = Literal[
     "reverting",
     "reverted",
     "revert_failed",
+    # Halted or aborted with a revert: the device ran no model before the rollout, so there is
+    # nothing to revert to; it keeps what the rollout gave it (or, if it failed, no model).
+    "no_previous",
 ]
 Request = Literal["pause", "resume", "abort", "abort_revert"]
 
@@ -549,9 +553,11 @@ class RolloutStore:
         then: RolloutState,
         directives: Sequence[tuple[str, int, bytes]],
         unrevertable: Sequence[tuple[str, str]],
+        no_previous: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """One transaction: state `reverting` (ending in `then`), the signed revert directives
-        and the devices that cannot be reverted (device, why)."""
+        """One transaction: state `reverting` (ending in `then`), the signed revert directives,
+        the devices that cannot be reverted (device, why) and those that ran no model before
+        the rollout (device, what they keep): nothing to revert to."""
         now = time.time()
         with self.transaction() as db:
             self._check_owner(db, rollout_id)
@@ -576,6 +582,11 @@ class RolloutStore:
                 "UPDATE targets SET outcome='revert_failed', detail=?, updated_at=? "
                 "WHERE rollout_id=? AND device=? AND outcome IN ('sent', 'succeeded')",
                 [(why, now, rollout_id, device) for device, why in unrevertable],
+            )
+            db.executemany(
+                "UPDATE targets SET outcome='no_previous', detail=?, updated_at=? "
+                "WHERE rollout_id=? AND device=? AND outcome IN ('sent', 'succeeded')",
+                [(why, now, rollout_id, device) for device, why in no_previous],
             )
 
     def set_outcomes(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgekit.agent.daemon import describe_state
 from edgekit.agent.journal import Journal, JournalRecord
 from edgekit.agent.serving import ModelHost
 from edgekit.agent.store import Pointer
@@ -89,6 +90,8 @@ def test_failed_health_check_rolls_back(
     status = device.recorder.statuses[-1]
     assert status.state == "rolled_back" and status.last_sequence == 2
     assert status.active is not None and status.active.version == "2.0.0"
+    # The bundle it rolled back from is not a bundle to go back to (issue 14, item 7).
+    assert status.previous is None or status.previous.sha256 != sha_of(bad)
     assert device.store.is_bad(sha_of(bad), sequence=2)
     # The same directive again (retained re-delivery) is ignored, not retried.
     calls = device.fetcher.calls
@@ -121,6 +124,13 @@ def test_runtime_errors_in_probation_roll_back(
     assert rolled and "error ratio" in (rolled[-1].reason or "")
     assert device.store.pointer().active is not None
     assert device.store.slot_info(device.store.pointer().active).bundle.version == "1.0.0"
+    # The status names what it runs, not the bundle it rolled back from as `previous`.
+    status = device.updater.status()
+    assert status.active is not None and status.active.version == "1.0.0"
+    assert status.previous is None or status.previous.sha256 != sha_of(bundles.batch1)
+    shown = describe_state(device.config)  # `edgekit-agent status`
+    assert shown["active"]["version"] == "1.0.0"
+    assert shown["previous"] is None or shown["previous"]["sha256"] != sha_of(bundles.batch1)
 
 
 def test_shadow_disagreement_blocks_promotion(

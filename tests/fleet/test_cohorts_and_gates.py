@@ -184,6 +184,42 @@ def test_latency_regression_against_baseline() -> None:
     assert no_baseline.verdict == "fail" and "no baseline" in no_baseline.detail
 
 
+def test_first_deployment_is_judged_against_the_latency_budget() -> None:
+    """No device ran a model before: nothing to regress from (issue 14, item 1)."""
+    gate = LatencyRegression(0.2)
+    first = {"first_deployment": True, "budget_note": "the latency budget of profile pi (200 ms)"}
+    within = gate.evaluate(_obs(new_p95_ms=(20.0,) * 5, new_p95_budget_ms=(200.0,) * 5, **first))
+    assert within.verdict == "pass"
+    assert within.detail.startswith(
+        "no baseline: first deployment, latency judged against the latency budget of profile "
+        "pi (200 ms): median p95 20.00 ms is 10% of the budget"
+    )
+    over = gate.evaluate(_obs(new_p95_ms=(250.0,) * 5, new_p95_budget_ms=(200.0,) * 5, **first))
+    assert over.verdict == "fail" and "125% of the budget" in over.detail
+    unknown = gate.evaluate(_obs(new_p95_ms=(20.0,) * 5, new_p95_budget_ms=(None,) * 5, **first))
+    assert unknown.verdict == "pass" and "latency not judged" in unknown.detail
+    # Telemetry on the new bundle is still required first.
+    assert gate.evaluate(_obs(**first)).verdict == "wait"
+
+
+def test_waiting_gates_say_until_when() -> None:
+    gates = standard_gates(
+        max_failure=0.1, soak_s=30, report_timeout_s=600, max_latency_regression=0.2
+    )
+    # Reports missing: devices_reported and the latency gate wait until the report timeout.
+    result = gates.evaluate(_obs(succeeded=4, settled_s=None, elapsed_s=10))
+    waiting = {leaf.gate: (leaf.deadline_s, leaf.on_deadline) for leaf in result.waiting}
+    assert waiting["devices_reported"] == (600, "fail")
+    assert waiting["latency_regression"] == (600, "fail")
+    assert waiting["soak"] == (None, None)  # starts once all report
+    # All reported 12 s into the wave, 8 s ago: the soak ends 30 s after that.
+    soaking = gates.evaluate(
+        _obs(elapsed_s=20, settled_s=8, new_p95_ms=(1.0,) * 10, baseline_p95_ms=(1.0,))
+    )
+    (leaf,) = soaking.waiting
+    assert (leaf.gate, leaf.deadline_s, leaf.on_deadline) == ("soak", 42, "pass")
+
+
 def test_telemetry_gates_wait_for_data_and_fail_without_it() -> None:
     latency = LatencyRegression(0.2, min_reporting=0.5, timeout_s=60)
     drift = DriftLimit(0.2, min_reporting=0.5, timeout_s=60)

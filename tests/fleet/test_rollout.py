@@ -148,11 +148,19 @@ def test_canary_with_failing_health_halts_and_reverts(
         rollout_id = controller.plan(load_release([fleet_kit.bundle("2.0.0")]), options)
         assert [t.device for t in rollout_store.targets(rollout_id, wave=0)] == canary
 
+        said: list[str] = []
+        controller.on_message = said.append
         result = controller.run(rollout_id)
         devices.wait_idle(timeout_s=20)
 
         assert result.state == "halted"
         assert "failure_ratio" in (result.progress.reason or "")
+        # The operator reads why it halted and what the revert waits for, until when.
+        assert any(line.startswith("wave 0 halted: failure_ratio: ") for line in said), said
+        reverting = [line for line in said if line.startswith("reverting: waiting for ")]
+        assert reverting and "to report on the revert until " in reverting[0], said
+        assert result.progress.summary.startswith("halted: "), result.progress.summary
+        assert "reverted to their previous bundle" in result.progress.summary
         assert [w.state for w in rollout_store.waves(rollout_id)] == ["failed", "planned"]
         outcomes = {t.device: t.outcome for t in rollout_store.targets(rollout_id)}
         assert "failed" in {outcomes[d] for d in failing & set(canary)}

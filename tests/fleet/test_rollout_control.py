@@ -248,3 +248,50 @@ def test_controller_stopped_while_reverting_finishes_the_revert_on_resume(
             assert set(sequences) <= {target.sequence, target.revert_sequence}
             if target.revert_sequence is not None:
                 assert sequences.count(target.revert_sequence) == 1
+
+
+def _recorded(store: RolloutStore, rollout_id: str) -> None:
+    """A running rollout of two waves, as `plan` records it (owned by `store`)."""
+    store.create_rollout(
+        rollout_id=rollout_id,
+        fleet=FLEET,
+        kind="rollout",
+        spec={"options": RolloutOptions().to_json(), "release": []},
+        waves=[(0.5, ["d1"]), (1.0, ["d2"])],
+        targets=[
+            ("d1", "x86-64", 0, "a" * 64, None, "planned"),
+            ("d2", "x86-64", 1, "a" * 64, None, "planned"),
+        ],
+    )
+
+
+def test_control_rules_live_in_the_library(tmp_path: Path) -> None:
+    """pause/resume/abort decide from the store alone (issue 14, item 8): a live controller
+    gets a request; without one, pause and abort apply at once, resume and abort --revert
+    need a controller; a rollout that ended takes nothing."""
+    from edgekit.fleet import control
+
+    db = tmp_path / "fleet.db"
+    with RolloutStore(db) as controller, RolloutStore(db) as operator:
+        _recorded(controller, "r-live")  # its lease is fresh: a controller drives it
+        decision = control.pause(operator, "r-live")
+        assert (decision.action, decision.request) == ("requested", "pause")
+        assert controller.take_request("r-live") == "pause"
+        assert operator.rollout("r-live").state == "running"  # the controller applies it
+        assert control.abort(operator, "r-live", revert=True).request == "abort_revert"
+        assert control.resume(operator, "r-live").action == "requested"
+
+        controller.release("r-live")  # the controller stopped
+        paused = control.pause(operator, "r-live")
+        assert paused.action == "applied" and operator.rollout("r-live").state == "paused"
+        resumed = control.resume(operator, "r-live")
+        assert (resumed.action, resumed.request) == ("drive", "resume")
+        assert operator.rollout("r-live").state == "paused"  # the new controller resumes it
+        reverting = control.abort(operator, "r-live", revert=True)
+        assert (reverting.action, reverting.request) == ("drive", "abort_revert")
+        aborted = control.abort(operator, "r-live")
+        assert aborted.action == "applied" and operator.rollout("r-live").state == "aborted"
+        with pytest.raises(control.ControlError, match="already aborted"):
+            control.pause(operator, "r-live")
+        with pytest.raises(control.ControlError, match="already aborted"):
+            control.abort(operator, "r-live")

@@ -119,6 +119,7 @@ def test_rollout_contract_with_failing_health(
             if device in failing:
                 assert status.state == "rolled_back"
                 assert status.active == bundles["v1"].active  # never ran v2
+                assert status.previous != v2  # the bundle it rolled back from is no way back
                 (event,) = watcher.events_of(device, "rolled_back")
                 assert event.sequence == 1 and "health check" in (event.reason or "")
             else:
@@ -497,3 +498,76 @@ def test_exporters_count_exactly_at_scale(mosquitto: MosquittoBroker, keys: Flee
             what="exporters caught up",
         )
         assert min(first.ingested["telemetry"], second.ingested["telemetry"]) > sent / 4
+
+
+def test_kept_state_continues_the_telemetry_sequence_across_runs(
+    mosquitto: MosquittoBroker,
+    operator: tuple[MqttClient, FleetWatcher],
+    keys: FleetKeys,
+    tmp_path: Path,
+) -> None:
+    """With a work directory, a restarted simulator goes on above every telemetry seq it
+    sent, as the agent does (issue 14, item 7): consumers take a lower seq for a restart."""
+    _client, watcher = operator
+    workdir = tmp_path / "sim"
+    workdir.mkdir()  # empty, as a first run finds it
+
+    def run() -> dict[str, list[int]]:
+        before = len(watcher.telemetry)
+        with SimulatedFleet(
+            mosquitto.url,
+            FLEET,
+            3,
+            trust_store=keys.truststore,
+            workdir=workdir,
+            keep_state=True,
+            telemetry_interval_s=0.05,
+        ):
+            wait_for(lambda: len(watcher.telemetry) >= before + 30, what="telemetry")
+        wait_for(lambda: not any(s.online for s in watcher.statuses.values()), what="offline")
+        seqs: dict[str, list[int]] = {}
+        for telemetry in watcher.telemetry[before:]:
+            seqs.setdefault(telemetry.device, []).append(telemetry.seq)
+        return seqs
+
+    first = run()
+    second = run()
+    assert set(first) == set(second) == {"sim-0000", "sim-0001", "sim-0002"}
+    for device, seqs in second.items():
+        assert min(seqs) > max(first[device]), (device, first[device], seqs)
+
+
+def test_a_dropped_device_s_will_carries_its_current_state(
+    mosquitto: MosquittoBroker,
+    operator: tuple[MqttClient, FleetWatcher],
+    keys: FleetKeys,
+    bundles: dict[str, BuiltBundle],
+) -> None:
+    """The will is re-set with every status, as the agent's is: a device updated to v2 that
+    loses its connection is marked offline *on v2*, not on what it ran when the simulator
+    started (MQTT fixes a will at CONNECT: the first connection after the update carries it)."""
+    client, watcher = operator
+    with SimulatedFleet(
+        mosquitto.url,
+        FLEET,
+        2,
+        trust_store=keys.truststore,
+        initial_bundle=bundles["v1"].active,
+        telemetry_interval_s=0,
+    ) as sim:
+        wait_for(lambda: len(watcher.statuses) == 2, what="statuses")
+        publish(client, TOPICS, bundles["v2"])
+        send_directives(client, keys, TOPICS, sim.devices, bundles["v2"], sequence=1)
+        wait_for(lambda: watcher.settled(list(sim.devices), 1), what="commits")
+        device = sim.devices["sim-0000"]
+        device.client.sever()  # a lost network: the device reconnects
+        wait_for(
+            lambda: device.connects == 2 and watcher.statuses["sim-0000"].online,
+            timeout_s=30,
+            what="the reconnect",
+        )
+        device.client.sever()  # and again: the broker publishes this connection's will
+        wait_for(lambda: not watcher.statuses["sim-0000"].online, what="the will")
+        will = watcher.statuses["sim-0000"]
+        assert will.active == bundles["v2"].active and will.previous == bundles["v1"].active
+        assert will.state == "committed" and will.last_sequence == 1
