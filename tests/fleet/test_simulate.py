@@ -272,7 +272,7 @@ def test_wrong_password_is_reported(tmp_path: Path, keys: FleetKeys) -> None:
 
 
 def test_simulate_cli_requires_a_trust_store(tmp_path: Path) -> None:
-    from edgekit.fleet.cli_tools import simulate_command
+    from edgekit.cli.fleet_tools import simulate_command
 
     result = CliRunner().invoke(
         simulate_command,

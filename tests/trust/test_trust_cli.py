@@ -13,7 +13,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from edgekit.cli_trust import bundle_group, keys_group, trust_group
+from edgekit.cli.trust import bundle_group, keys_group, trust_group
 from edgekit.trust import (
     ArchiveError,
     BundleError,

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import __version__
-from edgekit.cli_trust import bundle_group, keys_group, trust_group
+from edgekit.cli.trust import bundle_group, keys_group, trust_group
 from edgekit.errors import EdgekitError
 from edgekit.profiles import OutputKind, builtin_profile_names, load_profile
 from edgekit.trust import Signer
@@ -42,10 +42,10 @@ stderr = Console(stderr=True)
 # never pays for paho or prometheus, and the agent's device install never imports the
 # converter). name -> "module:attribute".
 _LAZY_COMMANDS = {
-    "verify-runtime": "edgekit.cli_runtime:verify_runtime",
-    "agent": "edgekit.agent.cli:agent_group",
-    "fleet": "edgekit.cli_fleet:fleet_group",
-    "monitor": "edgekit.cli_fleet:monitor_command",
+    "verify-runtime": "edgekit.cli.runtime:verify_runtime",
+    "agent": "edgekit.cli.agent:agent_group",
+    "fleet": "edgekit.cli.fleet:fleet_group",
+    "monitor": "edgekit.cli.fleet:monitor_command",
 }
 
 
@@ -397,7 +397,7 @@ def convert(
             raise
     runtime_report = verified[-1] if verified else None
     if runtime_report is not None:
-        from edgekit.cli_runtime import print_verify_report
+        from edgekit.cli.runtime import print_verify_report
 
         for check in runtime_report.not_installed:
             click.echo(f"warning: not verified on {check.runtime}: {check.install_error}", err=True)

@@ -204,7 +204,7 @@ def verify_runtime_command(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        from edgekit.cli import stdout
+        from edgekit.cli.convert import stdout
 
         print_verify_report(report, stdout)
     report.raise_for_failures()

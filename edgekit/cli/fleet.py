@@ -1024,9 +1024,9 @@ def history_command(*, fleet: str | None, limit: int, as_json: bool, db_path: Pa
 def _attach_tools() -> click.Command | None:
     """Add `simulate` and `broker-config` to the group; return `monitor` (None if absent)."""
     try:
-        from edgekit.fleet import cli_tools
+        from edgekit.cli import fleet_tools as cli_tools
     except ModuleNotFoundError as error:  # pragma: no cover - a partial build
-        if error.name != "edgekit.fleet.cli_tools":
+        if error.name != "edgekit.cli.fleet_tools":
             raise
         return None
     for name, attribute in (
