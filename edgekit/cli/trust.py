@@ -1,7 +1,7 @@
 """`edgekit keys|trust|bundle`: thin click commands over `edgekit.trust` and `edgekit.bundle`.
 
-Errors are not caught here: any `EdgekitError` propagates to the main CLI, which prints one
-line and exits with code 2. Passphrases come from `EDGEKIT_KEY_PASSPHRASE` or a hidden prompt.
+An `EdgekitError` is one line and exit code 2 (`edgekit.cli._group`). Passphrases come from
+`EDGEKIT_KEY_PASSPHRASE` or a hidden prompt on the terminal (`edgekit.cli._options`).
 Every file written (trust stores, drafts, signatures, public keys) replaces the old one
 atomically and durably (`edgekit.files.write_atomic`): a kill mid-write leaves the old file.
 """
@@ -9,7 +9,6 @@ atomically and durably (`edgekit.files.write_atomic`): a kill mid-write leaves t
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,13 +28,15 @@ from edgekit.bundle import (
     sign_bundle,
     verify_bundle,
 )
+from edgekit.cli._group import Group
+from edgekit.cli._options import PASSPHRASE_HELP, json_option, load_signers, passphrase
+from edgekit.cli._output import echo_json as _echo_json
 from edgekit.errors import EdgekitError
 from edgekit.files import write_atomic as _replace_file
 from edgekit.trust._schema import format_rfc3339, parse_rfc3339
 from edgekit.trust.dsse import Envelope, SignaturePolicy, add_signatures, check_signatures, pae
 from edgekit.trust.errors import BundleError, SignatureError, TrustStoreError
 from edgekit.trust.keys import (
-    PASSPHRASE_ENV,
     PublicKey,
     Signer,
     default_keyring_dir,
@@ -43,7 +44,6 @@ from edgekit.trust.keys import (
     generate_key,
     list_keys,
     load_keyring_public_keys,
-    load_private_key,
     load_public_key,
 )
 from edgekit.trust.truststore import (
@@ -80,18 +80,8 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _passphrase(name: str, *, confirm: bool = False) -> str:
-    from_env = os.environ.get(PASSPHRASE_ENV)
-    if from_env:
-        return from_env
-    value: str = click.prompt(
-        f"Passphrase for key {name!r}", hide_input=True, confirmation_prompt=confirm
-    )
-    return value
-
-
 def _signers(names: Sequence[str]) -> list[Signer]:
-    return [load_private_key(name, _passphrase(name)) for name in names]
+    return load_signers(names)
 
 
 def _key_names() -> dict[str, str]:
@@ -101,10 +91,6 @@ def _key_names() -> dict[str, str]:
 
 def _label(keyid: str, names: Mapping[str, str]) -> str:
     return f"{keyid[:16]} ({names[keyid]})" if keyid in names else keyid[:16]
-
-
-def _echo_json(value: object) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -120,7 +106,7 @@ def _parse_time(value: str | None) -> datetime | None:
 # edgekit keys
 
 
-@click.group("keys")
+@click.group("keys", cls=Group)
 def keys_group() -> None:
     """Signing keys in the local keyring ($EDGEKIT_HOME/keys, default ~/.config/edgekit/keys)."""
 
@@ -128,8 +114,13 @@ def keys_group() -> None:
 @keys_group.command("generate")
 @click.argument("name")
 def keys_generate(name: str) -> None:
-    """Create Ed25519 key NAME (private key encrypted with a passphrase, mode 0600)."""
-    info = generate_key(name, _passphrase(name, confirm=True))
+    """Create Ed25519 key NAME (private key encrypted with a passphrase, mode 0600).
+
+    The passphrase comes from $EDGEKIT_KEY_PASSPHRASE, else it is asked twice on the
+    terminal; without either the command stops (exit code 2). Every command that signs with
+    the key reads the passphrase the same way.
+    """
+    info = generate_key(name, passphrase(name, confirm=True))
     console = _console()
     console.print(f"generated key [bold]{info.name}[/bold]")
     console.print(f"  key id:  {info.keyid}")
@@ -138,7 +129,7 @@ def keys_generate(name: str) -> None:
 
 
 @keys_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def keys_list(as_json: bool) -> None:
     """List the keys in the keyring."""
     infos = list_keys()
@@ -184,7 +175,7 @@ def keys_export_public(*, name: str, output: Path | None) -> None:
 # edgekit trust
 
 
-@click.group("trust")
+@click.group("trust", cls=Group)
 def trust_group() -> None:
     """Trust stores: which keys devices trust to sign trust stores, bundles and directives.
 
@@ -229,7 +220,8 @@ def _public_key(name_or_path: str) -> PublicKey:
     "--sign",
     "sign_names",
     multiple=True,
-    help="Root key(s) to sign with. Default: every --root-key with a local private key.",
+    help="Root key(s) to sign with. Default: every --root-key with a local private key. "
+    + PASSPHRASE_HELP,
 )
 @click.option(
     "-o",
@@ -320,7 +312,9 @@ def trust_remove_key(
 
 @trust_group.command("sign")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--key", "key_names", multiple=True, required=True, help="Root key name.")
+@click.option(
+    "--key", "key_names", multiple=True, required=True, help=f"Root key name. {PASSPHRASE_HELP}"
+)
 @click.option(
     "--previous",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -382,7 +376,7 @@ def _print_rotation_status(previous: TrustStore, path: Path) -> None:
     default=None,
     help="Also check FILE as the successor of this version.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def trust_show(*, file: Path, previous: Path | None, as_json: bool) -> None:
     """Show a trust store's version, roles, keys and signatures."""
     data = file.read_bytes()
@@ -440,7 +434,7 @@ def trust_show(*, file: Path, previous: Path | None, as_json: bool) -> None:
 # edgekit bundle
 
 
-@click.group("bundle")
+@click.group("bundle", cls=Group)
 def bundle_group() -> None:
     """Signed bundles (.ekb): build, sign, verify and inspect."""
 
@@ -458,7 +452,9 @@ def bundle_group() -> None:
     default=Path("."),
     show_default=True,
 )
-@click.option("--sign", "sign_names", multiple=True, help="Key name(s) to sign with.")
+@click.option(
+    "--sign", "sign_names", multiple=True, help=f"Key name(s) to sign with. {PASSPHRASE_HELP}"
+)
 @click.option("--created", default=None, help="RFC 3339 UTC build time (default: inputs').")
 def bundle_build(
     *,
@@ -489,7 +485,13 @@ def bundle_build(
 
 @bundle_group.command("sign")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--key", "key_names", multiple=True, required=True, help="Key name to sign with.")
+@click.option(
+    "--key",
+    "key_names",
+    multiple=True,
+    required=True,
+    help=f"Key name to sign with. {PASSPHRASE_HELP}",
+)
 def bundle_sign(*, file: Path, key_names: tuple[str, ...]) -> None:
     """Add signatures to bundle FILE, rewriting it deterministically."""
     sign_bundle(file, _signers(key_names))
@@ -531,7 +533,7 @@ def _trust_policy(trust: Path | None) -> TrustStore | SignaturePolicy:
     default=None,
     help="Also extract into this (absent or empty) directory.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def bundle_verify(
     *, file: Path, trust: Path | None, min_security_epoch: int, extract: Path | None, as_json: bool
 ) -> None:
@@ -575,7 +577,7 @@ def _key_roles(trust: TrustStore | None) -> dict[str, list[str]]:
     default=None,
     help="Also show which signatures match this trust store's keys.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def bundle_inspect(*, file: Path, trust: Path | None, as_json: bool) -> None:
     """Show bundle FILE's manifest, files and signatures (checks integrity, trusts no key)."""
     store = load_truststore(trust.read_bytes()) if trust is not None else None
