@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,19 +148,23 @@ class PassphraseError(EdgekitError):
 
 
 def passphrase(name: str, *, confirm: bool = False) -> str:
-    """The passphrase of keyring key `name`: $EDGEKIT_KEY_PASSPHRASE, else a hidden prompt."""
+    """The passphrase of keyring key `name`: $EDGEKIT_KEY_PASSPHRASE, else a hidden prompt on
+    the terminal, else (no terminal) a line read from stdin; nothing there is an error."""
     from_environment = os.environ.get(PASSPHRASE_ENV)
     if from_environment:
         return from_environment
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     try:
-        with warnings.catch_warnings():
-            # getpass falls back to stdin with a warning when there is no terminal.
-            warnings.simplefilter("ignore")
+        if interactive:
             value: str = click.prompt(
                 f"Passphrase for key {name!r}", hide_input=True, confirmation_prompt=confirm
             )
+        else:
+            # Nobody to prompt: a passphrase piped in is read once, without a prompt or
+            # getpass's "may be echoed" warning; an empty stdin ends in the error below.
+            value = click.prompt("", prompt_suffix="", err=True, show_default=False)
     except click.Abort:
-        if sys.stdin is not None and sys.stdin.isatty():
+        if interactive:
             raise  # Ctrl-C at the prompt
         raise PassphraseError(
             f"no passphrase for key {name!r}: set {PASSPHRASE_ENV} (there is no terminal to ask on)"

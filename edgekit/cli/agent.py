@@ -22,7 +22,6 @@ import click
 
 from edgekit.cli._group import Group
 from edgekit.cli._options import json_option
-from edgekit.errors import EdgekitError
 
 __all__ = ["agent_group", "main"]
 
@@ -219,12 +218,9 @@ def bench_command(
     store = None
     trust_file = trust or (config.truststore if config else None)
     if trust_file is not None:
-        from edgekit.trust import load_truststore
+        from edgekit.trust import load_truststore_file
 
-        try:
-            store = load_truststore(trust_file.read_bytes())
-        except OSError as e:
-            raise EdgekitError(f"cannot read trust store {trust_file}: {e}") from e
+        store = load_truststore_file(trust_file)
     with default_workdir() as scratch:
         subjects = collect_subjects(list(candidates), workdir=Path(scratch), trust=store)
 

@@ -502,7 +502,11 @@ def _resume(
 @_selector_options
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="canary", show_default=True)
 @click.option(
-    "--canary", default="5%", show_default=True, help="First wave's share (canary and exponential)."
+    "--canary",
+    default="5%",
+    show_default=True,
+    help="First wave's share (canary and exponential): a percentage (5%) or a fraction (0.05); "
+    "a bare 5 is refused (did you mean 5%?), not read as a number of devices.",
 )
 @click.option(
     "--waves",
@@ -634,8 +638,10 @@ def rollout_command(
         raise click.UsageError("--fleet is required (or set EDGEKIT_FLEET)")
     paths = [Path(p) for p in release]
     for path in paths:
+        if not path.exists():
+            raise EdgekitError(f"bundle {path} not found: give the .ekb files to roll out")
         if not path.is_file():
-            raise click.BadParameter(f"{path} is not a bundle file", param_hint="RELEASE")
+            raise EdgekitError(f"{path} is a folder, not a bundle (.ekb) file")
     options = RolloutOptions(
         strategy=strategy,  # type: ignore[arg-type]
         canary=parse_percent(canary, what="--canary"),
@@ -657,9 +663,9 @@ def rollout_command(
     options.gates()
     trust = None
     if truststore is not None:
-        from edgekit.trust import load_truststore
+        from edgekit.trust import load_truststore_file
 
-        trust = load_truststore(truststore.read_bytes())
+        trust = load_truststore_file(truststore)
     loaded = load_release(paths, truststore=trust)
     signers = _signers(key_name)
     if trust is not None:

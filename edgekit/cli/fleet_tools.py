@@ -19,7 +19,6 @@ from rich.table import Table
 from edgekit.cli._group import Command
 from edgekit.cli._options import broker_url_option, fleet_option
 from edgekit.cli._wait import wait_for_interrupt
-from edgekit.errors import EdgekitError
 
 if TYPE_CHECKING:
     from edgekit.fleet.simulate import SimulatedFleet
@@ -45,16 +44,9 @@ def _fleet_table(sim: SimulatedFleet) -> Table:
 
 
 def _read_trust_store(path: Path) -> TrustStore:
-    from edgekit.trust import load_truststore
+    from edgekit.trust import load_truststore_file
 
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise EdgekitError(
-            f"cannot read trust store {path}: {error.strerror}; pass the file devices are "
-            "provisioned with (edgekit trust init)"
-        ) from None
-    return load_truststore(data)
+    return load_truststore_file(path)
 
 
 @click.command("simulate", cls=Command)

@@ -51,7 +51,7 @@ from edgekit.trust.truststore import (
     TRUSTSTORE_PAYLOAD_TYPE,
     TrustStore,
     create_truststore,
-    load_truststore,
+    load_truststore_file,
     parse_truststore_envelope,
     sign_truststore,
     update_truststore,
@@ -324,7 +324,7 @@ def trust_remove_key(
 def trust_sign(*, file: Path, key_names: tuple[str, ...], previous: Path | None) -> None:
     """Add root-key signatures to trust store FILE (in place)."""
     store, _ = _read_store(file)
-    previous_store = load_truststore(previous.read_bytes()) if previous else None
+    previous_store = load_truststore_file(previous) if previous else None
     allowed = set(store.roles["root"].keyids)
     if previous_store is not None:
         allowed |= set(previous_store.roles["root"].keyids)
@@ -384,7 +384,7 @@ def trust_show(*, file: Path, previous: Path | None, as_json: bool) -> None:
     _, status = _self_status(data)
     rotation: str | None = None
     if previous is not None:
-        old = load_truststore(previous.read_bytes())
+        old = load_truststore_file(previous)
         try:
             update_truststore(old, data)
             rotation = f"valid successor of version {old.version}"
@@ -514,7 +514,7 @@ def _bundle_json(verified: VerifiedBundle) -> dict[str, object]:
 
 def _trust_policy(trust: Path | None) -> TrustStore | SignaturePolicy:
     if trust is not None:
-        return load_truststore(trust.read_bytes(), now=datetime.now(timezone.utc))
+        return load_truststore_file(trust, now=datetime.now(timezone.utc))
     return SignaturePolicy(load_keyring_public_keys(), threshold=1, role="local keyring")
 
 
@@ -580,7 +580,7 @@ def _key_roles(trust: TrustStore | None) -> dict[str, list[str]]:
 @json_option
 def bundle_inspect(*, file: Path, trust: Path | None, as_json: bool) -> None:
     """Show bundle FILE's manifest, files and signatures (checks integrity, trusts no key)."""
-    store = load_truststore(trust.read_bytes()) if trust is not None else None
+    store = load_truststore_file(trust) if trust is not None else None
     known = dict(load_keyring_public_keys())
     if store is not None:
         known.update(store.keys)
