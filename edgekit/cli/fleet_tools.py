@@ -128,17 +128,22 @@ def simulate_command(
         step_delay_s=step_delay,
         probation_s=probation,
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     started = time.monotonic()
     try:
+        # Where it connects, before the wait and after, also when not on a terminal (stderr:
+        # --json output stays clean).
+        console.print(
+            f"connecting {count} simulated devices of fleet {fleet} to {sim.broker.endpoint}"
+        )
         sim.start(wait_s=60)
+        console.print(
+            f"{count} simulated devices of fleet {fleet} online at {sim.broker.endpoint}; "
+            + ("Ctrl-C stops them" if duration is None else f"stopping after {duration:g} s")
+        )
         if as_json or not console.is_terminal:
             wait_for_interrupt(duration)
         else:
-            console.print(
-                f"{count} simulated devices of fleet [bold]{fleet}[/] online at {broker}; "
-                "Ctrl-C stops them"
-            )
             with Live(_fleet_table(sim), console=console, auto_refresh=False) as live:
                 wait_for_interrupt(
                     duration, tick=lambda: live.update(_fleet_table(sim), refresh=True)

@@ -101,13 +101,16 @@ def monitor_command(
         status_shared=status_shared,
         forget_after_s=forget_after,
     )
+    click.echo(
+        f"monitor of fleet {fleet}: connecting to {settings.endpoint} as "
+        f"{settings.username or 'anonymous'} (shared group {group})",
+        err=True,
+    )
     monitor.start(listen=address)
-    logging.getLogger(__name__).info(
-        "serving http://%s:%d/metrics for fleet %s (group %s)",
-        address[0],
-        monitor.port,
-        fleet,
-        group,
+    click.echo(
+        f"monitor of fleet {fleet}: serving http://{address[0]}:{monitor.port}/metrics; "
+        "Ctrl-C stops",
+        err=True,
     )
     try:
         wait_for_interrupt(None)
