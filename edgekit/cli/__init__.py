@@ -1,5 +1,5 @@
 """The `edgekit` command line: thin click functions over the library, one module per command
-group (`convert`, `profiles`, `runtime` for verify-runtime, `trust` for keys/trust/bundle,
+group (`convert`, `profiles`, `runtime` for verify-runtime, `keys`, `trust`, `bundle`,
 `fleet` with `fleet_tools`, `monitor`, `agent` for `edgekit-agent`).
 
 Only this package configures logging, prints, and turns errors into exit codes, in one place
@@ -35,7 +35,7 @@ COMMANDS = {
         extra="convert",
     ),
     "keys": LazyCommand(
-        "edgekit.cli.trust:keys_group",
+        "edgekit.cli.keys:keys_group",
         "Signing keys in the local keyring ($EDGEKIT_HOME/keys, default ~/.config/edgekit/keys).",
     ),
     "trust": LazyCommand(
@@ -43,7 +43,7 @@ COMMANDS = {
         "Trust stores: which keys devices trust to sign trust stores, bundles and directives.",
     ),
     "bundle": LazyCommand(
-        "edgekit.cli.trust:bundle_group", "Signed bundles (.ekb): build, sign, verify and inspect."
+        "edgekit.cli.bundle:bundle_group", "Signed bundles (.ekb): build, sign, verify and inspect."
     ),
     "fleet": LazyCommand(
         "edgekit.cli.fleet:fleet_group",

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -30,6 +31,7 @@ __all__ = [
     "json_option",
     "lazy_broker_options",
     "load_signers",
+    "parse_time",
     "passphrase",
 ]
 
@@ -177,3 +179,16 @@ def load_signers(names: Sequence[str]) -> list[Signer]:
     from edgekit.trust.keys import load_private_key
 
     return [load_private_key(name, passphrase(name)) for name in names]
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 UTC time option (`--created`, `--expires`), or a usage error."""
+    if value is None:
+        return None
+    from edgekit.trust._schema import parse_rfc3339
+    from edgekit.trust.errors import TrustStoreError
+
+    try:
+        return parse_rfc3339(value, what="time", error=TrustStoreError)
+    except TrustStoreError as e:
+        raise click.BadParameter(str(e)) from e

@@ -13,7 +13,9 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from edgekit.cli.trust import bundle_group, keys_group, trust_group
+from edgekit.cli.bundle import bundle_group
+from edgekit.cli.keys import keys_group
+from edgekit.cli.trust import trust_group
 from edgekit.trust import (
     RotationError,
     load_truststore,
