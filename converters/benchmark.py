@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from edgekit._bench_worker import BenchWorkerError, run_worker
 from edgekit.errors import ConversionError
+from edgekit.quiet import disable_onnxruntime_telemetry
 from edgekit.stats import median_interval
 
 __all__ = [
@@ -289,6 +290,7 @@ def folded_signature(path: Path) -> str | None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimized)
+        disable_onnxruntime_telemetry(ort)
         try:
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             model = onnx.load(str(optimized), load_external_data=False)

@@ -50,6 +50,7 @@ from edgekit.accuracy import OUTPUT_KINDS, compare_outputs
 from edgekit.errors import ConversionError, EdgekitError, InputDataError, first_line
 from edgekit.messages import Measurements, MessageError
 from edgekit.profiles import OutputKind, Profile, load_profile
+from edgekit.quiet import quiet_native_output
 from edgekit.runtimes import Runtime, dequantize_output, model_feed, open_runtime
 
 __all__ = ["CandidateReport", "ConvertResult", "ProgressCallback", "convert"]
@@ -80,6 +81,7 @@ class ConvertResult:
         return rows
 
 
+@quiet_native_output
 def convert(
     model: Path,
     *,

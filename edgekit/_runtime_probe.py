@@ -84,6 +84,9 @@ class _Onnx:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        disable = getattr(ort, "disable_telemetry_events", None)  # no telemetry (edgekit.quiet)
+        if callable(disable):
+            disable()
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.inputs = [
             (arg.name, _ORT_TYPES.get(arg.type, "float32"), list(arg.shape or ()))

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgekit.errors import EdgekitError, first_line
+from edgekit.quiet import disable_onnxruntime_telemetry
 
 __all__ = [
     "LiteRtBackend",
@@ -171,6 +172,7 @@ class OnnxRuntimeBackend(Runtime):
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         source = str(model) if isinstance(model, Path) else model
+        disable_onnxruntime_telemetry(ort)
         try:
             self._session = ort.InferenceSession(
                 source, options, providers=["CPUExecutionProvider"]

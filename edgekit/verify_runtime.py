@@ -1028,10 +1028,13 @@ def _check_format(model: Path, profile: Profile) -> None:
             "folder"
         )
     if kind != profile.target_format:
+        names = {"onnx": "ONNX", "tflite": "TFLite"}
+        found = names.get(kind, kind)
         raise EdgekitError(
-            f"{model.name} is a {kind} model but profile {profile.name} runs "
-            f"{profile.target_format} models ({profile.runtime.oldest.package}); pick a profile "
-            f"whose target format is {kind} (see `edgekit profiles list`)"
+            f"{model.name} is {'an' if found[0] in 'AEIOU' else 'a'} {found} model but profile "
+            f"{profile.name} runs {names.get(profile.target_format, profile.target_format)} "
+            f"models ({profile.runtime.oldest.package}); pick a profile whose target format is "
+            f"{kind} (see `edgekit profiles list`)"
         )
 
 
@@ -1077,16 +1080,9 @@ def _extract(bundle: Path, dest: Path, *, trust: Path | None) -> _Subject:
     if trust is not None:
         from datetime import datetime, timezone
 
-        from edgekit.trust import load_truststore
+        from edgekit.trust import load_truststore_file
 
-        try:
-            trust_bytes = trust.read_bytes()
-        except OSError as e:
-            raise EdgekitError(
-                f"cannot read the trust store {trust}: {e.strerror or e}; pass a readable "
-                "trust store file with --trust"
-            ) from e
-        store = load_truststore(trust_bytes, now=datetime.now(timezone.utc))
+        store = load_truststore_file(trust, now=datetime.now(timezone.utc))
         with open(bundle, "rb") as handle:
             verified = extract_bundle(handle, dest, trust=store)
         signed_by = ", ".join(sorted(verified.signed_by))

@@ -31,6 +31,7 @@ from edgekit.converters.passes.base import Pass, PassContext, PassResult, config
 
 from edgekit.errors import ConversionError, first_line
 from edgekit.profiles import Profile
+from edgekit.quiet import disable_onnxruntime_telemetry
 
 if TYPE_CHECKING:
     import onnx
@@ -305,6 +306,7 @@ def _optimize_ort_basic(source: Path, destination: Path) -> None:
     # Extended/all levels emit ORT-only fused kernels and CPU-specific layouts (NCHWc).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(destination)
+    disable_onnxruntime_telemetry(ort)
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as e:

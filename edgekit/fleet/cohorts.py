@@ -39,12 +39,21 @@ class CohortError(EdgekitError):
 
 
 def parse_percent(text: str, *, what: str) -> float:
-    """`"5%"` -> 0.05; a bare number is a fraction (`"0.05"`). Must be in (0, 1]."""
+    """`"5%"` -> 0.05; a bare number is a fraction (`"0.05"`). Must be in (0, 1].
+
+    A bare number of 1 or more (`"5"`) is refused, not read as 500%, 5 devices or everyone:
+    the error asks whether 5% was meant.
+    """
     raw = text.strip()
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
         raise CohortError(f"{what} {text!r} is not a percentage: write e.g. 5% or 0.05") from None
+    if not raw.endswith("%") and value >= 1:
+        raise CohortError(
+            f"{what} {raw}: did you mean {raw}%? A share is a percentage (5%) or a fraction "
+            "(0.05), not a number of devices; every device is 100%"
+        )
     if not (0 < value <= 1 + _EPSILON) or math.isnan(value):
         raise CohortError(f"{what} {text!r} must be above 0% and at most 100%")
     return min(value, 1.0)

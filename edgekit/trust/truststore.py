@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from types import MappingProxyType
 
 from edgekit.trust._schema import Fields, canonical_json, format_rfc3339, load_json_object
@@ -27,6 +28,7 @@ from edgekit.trust.dsse import (
     sign_envelope,
 )
 from edgekit.trust.errors import (
+    BundleError,
     EnvelopeError,
     ExpiredError,
     KeyringError,
@@ -46,6 +48,7 @@ __all__ = [
     "check_not_expired",
     "create_truststore",
     "load_truststore",
+    "load_truststore_file",
     "parse_truststore_envelope",
     "sign_truststore",
     "update_truststore",
@@ -290,6 +293,29 @@ def load_truststore(
     if now is not None:
         check_not_expired(store, now)
     return store
+
+
+def load_truststore_file(
+    path: Path, *, bootstrap: bool = True, now: datetime | None = None
+) -> TrustStore:
+    """`load_truststore` of the file at `path`; every error names the file (the operator's
+    `--trust FILE`), and a file that is no trust store at all says so."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TrustStoreError(
+            f"cannot read trust store {path}: {e.strerror or e}; pass the truststore.json "
+            "devices are provisioned with (`edgekit trust init` writes one)"
+        ) from e
+    try:
+        return load_truststore(data, bootstrap=bootstrap, now=now)
+    except (EnvelopeError, TrustStoreError) as e:
+        raise TrustStoreError(
+            f"{path} is not a trust store ({e}); pass the truststore.json devices are "
+            "provisioned with (`edgekit trust init` writes one)"
+        ) from e
+    except BundleError as e:  # unsigned, expired: a trust store, not a usable one
+        raise TrustStoreError(f"trust store {path}: {e}") from e
 
 
 def update_truststore(

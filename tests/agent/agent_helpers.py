@@ -487,7 +487,7 @@ class Watcher:
 
 
 class AgentProcess:
-    """`python -m edgekit.agent.cli run --config FILE` as a real process."""
+    """`python -m edgekit.cli.agent run --config FILE` as a real process."""
 
     def __init__(
         self,
@@ -508,7 +508,7 @@ class AgentProcess:
             [
                 *(python or [sys.executable]),
                 "-m",
-                "edgekit.agent.cli",
+                "edgekit.cli.agent",
                 "run",
                 "--config",
                 str(config),

@@ -144,7 +144,7 @@ def test_write_json_atomic_leaves_old_content_on_failure(tmp_path: Path) -> None
 
 def test_agent_never_imports_the_converter_or_heavy_frameworks() -> None:
     code = (
-        "import sys, edgekit.agent.daemon, edgekit.agent.cli;"
+        "import sys, edgekit.agent.daemon, edgekit.cli.agent;"
         "bad = [m for m in ('tensorflow', 'onnx', 'edgekit.converters', 'tf2onnx', 'onnxslim')"
         " if m in sys.modules];"
         "print(','.join(bad))"

@@ -96,7 +96,7 @@ def test_update_commits_then_a_bad_bundle_rolls_back_with_zero_failed_requests(
             [
                 sys.executable,
                 "-m",
-                "edgekit.agent.cli",
+                "edgekit.cli.agent",
                 "status",
                 "--json",
                 "--config",

@@ -53,7 +53,7 @@ def test_agent_serves_a_bundle_on_an_emulated_pi(
     environment = EmulationCache(runtime_cache).environment(
         [f"edgekit[agent] @ {agent_wheel.as_uri()}"],
         label=f"edgekit-agent-{agent_wheel.stat().st_mtime_ns}",
-        modules=("edgekit.agent.cli", "onnxruntime", "paho.mqtt.client"),
+        modules=("edgekit.cli.agent", "onnxruntime", "paho.mqtt.client"),
     )
     installed = {p.name.lower() for p in environment.site_packages.iterdir()}
     assert "onnxruntime" in installed and "paho" in installed

@@ -26,7 +26,7 @@ from edgekit.messages import Measurements, MessageError
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "EDGEKIT_AGENT_CONFIG"}
     return subprocess.run(
-        [sys.executable, "-m", "edgekit.agent.cli", *map(str, args)],
+        [sys.executable, "-m", "edgekit.cli.agent", *map(str, args)],
         capture_output=True,
         text=True,
         check=False,

@@ -164,7 +164,7 @@ def test_release_key_rotation_over_the_air(
         assert "accepted version 2 before and keeps it" in again.log.read_text()
         status_command = ["status", "--json", "--config", str(config)]
         shown = subprocess.run(
-            [sys.executable, "-m", "edgekit.agent.cli", *status_command],
+            [sys.executable, "-m", "edgekit.cli.agent", *status_command],
             capture_output=True, text=True, cwd=REPO, check=True, timeout=60,
         )  # fmt: skip
         assert json.loads(shown.stdout)["trust_version"] == 2

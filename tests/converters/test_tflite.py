@@ -493,3 +493,29 @@ def test_verify_runtime_goes_down_the_ranking_until_the_device_runtimes_pass(
     if litert_quantizer_available():
         assert "dynamic_int8_aeq" in refused, rows["dynamic_int8_aeq"]
     _check_variant(keras_digits, out / "model.tflite", io_dtype="float32", max_drop=0.02)
+
+
+def test_cli_convert_to_tflite_prints_no_framework_chatter(
+    keras_digits: KerasDigitsExample, tmp_path: Path
+) -> None:
+    """Issue 14 item 6: TensorFlow, absl, oneDNN, XNNPACK and the TFLite converter print to
+    stderr from C++; `edgekit convert` shows only its own output, and onnxruntime writes no
+    telemetry queue."""
+    home = tmp_path / "home"
+    home.mkdir()
+    own = ("ORT_DISABLE_TELEMETRY", "TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")
+    env = {k: v for k, v in os.environ.items() if k not in own} | {"HOME": str(home)}
+    done = subprocess.run(
+        [sys.executable, "-m", "edgekit", "convert", str(keras_digits.keras_path),
+         "-p", "raspberrypi-tflite", "-o", str(tmp_path / "out"),
+         "--calibration", str(keras_digits.calibration_path),
+         "--validation", str(keras_digits.validation_path)],
+        capture_output=True, text=True, env=env, check=False, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "chosen" in done.stdout
+    chatter = ("absl", "oneDNN", "XNNPACK", "TensorFlow Lite", "fully_quantize", "inference_type")
+    output = done.stdout + done.stderr
+    assert [word for word in chatter if word in output] == [], done.stderr
+    assert done.stderr == ""
+    assert not (home / ".cache" / "Microsoft").exists()

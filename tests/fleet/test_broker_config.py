@@ -32,6 +32,7 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgekit.cli.fleet_tools import broker_config_command
 from edgekit.fleet.broker_config import (
     BrokerConfigError,
     DeviceAccount,
@@ -40,7 +41,6 @@ from edgekit.fleet.broker_config import (
     verify_password_hash,
     write_broker_config,
 )
-from edgekit.fleet.cli_tools import broker_config_command
 from edgekit.mosquitto import find_mosquitto, free_port
 from edgekit.topics import Topics
 from tests.tls_helpers import make_tls_files, self_signed_cert

@@ -295,4 +295,9 @@ def test_monitor_cli_serves_metrics(mosquitto: MosquittoBroker) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
-    assert process.returncode == 0, process.stderr.read() if process.stderr else ""
+    stderr = process.stderr.read() if process.stderr else ""
+    assert process.returncode == 0, stderr
+    # Where it connects and listens, said at start-up (issue 14 item 6).
+    endpoint = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    assert f"monitor of fleet {FLEET}: connecting to {endpoint}" in stderr
+    assert f"monitor of fleet {FLEET}: serving http://127.0.0.1:{port}/metrics" in stderr

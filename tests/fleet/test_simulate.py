@@ -273,7 +273,7 @@ def test_wrong_password_is_reported(tmp_path: Path, keys: FleetKeys) -> None:
 
 
 def test_simulate_cli_requires_a_trust_store(tmp_path: Path) -> None:
-    from edgekit.fleet.cli_tools import simulate_command
+    from edgekit.cli.fleet_tools import simulate_command
 
     result = CliRunner().invoke(
         simulate_command,
@@ -400,6 +400,10 @@ def test_simulate_cli_runs_devices(
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    # Where it connects, said at start-up on stderr (issue 14 item 6); stdout stays JSON.
+    endpoint = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    assert f"connecting 5 simulated devices of fleet {FLEET} to {endpoint}" in result.stderr
+    assert f"5 simulated devices of fleet {FLEET} online at {endpoint}" in result.stderr
     summary = json.loads(result.stdout)
     assert summary["devices"] == 5 and len(summary["faults"]["fail_health"]) == 2
     assert summary["sent"]["telemetry"] >= 10

@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgekit.cli._group import Command
+from edgekit.cli._options import json_option
+from edgekit.cli._output import stdout_console
 from edgekit.profiles import Profile, load_profile
 from edgekit.verify_runtime import EmulationMode, ProgressCallback, VerifyReport, Which
 from edgekit.verify_runtime import verify_runtime as check_runtimes
@@ -21,7 +24,6 @@ from edgekit.verify_runtime import verify_runtime as check_runtimes
 __all__ = [
     "print_verify_report",
     "run_with_progress",
-    "verify_runtime",
     "verify_runtime_command",
 ]
 
@@ -131,7 +133,11 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     console.print(f"verify-runtime {verdict}", highlight=False)
 
 
-@click.command("verify-runtime")
+@click.command(
+    "verify-runtime",
+    cls=Command,
+    short_help="Check that SOURCE loads and matches in the profile's oldest and newest runtimes.",
+)
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--profile",
@@ -151,8 +157,8 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where runtime venvs are cached (default: $EDGEKIT_RUNTIME_CACHE, "
-    "$EDGEKIT_HOME/runtimes or ~/.cache/edgekit/runtimes).",
+    help="Where runtime venvs are cached (default: $EDGEKIT_RUNTIME_CACHE, else "
+    "$EDGEKIT_HOME/runtimes when EDGEKIT_HOME is set, else ~/.cache/edgekit/runtimes).",
 )
 @click.option(
     "--trust",
@@ -174,7 +180,7 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     multiple=True,
     help="Emulate only this CPU of the profile's `cpu:` list (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def verify_runtime_command(
     source: Path,
     profile_name: str,
@@ -204,11 +210,5 @@ def verify_runtime_command(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        from edgekit.cli import stdout
-
-        print_verify_report(report, stdout)
+        print_verify_report(report, stdout_console())
     report.raise_for_failures()
-
-
-# The name edgekit.cli's lazy command table points at.
-verify_runtime = verify_runtime_command

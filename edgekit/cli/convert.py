@@ -1,151 +1,41 @@
-"""The `edgekit` command line: thin click functions over the library.
-
-Only this module configures logging, prints, and turns errors into exit codes: an
-`EdgekitError` (bad input, untrusted bundle, no candidate fits) is one line on stderr and exit
-code 2; anything else is a bug and keeps its traceback (exit code 1).
+"""`edgekit convert`: a trained model to the fastest artifact that meets a device profile,
+optionally checked in the profile's runtimes, measured on a device and signed into a bundle.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
 import sys
 import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from edgekit import __version__
-from edgekit.cli_trust import bundle_group, keys_group, trust_group
+from edgekit.cli._group import Command
+from edgekit.cli._options import (
+    PASSPHRASE_HELP,
+    BrokerOptions,
+    json_option,
+    lazy_broker_options,
+    load_signers,
+)
 from edgekit.errors import EdgekitError
-from edgekit.profiles import OutputKind, builtin_profile_names, load_profile
-from edgekit.trust import Signer
+from edgekit.profiles import OutputKind, load_profile
 
 if TYPE_CHECKING:
     from edgekit.verify_runtime import VerifyReport
 
-__all__ = ["main"]
-
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["convert", "print_report"]
 
 # Scripts and CI logs get a wide table instead of rich's 80-column default.
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True)
 
 
-# Command groups that live in their own modules, imported only when used (so `edgekit convert`
-# never pays for paho or prometheus, and the agent's device install never imports the
-# converter). name -> "module:attribute".
-_LAZY_COMMANDS = {
-    "verify-runtime": "edgekit.cli_runtime:verify_runtime",
-    "agent": "edgekit.agent.cli:agent_group",
-    "fleet": "edgekit.cli_fleet:fleet_group",
-    "monitor": "edgekit.cli_fleet:monitor_command",
-}
-
-
-def _load_lazy(name: str) -> click.Command | None:
-    module_name, _, attribute = _LAZY_COMMANDS[name].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
-            return None  # not part of this build
-        raise
-    command = getattr(module, attribute, None)
-    return command if isinstance(command, click.Command) else None
-
-
-class _Group(click.Group):
-    """Turns `EdgekitError` into one clear line and exit code 2; loads lazy commands."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        names = set(super().list_commands(ctx))
-        if self.name == "main":
-            names.update(name for name in _LAZY_COMMANDS if _load_lazy(name) is not None)
-        return sorted(names)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        command = super().get_command(ctx, cmd_name)
-        if command is None and self.name == "main" and cmd_name in _LAZY_COMMANDS:
-            command = _load_lazy(cmd_name)
-        return command
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EdgekitError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edgekit")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(verbose: int) -> None:
-    """Take a trained model from a workstation to a fleet of small devices."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
-        # onnxruntime's quantizer logs through the root logger; keep the terminal for results.
-        logging.getLogger().setLevel(logging.ERROR)
-
-
-# -- profiles -----------------------------------------------------------------------------------
-
-
-@main.group()
-def profiles() -> None:
-    """Device profiles: list the built-in ones, show one."""
-
-
-@profiles.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def profiles_list(as_json: bool) -> None:
-    """List the built-in device profiles."""
-    loaded = [load_profile(name) for name in builtin_profile_names()]
-    if as_json:
-        click.echo(json.dumps([profile.to_dict() for profile in loaded], indent=2))
-        return
-    table = Table(title="built-in device profiles")
-    for column in ("name", "format", "runtime (oldest .. newest)", "candidates", "description"):
-        table.add_column(column)
-    for profile in loaded:
-        runtime = profile.runtime
-        table.add_row(
-            profile.name,
-            profile.target_format,
-            f"{runtime.oldest.package} {runtime.oldest.version} .. "
-            f"{runtime.newest.package} {runtime.newest.version}",
-            ", ".join(profile.quantization.candidates),
-            profile.description,
-        )
-    stdout.print(table)
-
-
-@profiles.command("show")
-@click.argument("name_or_path")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def profiles_show(name_or_path: str, as_json: bool) -> None:
-    """Show one profile: a built-in NAME or the path of your own YAML file."""
-    import yaml
-
-    profile = load_profile(name_or_path)
-    if as_json:
-        click.echo(json.dumps(profile.to_dict(), indent=2))
-    else:
-        click.echo(yaml.safe_dump(profile.to_dict(), sort_keys=False).rstrip())
-
-
-# -- convert ------------------------------------------------------------------------------------
-
-
-@main.command()
+@click.command("convert", cls=Command)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--profile",
@@ -186,7 +76,7 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     multiple=True,
     metavar="KEY",
     help="Build OUTPUT/<name>-<version>-<profile>.ekb signed with this keyring key "
-    "(repeat for several signers).",
+    f"(repeat for several signers). {PASSPHRASE_HELP}",
 )
 @click.option("--name", "bundle_name", help="Bundle name (default: the model file's stem).")
 @click.option(
@@ -207,8 +97,9 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     "--verify-runtime",
     "verify_runtimes",
     is_flag=True,
-    help="Then load the artifact in the profile's oldest and newest runtime versions (cached "
-    "venvs, see `edgekit verify-runtime`) and replay golden.npz; refuse to sign if one fails.",
+    help="Then load the artifact in the profile's oldest and newest runtime versions (venvs "
+    "cached in $EDGEKIT_RUNTIME_CACHE, else $EDGEKIT_HOME/runtimes when EDGEKIT_HOME is set, "
+    "else ~/.cache/edgekit/runtimes) and replay golden.npz; refuse to sign if one fails.",
 )
 @click.option(
     "--output-kind",
@@ -234,26 +125,13 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     "[bench] enabled = true).",
 )
 @click.option("--fleet", envvar="EDGEKIT_FLEET", help="Fleet id [env EDGEKIT_FLEET].")
-@click.option(
-    "--broker",
-    envvar="EDGEKIT_BROKER_URL",
-    default="mqtt://127.0.0.1:1883",
-    show_default=True,
-    help="Broker URL [env EDGEKIT_BROKER_URL].",
-)
-@click.option("--username", envvar="EDGEKIT_BROKER_USERNAME", help="[env EDGEKIT_BROKER_USERNAME]")
-@click.option("--password", envvar="EDGEKIT_BROKER_PASSWORD", help="[env EDGEKIT_BROKER_PASSWORD]")
-@click.option(
-    "--ca",
-    envvar="EDGEKIT_BROKER_CA",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="CA of the broker's certificate [env EDGEKIT_BROKER_CA].",
-)
+@lazy_broker_options
 @click.option(
     "--key",
     "bench_key",
     envvar="EDGEKIT_DIRECTIVE_KEY",
-    help="Keyring key (directives role) that signs the bench request [env EDGEKIT_DIRECTIVE_KEY].",
+    help="Keyring key (directives role) that signs the bench request [env "
+    f"EDGEKIT_DIRECTIVE_KEY]. {PASSPHRASE_HELP}",
 )
 @click.option(
     "--bench-timeout",
@@ -262,7 +140,7 @@ def profiles_show(name_or_path: str, as_json: bool) -> None:
     show_default=True,
     help="Seconds to wait for the device's measurements.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option(help="Print the report as JSON.")
 def convert(
     model: Path,
     profile_name: str,
@@ -280,10 +158,7 @@ def convert(
     measurements_path: Path | None,
     bench_device: str | None,
     fleet: str | None,
-    broker: str,
-    username: str | None,
-    password: str | None,
-    ca: Path | None,
+    broker: BrokerOptions,
     bench_key: str | None,
     bench_timeout: float,
     as_json: bool,
@@ -306,8 +181,8 @@ def convert(
             "--bench-device needs --fleet (EDGEKIT_FLEET) and --key (EDGEKIT_DIRECTIVE_KEY): "
             "the fleet the device is in and the key that signs the bench request"
         )
-    signers = _load_signers(sign_keys)  # before the work: a wrong passphrase fails fast
-    bench_signers = _load_signers((bench_key,)) if bench_device and bench_key else []
+    signers = load_signers(sign_keys)  # before the work: a wrong passphrase fails fast
+    bench_signers = load_signers((bench_key,)) if bench_device and bench_key else []
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -356,9 +231,8 @@ def convert(
         device_bench = None
         if bench_device is not None:
             from edgekit.fleet.bench import bench_on_device
-            from edgekit.mqtt import BrokerSettings
 
-            settings = BrokerSettings(url=broker, username=username, password=password, ca_file=ca)
+            settings = broker.settings()
 
             def device_bench(files: Any) -> Any:
                 def say(message: str) -> None:
@@ -397,7 +271,7 @@ def convert(
             raise
     runtime_report = verified[-1] if verified else None
     if runtime_report is not None:
-        from edgekit.cli_runtime import print_verify_report
+        from edgekit.cli.runtime import print_verify_report
 
         for check in runtime_report.not_installed:
             click.echo(f"warning: not verified on {check.runtime}: {check.install_error}", err=True)
@@ -456,19 +330,6 @@ def _record_verify_runtime(path: Path, runtime_report: VerifyReport) -> None:
         write_atomic(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
     except (OSError, ValueError) as e:
         raise EdgekitError(f"cannot add the runtime check to {path}: {e}") from e
-
-
-def _load_signers(names: tuple[str, ...]) -> list[Signer]:
-    if not names:
-        return []
-    import os
-
-    from edgekit.trust import load_private_key
-
-    passphrase = os.environ.get("EDGEKIT_KEY_PASSPHRASE")
-    if passphrase is None:
-        passphrase = click.prompt("key passphrase", hide_input=True)
-    return [load_private_key(name, passphrase) for name in names]
 
 
 def _fmt_bytes(value: int | None) -> str:
@@ -583,12 +444,3 @@ def print_report(report: dict[str, Any], output_dir: Path) -> None:
             f"(loads on {artifact.get('runtime')})"
         )
     stdout.print(f"{where}; report: {output_dir / 'report.json'}", soft_wrap=True)
-
-
-main.add_command(keys_group, "keys")
-main.add_command(trust_group, "trust")
-main.add_command(bundle_group, "bundle")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

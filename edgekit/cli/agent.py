@@ -1,8 +1,9 @@
 """`edgekit-agent` (also `edgekit agent`): `run --config FILE` and `status [--json]`.
 
-Thin click commands over `edgekit.agent.daemon`; only this module configures logging (JSON
-lines when stderr is not a terminal, for journald and log shippers) and turns errors into exit
-codes (an `EdgekitError` is one line on stderr and exit code 2).
+Thin click commands over `edgekit.agent.daemon`; only this module configures the agent's
+logging (JSON lines when stderr is not a terminal, for journald and log shippers). Errors
+become exit codes as everywhere in the CLI (`edgekit.cli._group`). Imports nothing of the
+converter: a device installs `edgekit[agent]` (no tensorflow, no onnx).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import click
 
-from edgekit.errors import EdgekitError
+from edgekit.cli._group import Group
+from edgekit.cli._options import json_option
 
 __all__ = ["agent_group", "main"]
 
@@ -51,17 +53,6 @@ def _configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
-class _Group(click.Group):
-    """Turns `EdgekitError` into one clear line and exit code 2."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EdgekitError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
-
-
 _config_option = click.option(
     "--config",
     "config_path",
@@ -72,7 +63,7 @@ _config_option = click.option(
 )
 
 
-@click.group("agent", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("agent", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def agent_group() -> None:
     """The device agent: pull, verify, install, health-check, serve, report, roll back."""
 
@@ -100,7 +91,7 @@ def run_command(config_path: Path) -> None:
 
 @agent_group.command("status")
 @_config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 def status_command(config_path: Path, as_json: bool) -> None:
     """Print the local update state: active and previous bundle, journal, floor."""
     from edgekit.agent.config import load_config
@@ -192,7 +183,7 @@ def _throttles(given: tuple[str, ...]) -> dict[str, float]:
     help="Make one candidate FACTOR times slower (a test aid for the measurement "
     "loop: a device that disagrees with the host).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the measurements JSON.")
+@json_option(help="Print the measurements JSON.")
 def bench_command(
     candidates: tuple[Path, ...],
     output: Path | None,
@@ -227,12 +218,9 @@ def bench_command(
     store = None
     trust_file = trust or (config.truststore if config else None)
     if trust_file is not None:
-        from edgekit.trust import load_truststore
+        from edgekit.trust import load_truststore_file
 
-        try:
-            store = load_truststore(trust_file.read_bytes())
-        except OSError as e:
-            raise EdgekitError(f"cannot read trust store {trust_file}: {e}") from e
+        store = load_truststore_file(trust_file)
     with default_workdir() as scratch:
         subjects = collect_subjects(list(candidates), workdir=Path(scratch), trust=store)
 

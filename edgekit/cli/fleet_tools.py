@@ -1,21 +1,14 @@
-"""Click commands for the fleet tools: `edgekit fleet simulate`, `edgekit fleet broker-config`
-and `edgekit monitor`. Thin wrappers over `edgekit.fleet.simulate`, `.broker_config` and
-`.monitor`; `edgekit.cli_fleet` attaches them. Errors are `EdgekitError`s: the CLI's group
-prints them as one line and exits 2.
+"""`edgekit fleet simulate` and `edgekit fleet broker-config`: thin click commands over
+`edgekit.fleet.simulate` and `.broker_config`; `edgekit.cli.fleet` attaches them to its group.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import signal
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import click
@@ -23,53 +16,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from edgekit.errors import EdgekitError
+from edgekit.cli._group import Command
+from edgekit.cli._options import broker_url_option, fleet_option
+from edgekit.cli._wait import wait_for_interrupt
 
 if TYPE_CHECKING:
     from edgekit.fleet.simulate import SimulatedFleet
     from edgekit.trust import TrustStore
 
-__all__ = ["broker_config_command", "monitor_command", "simulate_command"]
-
-
-class _CommandError(EdgekitError):
-    """Bad command-line input (file missing, unreadable)."""
-
-
-class _ExitingCommand(click.Command):
-    """Prints `error: ...` and exits 2 on an `EdgekitError`, also when run outside the group."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except EdgekitError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
-
-
-def _wait_for_interrupt(
-    duration_s: float | None, *, every_s: float = 1.0, tick: Callable[[], None] | None = None
-) -> None:
-    """Block until Ctrl-C / SIGTERM or `duration_s` seconds, calling `tick` every `every_s`."""
-    stop = threading.Event()
-
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    deadline = None if duration_s is None else time.monotonic() + duration_s
-    try:
-        while not stop.is_set():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return
-            stop.wait(timeout=every_s if remaining is None else min(every_s, remaining))
-            if tick is not None:
-                tick()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+__all__ = ["broker_config_command", "simulate_command"]
 
 
 def _fleet_table(sim: SimulatedFleet) -> Table:
@@ -89,39 +44,15 @@ def _fleet_table(sim: SimulatedFleet) -> Table:
 
 
 def _read_trust_store(path: Path) -> TrustStore:
-    from edgekit.trust import load_truststore
+    from edgekit.trust import load_truststore_file
 
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise _CommandError(
-            f"cannot read trust store {path}: {error.strerror}; pass the file devices are "
-            "provisioned with (edgekit trust init)"
-        ) from None
-    return load_truststore(data)
+    return load_truststore_file(path)
 
 
-# Shared with the other fleet commands' conventions (edgekit/cli_fleet.py): the same names and
-# environment variables everywhere.
-_fleet_option = click.option(
-    "--fleet",
-    required=True,
-    envvar="EDGEKIT_FLEET",
-    help="Fleet id (topic level) [env EDGEKIT_FLEET].",
-)
-_broker_option = click.option(
-    "--broker",
-    default="mqtt://127.0.0.1:1883",
-    show_default=True,
-    envvar="EDGEKIT_BROKER_URL",
-    help="Broker URL [env EDGEKIT_BROKER_URL].",
-)
-
-
-@click.command("simulate", cls=_ExitingCommand)
+@click.command("simulate", cls=Command)
 @click.option("--devices", "count", type=click.IntRange(min=1), default=10, show_default=True)
-@_fleet_option
-@_broker_option
+@fleet_option(required=True)
+@broker_url_option
 @click.option(
     "--trust",
     "trust_path",
@@ -197,19 +128,24 @@ def simulate_command(
         step_delay_s=step_delay,
         probation_s=probation,
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     started = time.monotonic()
     try:
+        # Where it connects, before the wait and after, also when not on a terminal (stderr:
+        # --json output stays clean).
+        console.print(
+            f"connecting {count} simulated devices of fleet {fleet} to {sim.broker.endpoint}"
+        )
         sim.start(wait_s=60)
+        console.print(
+            f"{count} simulated devices of fleet {fleet} online at {sim.broker.endpoint}; "
+            + ("Ctrl-C stops them" if duration is None else f"stopping after {duration:g} s")
+        )
         if as_json or not console.is_terminal:
-            _wait_for_interrupt(duration)
+            wait_for_interrupt(duration)
         else:
-            console.print(
-                f"{count} simulated devices of fleet [bold]{fleet}[/] online at {broker}; "
-                "Ctrl-C stops them"
-            )
             with Live(_fleet_table(sim), console=console, auto_refresh=False) as live:
-                _wait_for_interrupt(
+                wait_for_interrupt(
                     duration, tick=lambda: live.update(_fleet_table(sim), refresh=True)
                 )
     finally:
@@ -246,15 +182,8 @@ def simulate_command(
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-@click.command("broker-config", cls=_ExitingCommand)
-@_fleet_option
+@click.command("broker-config", cls=Command)
+@fleet_option(required=True)
 @click.option(
     "--devices",
     "devices_csv",
@@ -408,95 +337,3 @@ def broker_config_command(
     click.echo("start it as root:")
     for command in (*result.setup_commands, result.start_command):
         click.echo(f"  {command}")
-
-
-@click.command("monitor", cls=_ExitingCommand)
-@_fleet_option
-@click.option("--listen", default=":9108", show_default=True, help="[ADDRESS]:PORT for /metrics.")
-@_broker_option
-@click.option(
-    "--group",
-    default="edgekit-monitor",
-    show_default=True,
-    help="Shared subscription group: exporters with the same group split the messages.",
-)
-@click.option(
-    "--username",
-    default="monitor",
-    show_default=True,
-    envvar="EDGEKIT_MONITOR_USERNAME",
-    help="MQTT user [env EDGEKIT_MONITOR_USERNAME].",
-)
-@click.option(
-    "--password-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="File holding the MQTT password (or set EDGEKIT_MONITOR_PASSWORD).",
-)
-@click.option(
-    "--ca",
-    "--tls-ca",
-    "tls_ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="EDGEKIT_BROKER_CA",
-    help="CA (PEM) that signed the broker's certificate [env EDGEKIT_BROKER_CA].",
-)
-@click.option("--status-shared", is_flag=True, help="Share status messages too (no retained).")
-@click.option(
-    "--forget-after",
-    type=click.FloatRange(min=0),
-    default=3600.0,
-    show_default=True,
-    help="Drop series of devices silent this many seconds (0: never).",
-)
-@click.option("-v", "--verbose", is_flag=True)
-def monitor_command(
-    *,
-    fleet: str,
-    listen: str,
-    broker: str,
-    group: str,
-    username: str,
-    password_file: Path | None,
-    tls_ca: Path | None,
-    status_shared: bool,
-    forget_after: float,
-    verbose: bool,
-) -> None:
-    """Prometheus exporter for a fleet's telemetry, status and events (MQTT 5 shared subs)."""
-    import os
-
-    from edgekit.fleet.monitor import FleetMonitor, parse_listen
-    from edgekit.mqtt import BrokerSettings
-
-    _configure_logging(verbose)
-    address = parse_listen(listen)
-    settings = BrokerSettings(broker, ca_file=tls_ca)
-    password = os.environ.get("EDGEKIT_MONITOR_PASSWORD")
-    if password_file is not None:
-        try:
-            password = password_file.read_text().strip()
-        except OSError as error:
-            raise _CommandError(f"cannot read {password_file}: {error.strerror}") from None
-    if password is not None:  # the account: from the URL, else --username
-        settings = settings.replace(username=settings.username or username, password=password)
-    monitor = FleetMonitor(
-        settings,
-        fleet,
-        group=group,
-        status_shared=status_shared,
-        forget_after_s=forget_after,
-    )
-    monitor.start(listen=address)
-    logging.getLogger(__name__).info(
-        "serving http://%s:%d/metrics for fleet %s (group %s)",
-        address[0],
-        monitor.port,
-        fleet,
-        group,
-    )
-    try:
-        _wait_for_interrupt(None)
-    finally:
-        monitor.stop()

@@ -15,22 +15,26 @@ with a code that says how the rollout ended:
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgekit.cli._group import Group as _CommandGroup
+from edgekit.cli._options import broker_options as _broker_options
+from edgekit.cli._options import directive_key_option as _key_option
+from edgekit.cli._options import fleet_option as _fleet_option
+from edgekit.cli._options import load_signers
+from edgekit.cli._output import stderr_console as _stderr
+from edgekit.cli._output import stdout_console as _stdout
 from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import STRATEGIES, parse_percent
 from edgekit.fleet.registry import (
@@ -52,7 +56,7 @@ from edgekit.fleet.rollout import (
 from edgekit.fleet.store import RolloutStore, default_db_path
 from edgekit.mqtt import BrokerSettings, MqttClient
 from edgekit.topics import Topics
-from edgekit.trust.keys import PASSPHRASE_ENV, Signer, load_private_key
+from edgekit.trust.keys import Signer
 
 __all__ = [
     "EXIT_ABORTED",
@@ -61,7 +65,6 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_REVERT_INCOMPLETE",
     "fleet_group",
-    "monitor_command",
 ]
 
 EXIT_COMPLETED = 0
@@ -73,58 +76,7 @@ EXIT_INTERRUPTED = 130
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _stderr() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _stdout() -> Console:
-    # Created per command so CliRunner's captured stdout is the one rich writes to.
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-
-
 # -- option groups -------------------------------------------------------------------------------
-
-
-def _broker_options(function: F) -> F:
-    """Add --broker/--username/--password/--ca; the command receives `settings`."""
-
-    @functools.wraps(function)
-    def wrapper(
-        *args: Any,
-        broker: str,
-        username: str | None,
-        password: str | None,
-        ca: Path | None,
-        **kwargs: Any,
-    ) -> Any:
-        settings = BrokerSettings(url=broker, username=username, password=password, ca_file=ca)
-        return function(*args, settings=settings, **kwargs)
-
-    options = [
-        click.option(
-            "--broker",
-            envvar="EDGEKIT_BROKER_URL",
-            default="mqtt://127.0.0.1:1883",
-            show_default=True,
-            help="Broker URL, mqtt://host:port or mqtts://host:port [env EDGEKIT_BROKER_URL].",
-        ),
-        click.option(
-            "--username", envvar="EDGEKIT_BROKER_USERNAME", help="[env EDGEKIT_BROKER_USERNAME]"
-        ),
-        click.option(
-            "--password", envvar="EDGEKIT_BROKER_PASSWORD", help="[env EDGEKIT_BROKER_PASSWORD]"
-        ),
-        click.option(
-            "--ca",
-            envvar="EDGEKIT_BROKER_CA",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="CA bundle (PEM) that signed the broker's certificate [env EDGEKIT_BROKER_CA].",
-        ),
-    ]
-    decorated: Any = wrapper
-    for option in reversed(options):
-        decorated = option(decorated)
-    return decorated  # type: ignore[no-any-return]
 
 
 def _db_option(function: F) -> F:
@@ -135,25 +87,6 @@ def _db_option(function: F) -> F:
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
         help="Rollout database [env EDGEKIT_FLEET_DB; default $EDGEKIT_HOME/fleet.db].",
-    )(function)
-
-
-def _fleet_option(*, required: bool) -> Callable[[F], F]:
-    return click.option(
-        "--fleet",
-        envvar="EDGEKIT_FLEET",
-        required=required,
-        help="Fleet id (topic level under edgekit/v1/) [env EDGEKIT_FLEET].",
-    )
-
-
-def _key_option(function: F) -> F:
-    return click.option(
-        "--key",
-        "key_name",
-        envvar="EDGEKIT_DIRECTIVE_KEY",
-        help="Keyring key that signs directives (a key of the trust store's directives role) "
-        "[env EDGEKIT_DIRECTIVE_KEY]. Passphrase from EDGEKIT_KEY_PASSPHRASE or a prompt.",
     )(function)
 
 
@@ -196,10 +129,7 @@ def _signers(key_name: str | None) -> list[Signer]:
             "--key NAME is required: the keyring key that signs directives (env "
             "EDGEKIT_DIRECTIVE_KEY)"
         )
-    passphrase = os.environ.get(PASSPHRASE_ENV)
-    if passphrase is None:
-        passphrase = click.prompt(f"Passphrase for key {key_name!r}", hide_input=True)
-    return [load_private_key(key_name, passphrase)]
+    return load_signers([key_name])
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -230,7 +160,7 @@ def _ratio(text: str | None, *, what: str) -> float | None:
 # -- the group -----------------------------------------------------------------------------------
 
 
-@click.group("fleet")
+@click.group("fleet", cls=_CommandGroup)
 def fleet_group() -> None:
     """Operate a fleet over its MQTT broker: devices, bundles, rollouts.
 
@@ -573,7 +503,11 @@ def _resume(
 @_selector_options
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="canary", show_default=True)
 @click.option(
-    "--canary", default="5%", show_default=True, help="First wave's share (canary and exponential)."
+    "--canary",
+    default="5%",
+    show_default=True,
+    help="First wave's share (canary and exponential): a percentage (5%) or a fraction (0.05); "
+    "a bare 5 is refused (did you mean 5%?), not read as a number of devices.",
 )
 @click.option(
     "--waves",
@@ -705,8 +639,10 @@ def rollout_command(
         raise click.UsageError("--fleet is required (or set EDGEKIT_FLEET)")
     paths = [Path(p) for p in release]
     for path in paths:
+        if not path.exists():
+            raise EdgekitError(f"bundle {path} not found: give the .ekb files to roll out")
         if not path.is_file():
-            raise click.BadParameter(f"{path} is not a bundle file", param_hint="RELEASE")
+            raise EdgekitError(f"{path} is a folder, not a bundle (.ekb) file")
     options = RolloutOptions(
         strategy=strategy,  # type: ignore[arg-type]
         canary=parse_percent(canary, what="--canary"),
@@ -728,9 +664,9 @@ def rollout_command(
     options.gates()
     trust = None
     if truststore is not None:
-        from edgekit.trust import load_truststore
+        from edgekit.trust import load_truststore_file
 
-        trust = load_truststore(truststore.read_bytes())
+        trust = load_truststore_file(truststore)
     loaded = load_release(paths, truststore=trust)
     signers = _signers(key_name)
     if trust is not None:
@@ -1199,26 +1135,14 @@ def provision_command(
     )
 
 
-# -- tools from the fleet tools module (simulate, broker-config, monitor) -----------------------
+# -- tools in their own module (simulate, broker-config) ----------------------------------------
 
 
-def _attach_tools() -> click.Command | None:
-    """Add `simulate` and `broker-config` to the group; return `monitor` (None if absent)."""
-    try:
-        from edgekit.fleet import cli_tools
-    except ModuleNotFoundError as error:  # pragma: no cover - a partial build
-        if error.name != "edgekit.fleet.cli_tools":
-            raise
-        return None
-    for name, attribute in (
-        ("simulate", "simulate_command"),
-        ("broker-config", "broker_config_command"),
-    ):
-        command = getattr(cli_tools, attribute, None)
-        if isinstance(command, click.Command):
-            fleet_group.add_command(command, name)
-    monitor = getattr(cli_tools, "monitor_command", None)
-    return monitor if isinstance(monitor, click.Command) else None
+def _attach_tools() -> None:
+    from edgekit.cli.fleet_tools import broker_config_command, simulate_command
+
+    fleet_group.add_command(simulate_command, "simulate")
+    fleet_group.add_command(broker_config_command, "broker-config")
 
 
-monitor_command = _attach_tools()
+_attach_tools()
