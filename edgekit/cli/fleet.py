@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import STRATEGIES, parse_percent
 from edgekit.fleet.registry import (
     DeviceRecord,
+    DeviceRegistry,
     DeviceSelector,
     fleet_client,
     load_registry,
@@ -54,7 +56,7 @@ from edgekit.fleet.rollout import (
     publish_release,
 )
 from edgekit.fleet.store import RolloutStore, default_db_path
-from edgekit.mqtt import BrokerSettings, MqttClient
+from edgekit.mqtt import BrokerSettings, Message, MqttClient
 from edgekit.topics import Topics
 from edgekit.trust.keys import Signer
 
@@ -186,6 +188,22 @@ def _age(seconds: float) -> str:
 @_fleet_option(required=True)
 @_selector_options
 @click.option("--online", "only_online", is_flag=True, help="Only devices that are online.")
+@click.option(
+    "--wait-for",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="First wait until N matching devices are online (e.g. devices still starting), "
+    "printing progress; exit 4 if they are not online within --timeout.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds --wait-for waits.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @_broker_options
 def devices_command(
@@ -196,6 +214,8 @@ def devices_command(
     profiles: tuple[str, ...],
     devices: tuple[str, ...],
     only_online: bool,
+    wait_for: int | None,
+    timeout_s: float,
     as_json: bool,
     settings: BrokerSettings,
 ) -> None:
@@ -204,11 +224,54 @@ def devices_command(
     topics = Topics(fleet)
     with fleet_client(settings) as connection:
         registry = load_registry(connection, topics)
+        if wait_for is not None:
+            _wait_for_devices(connection, registry, selector, wait_for, timeout_s)
     records = [r for r in registry.devices(selector) if r.online or not only_online]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in records], indent=2, sort_keys=True))
         return
     _print_devices(records, fleet)
+
+
+def _wait_for_devices(
+    connection: MqttClient,
+    registry: DeviceRegistry,
+    selector: DeviceSelector,
+    count: int,
+    timeout_s: float,
+) -> None:
+    """Follow the status topic until `count` selected devices are online, saying so."""
+
+    lock = threading.Lock()  # the registry is updated on the network thread
+
+    def handle(message: Message) -> None:
+        with lock:
+            registry.handle(message)
+
+    def online() -> int:
+        with lock:
+            return sum(1 for r in registry.devices(selector) if r.online)
+
+    until = time.time() + timeout_s
+    clock = time.strftime("%H:%M:%S", time.localtime(until))
+    connection.subscribe(registry.topics.all_devices("status"), handle, keep=False)
+    said = -1
+    while (now_online := online()) < count:
+        if now_online != said:
+            _stderr().print(
+                f"waiting for {count} devices online: {now_online} so far (until {clock})",
+                markup=False,
+            )
+            said = now_online
+        if time.time() >= until:
+            _stderr().print(
+                f"only {now_online} of {count} devices came online within {timeout_s:g} s; "
+                "check that they run and reach the broker",
+                markup=False,
+            )
+            raise SystemExit(4)
+        time.sleep(0.2)
+    _stderr().print(f"{now_online} devices online", markup=False)
 
 
 def _print_devices(records: Sequence[DeviceRecord], fleet: str) -> None:

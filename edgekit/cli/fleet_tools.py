@@ -19,21 +19,12 @@ from rich.table import Table
 from edgekit.cli._group import Command
 from edgekit.cli._options import broker_url_option, fleet_option
 from edgekit.cli._wait import wait_for_interrupt
-from edgekit.errors import EdgekitError
 
 if TYPE_CHECKING:
     from edgekit.fleet.simulate import SimulatedFleet
     from edgekit.trust import TrustStore
 
 __all__ = ["broker_config_command", "simulate_command"]
-
-# The names this module had as edgekit/fleet/cli_tools.py, for commands written against it on
-# other branches (a merge keeps them working); new code uses the shared ones directly.
-_ExitingCommand = Command
-_CommandError = EdgekitError
-_fleet_option = fleet_option(required=True)
-_broker_option = broker_url_option
-_wait_for_interrupt = wait_for_interrupt
 
 
 def _fleet_table(sim: SimulatedFleet) -> Table:
