@@ -63,7 +63,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SIGNATURE_KEY = "serving_default"
-SourceKind = Literal["onnx", "saved_model", "keras"]
+SourceKind = Literal["onnx", "saved_model", "keras", "torch"]
+# PyTorch files: `.pt2` is what torch.export.save writes; `.pt`/`.pth` are read only to refuse
+# a TorchScript archive or a pickle with the way to save a program (torch_frontend).
+_TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 TfliteKind = Literal["fp32", "fp16", "dynamic_int8", "full_int8"]
 Array = npt.NDArray[Any]
 
@@ -73,7 +76,8 @@ _DEBUG_SAMPLES = 32
 
 
 def source_kind(path: Path) -> SourceKind:
-    """What kind of model `path` holds: an ONNX file, a Keras `.keras` file or a SavedModel."""
+    """What kind of model `path` holds: an ONNX file, a Keras `.keras` file, a SavedModel or a
+    PyTorch file (`torch`: checked and read by the torch frontend)."""
     if not path.exists():
         raise ConversionError(f"model {path} does not exist; check the path")
     if path.is_dir():
@@ -97,13 +101,16 @@ def source_kind(path: Path) -> SourceKind:
         )
     if path.suffix.lower() == ".onnx":
         return "onnx"
+    if path.suffix.lower() in _TORCH_SUFFIXES:
+        return "torch"
     if path.suffix.lower() == ".tflite":
         raise ConversionError(
             f"{path} is already a TFLite model: there is nothing to convert; check it on the "
             "device runtimes with `edgekit verify-runtime` and pack it with `edgekit bundle build`"
         )
     raise ConversionError(
-        f"{path}: unsupported model format; expected .onnx, .keras or a SavedModel folder"
+        f"{path}: unsupported model format; expected .onnx, .keras, a SavedModel folder or a "
+        "PyTorch .pt2 file (torch.export.save)"
     )
 
 
