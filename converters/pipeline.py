@@ -290,11 +290,14 @@ def _source(
         program = export_module(model, example_inputs, output_names=output_names)
         return program, "torch", program.source
     path = Path(model).absolute()
-    kind = source_kind(path)
-    if example_inputs is not None or (output_names is not None and kind != "torch"):
+    if example_inputs is not None:
         raise ConversionError(
-            f"{path}: example_inputs{' and output_names' if output_names else ''} are for an "
-            "nn.Module (output_names also for a .pt2 file); a model file carries its own"
+            f"{path}: example_inputs are for an nn.Module; a model file carries its own"
+        )
+    kind = source_kind(path)
+    if output_names is not None and kind != "torch":
+        raise ConversionError(
+            f"{path}: output_names are for a PyTorch model; this {kind} model names its own"
         )
     if kind == "torch":
         from edgekit.converters.frontends.torch_frontend import load_pt2
