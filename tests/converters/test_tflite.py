@@ -398,7 +398,8 @@ def _tiny_onnx(path: Path) -> None:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("onnx", "no maintained ONNX-to-TFLite converter coexists"),
+        # (ONNX for a TFLite profile goes through onnx2tf: tests/converters/test_torch_convert.py)
+        ("pt2", "is not a PyTorch archive; edgekit reads .pt2 programs"),
         ("keras", "is not a Keras .keras file"),
         ("folder", "is a folder without saved_model.pb"),
     ],
@@ -407,7 +408,8 @@ def test_bad_tflite_input_one_line_exit_2_nothing_written(
     tmp_path: Path, case: str, message: str
 ) -> None:
     model = tmp_path / "model.onnx"
-    if case == "onnx":
+    if case == "pt2":
+        model = tmp_path / "model.pt2"
         _tiny_onnx(model)
     elif case == "keras":
         model = tmp_path / "model.keras"
