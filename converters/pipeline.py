@@ -194,7 +194,7 @@ def convert(
                     candidates[-1].notes.append(skip)
                 continue
             steps.advance(f"building candidate {recipe.name}")
-            candidates.append(_candidate(recipe, prepared, context, judge))
+            candidates.append(_candidate(_isolate(recipe, loaded), prepared, context, judge))
         _refuse_if_all_blocked(candidates, chosen_profile)
 
         if device_bench is not None:
@@ -304,6 +304,14 @@ def _source(
 
         return load_pt2(path, output_names=output_names), kind, path
     return path, kind, path
+
+
+def _isolate(recipe: Recipe, loaded: LoadedSource) -> Recipe:
+    """Full int8 from an onnx2tf SavedModel calibrates in a child process: TFLiteConverter's
+    calibrator was measured crashing the process on one (a PyTorch GRU's)."""
+    if loaded.layout is None or recipe.name != "full_int8":
+        return recipe
+    return recipe.with_option("tflite_convert", isolated=True)
 
 
 def _log_progress(message: str) -> None:

@@ -289,6 +289,9 @@ class TfliteConvertConfig:
     calibration_samples: int = _CALIBRATION_SAMPLES
     # Extra TFLiteConverter attributes (e.g. `tflite_compat.downgrade_options` for old runtimes).
     converter_options: tuple[tuple[str, object], ...] = ()
+    # Convert in a child process, so that a converter crash (TFLiteConverter's calibrator
+    # segfaults on some onnx2tf SavedModels, e.g. a PyTorch GRU's) fails this candidate only.
+    isolated: bool = False
 
 
 class TfliteConvertPass(Pass):
@@ -335,6 +338,9 @@ class TfliteConvertPass(Pass):
                 if config.kind == "full_int8" and config.float_layers:
                     content = _quantize_with_float_layers(source, context, config)
                     notes.append(f"{len(config.float_layers)} layer(s) kept in float")
+                elif config.isolated:
+                    content = _convert_isolated(source, context, config)
+                    notes.append("converted in a child process (isolated from converter crashes)")
                 else:
                     converter = make_converter(source, config.kind, context, config=config)
                     content = converter.convert()
@@ -447,6 +453,62 @@ def representative_feeds(context: PassContext, limit: int) -> list[dict[str, Arr
     return feeds[:limit]
 
 
+_ISOLATED_TIMEOUT_S = 1800.0
+
+
+def _convert_isolated(source: Path, context: PassContext, config: TfliteConvertConfig) -> bytes:
+    """Run `converter_for(...).convert()` in a child Python (`_tflite_convert_worker`)."""
+    import json
+    import subprocess
+    import tempfile
+
+    feeds = (
+        representative_feeds(context, config.calibration_samples)
+        if (config.kind == "full_int8")
+        else []
+    )
+    with tempfile.TemporaryDirectory(prefix="tflite-isolated-", dir=context.workdir) as folder:
+        work = Path(folder)
+        arrays = {
+            f"{i}/{name}": np.asarray(v) for i, feed in enumerate(feeds) for name, v in feed.items()
+        }
+        np.savez(work / "feeds.npz", **arrays)  # type: ignore[arg-type]
+        request = {
+            "saved_model": str(source.absolute()),
+            "feeds": str(work / "feeds.npz"),
+            "count": len(feeds),
+            "output": str(work / "model.tflite"),
+            "config": {
+                "kind": config.kind,
+                "io_type": config.io_type,
+                "calibration_samples": config.calibration_samples,
+                "converter_options": [list(item) for item in config.converter_options],
+            },
+        }
+        (work / "request.json").write_text(json.dumps(request))
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "edgekit.converters._tflite_convert_worker",
+                 str(work / "request.json")],
+                capture_output=True,
+                text=True,
+                timeout=_ISOLATED_TIMEOUT_S,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ConversionError(f"TFLiteConverter did not finish {config.kind}: {e}") from e
+        output = work / "model.tflite"
+        if done.returncode != 0 or not output.is_file():
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            why = (
+                f"crashed (signal {-done.returncode})"
+                if done.returncode < 0
+                else f"failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+            )
+            raise ConversionError(f"TFLiteConverter {why} building {config.kind}")
+        return output.read_bytes()
+
+
 def make_converter(
     saved_model: Path,
     kind: TfliteKind,
@@ -455,6 +517,19 @@ def make_converter(
     config: TfliteConvertConfig | None = None,
 ) -> Any:
     """A TFLiteConverter set up for one candidate kind (not yet run)."""
+    samples = config.calibration_samples if config else _CALIBRATION_SAMPLES
+    feeds = representative_feeds(context, samples) if kind == "full_int8" else []
+    return converter_for(saved_model, kind, feeds, config=config)
+
+
+def converter_for(
+    saved_model: Path,
+    kind: TfliteKind,
+    feeds: Sequence[Mapping[str, Array]],
+    *,
+    config: TfliteConvertConfig | None = None,
+) -> Any:
+    """`make_converter` with the representative feeds given (full int8 only)."""
     tf = _tf()
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(saved_model), signature_keys=[SIGNATURE_KEY]
@@ -467,11 +542,10 @@ def make_converter(
     if kind == "fp16":
         converter.target_spec.supported_types = [tf.float16]
     elif kind == "full_int8":
-        samples = config.calibration_samples if config else _CALIBRATION_SAMPLES
-        feeds = representative_feeds(context, samples)
 
         def representative() -> Iterator[dict[str, Array]]:
-            yield from feeds
+            for feed in feeds:
+                yield dict(feed)
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
