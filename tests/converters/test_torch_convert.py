@@ -249,6 +249,10 @@ def test_gru_module_to_raspberrypi_tflite_twice_gives_the_same_bytes(
     rows = _rows(report)
     assert rows["fp32"]["accuracy"]["meets_tolerance"], rows["fp32"]
     assert rows[result.chosen]["accuracy"]["meets_tolerance"]
+    # TFLiteConverter's calibrator segfaults on this SavedModel (TF 2.21); full int8 converts in
+    # a child process, so the crash fails that candidate and the conversion goes on.
+    full_int8 = rows["full_int8"]
+    assert full_int8["status"] == "ok" or "TFLiteConverter crashed" in full_int8["error"]
     runtime = LiteRtBackend(result.artifact)
     logits = runtime.run({"rows": torch_gru.x_test[:1]})["output_0"]
     assert logits.argmax() == torch_gru.logits_test[0].argmax()
@@ -272,7 +276,7 @@ def test_magika_onnx_to_raspberrypi_tflite_reports_accuracy_vs_the_onnx_original
     assert report["layout"]["transposed"] is False  # int32 bytes [1, 2048]
     assert report["data"]["accuracy"] == "validated"
     rows = _rows(report)
-    (fp32,) = rows["fp32"]["accuracy"]["outputs"]
+    (fp32,) = rows["fp32"]["accuracy"]["outputs"].values()
     assert fp32["top1_agreement"] == 1.0 and fp32["cosine"] > 0.9999, fp32
     chosen = rows[result.chosen]
     assert chosen["accuracy"]["meets_tolerance"], chosen
