@@ -49,6 +49,7 @@ from edgekit.converters.passes.tflite_passes import (
 from edgekit.converters.sources import (
     LoadedSource,
     datasets_to_artifact,
+    from_litert_torch,
     load_source,
     to_saved_model,
 )
@@ -163,11 +164,18 @@ def convert(
         )
         if loaded.needs_onnx2tf:
             steps.advance(f"converting to TensorFlow with onnx2tf ({', '.join(loaded.route)})")
-            loaded = to_saved_model(
-                loaded,
-                replace(context, validation=validation_set, progress=_log_progress),
-                name=str(named),
-            )
+            try:
+                loaded = to_saved_model(
+                    loaded,
+                    replace(context, validation=validation_set, progress=_log_progress),
+                    name=str(named),
+                )
+            except ConversionError as refused:
+                # PyTorch has a second route: litert-torch (re-raises for an ONNX source).
+                loaded = from_litert_torch(loaded, context, refused=refused)
+                recipes = _recipes(
+                    chosen_profile, verified=device_check is not None, float_tflite=True
+                )
             calibration_set, validation_set = datasets_to_artifact(
                 loaded, calibration_set, validation_set
             )
@@ -192,6 +200,11 @@ def convert(
             if skip is not None:
                 if candidates and candidates[-1].name == recipe.name.removesuffix("_aeq"):
                     candidates[-1].notes.append(skip)
+                elif loaded.float_tflite:  # no TFLiteConverter twin: a row says why not
+                    row = CandidateReport(name=recipe.name, passes=())
+                    reason = skip.split(": only TFLiteConverter", 1)[0]
+                    row.fail(reason, reason=f"not built: {reason}")
+                    candidates.append(row)
                 continue
             steps.advance(f"building candidate {recipe.name}")
             candidates.append(_candidate(_isolate(recipe, loaded), prepared, context, judge))
@@ -347,13 +360,16 @@ def _decision_rule(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _recipes(profile: Profile, *, verified: bool) -> list[tuple[Recipe, str | None]]:
+def _recipes(
+    profile: Profile, *, verified: bool, float_tflite: bool = False
+) -> list[tuple[Recipe, str | None]]:
     """Every recipe of the profile's candidate list, each with the reason it is skipped (or
-    None); an unknown kind for the format becomes a failed row, not an error."""
+    None); an unknown kind for the format becomes a failed row, not an error. `float_tflite`:
+    the candidates start from litert-torch's float32 .tflite."""
     found: list[tuple[Recipe, str | None]] = []
     for kind in profile.quantization.candidates:
         try:
-            recipes = recipes_for(kind, profile.target_format)
+            recipes = recipes_for(kind, profile.target_format, float_tflite=float_tflite)
         except ConversionError as e:
             found.append((Recipe(name=kind, target=profile.target_format, steps=()), str(e)))
             continue

@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from edgekit.converters.data import Dataset
     from edgekit.converters.frontends.torch_frontend import TorchProgram
 
-__all__ = ["LoadedSource", "datasets_to_artifact", "load_source", "to_saved_model"]
+__all__ = [
+    "LoadedSource",
+    "datasets_to_artifact",
+    "from_litert_torch",
+    "load_source",
+    "to_saved_model",
+]
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class LoadedSource:
     # The source's own signature (before any layout change), for the report.
     source_inputs: tuple[TensorSpec, ...] = ()
     source_outputs: tuple[TensorSpec, ...] = ()
+    torch_program: Any = None  # the PyTorch program (TorchProgram) of a PyTorch source
+    # The candidates start from litert-torch's float32 .tflite (not a SavedModel).
+    float_tflite: bool = False
 
     @property
     def signature(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -133,6 +142,37 @@ def _load_torch(model: Path | TorchProgram, context: PassContext) -> LoadedSourc
         result=PassResult(notes=notes, details=details),
         route=(program.source, exported.exporter),
         needs_onnx2tf=context.profile.target_format == "tflite",
+        torch_program=program,
+    )
+
+
+def from_litert_torch(
+    loaded: LoadedSource, context: PassContext, *, refused: ConversionError
+) -> LoadedSource:
+    """A PyTorch source for a TFLite profile that onnx2tf `refused`: litert-torch's float32
+    TFLite model, from which the candidates are built (ai-edge-quantizer, tflite_prune). It
+    keeps PyTorch's layout and its reference; raises with both routes' reasons if it fails."""
+    from edgekit.converters.frontends.torch_frontend import export_litert
+
+    program = loaded.torch_program
+    if program is None or context.profile.target_format != "tflite":
+        raise refused
+    try:
+        exported = export_litert(program, context.workdir / "litert_fp32.tflite")
+    except ConversionError as e:
+        raise ConversionError(f"{refused}; the other route, litert-torch: {e}") from e
+    note = f"onnx2tf refused the exported ONNX model ({refused}); converted with litert-torch"
+    return replace(
+        loaded,
+        path=exported.path,
+        runnable=None,
+        result=PassResult(
+            notes=(*loaded.result.notes, note, *exported.notes),
+            details={**loaded.result.details, "litert_torch": exported.to_dict()},
+        ),
+        route=(loaded.route[0], f"{exported.exporter} -> fp32 TFLite"),
+        needs_onnx2tf=False,
+        float_tflite=True,
     )
 
 

@@ -734,11 +734,14 @@ class LiteRtQuantizePass(Pass):
         return configure(LiteRtQuantizeConfig(kind="dynamic_int8"), options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
-        try:
-            with _quiet_converter():
-                float_model = bytes(make_converter(source, "fp32", context).convert())
-        except Exception as e:  # TFLiteConverter raises ConverterError/ValueError/...
-            raise ConversionError(f"TFLiteConverter cannot build fp32: {first_line(e)}") from e
+        if source.suffix == ".tflite":  # a float32 model already (litert-torch's)
+            float_model = source.read_bytes()
+        else:
+            try:
+                with _quiet_converter():
+                    float_model = bytes(make_converter(source, "fp32", context).convert())
+            except Exception as e:  # TFLiteConverter raises ConverterError/ValueError/...
+                raise ConversionError(f"TFLiteConverter cannot build fp32: {first_line(e)}") from e
         feeds = (
             representative_feeds(context, self.config.calibration_samples)
             if self.config.kind == "full_int8"

@@ -300,3 +300,57 @@ def test_silero_onnx_to_raspberrypi_tflite_is_refused_naming_the_operator(
     assert "model.onnx: onnx2tf 1.29.24 cannot convert operator LSTM (node " in message
     assert "pick an onnx profile" in message
     assert not out.exists()
+
+
+class _StatefulLstm(torch.nn.Module):
+    """A streaming LSTM whose state is an input and an output (as silero's): onnx2tf refuses
+    its LSTM node, litert-torch converts it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, rows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, (h, c) = self.lstm(rows, (state[0:1], state[1:2]))
+        return self.fc(out[:, -1]), torch.cat([h, c])
+
+
+@pytest.mark.slow  # onnx2tf (which refuses), then litert-torch
+def test_module_onnx2tf_refuses_goes_through_litert_torch(
+    onnx2tf_ready: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    module = _StatefulLstm().eval()
+    rng = np.random.default_rng(0)
+    rows = rng.random((64, 1, 8, 8), dtype=np.float32)
+    state = (rng.standard_normal((64, 2, 1, 16)) * 0.5).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", rows=rows[:32], state=state[:32])
+    np.savez(tmp_path / "val.npz", rows=rows[32:], state=state[32:])
+    result = convert(
+        module,
+        example_inputs=[rows[0], state[0]],
+        output_names=["logits", "next_state"],
+        profile="raspberrypi-tflite",
+        output_dir=tmp_path / "out",
+        calibration=tmp_path / "cal.npz",
+        validation=tmp_path / "val.npz",
+        benchmark_seconds=0.2,
+    )
+    source = result.report["source"]
+    assert source["route"][1].startswith("litert-torch 0.10")
+    assert any(
+        "onnx2tf refused" in note and "cannot convert operator LSTM" in note
+        for note in source["notes"]
+    ), source["notes"]
+    assert "layout" not in result.report  # litert-torch keeps PyTorch's layout
+    rows_by_name = _rows(result.report)
+    assert rows_by_name["fp32"]["accuracy"]["meets_tolerance"], rows_by_name["fp32"]
+    assert rows_by_name["pruned"]["status"] == "ok"  # built; the accuracy guard judges it
+    assert "not built from litert-torch's float32 model" in rows_by_name["fp16"]["reason"]
+    runtime = LiteRtBackend(result.artifact)
+    found = runtime.run({"rows": rows[40], "state": state[40]})
+    with torch.no_grad():
+        logits, next_state = module(torch.from_numpy(rows[40]), torch.from_numpy(state[40]))
+    np.testing.assert_allclose(found["logits"], logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(found["next_state"], next_state.numpy(), atol=1e-4)
