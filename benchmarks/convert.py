@@ -15,16 +15,17 @@ TFLite rows: for a Keras digits CNN (trained here) and an untrained MobileNetV2 
 fp32 conversion and the peer is TFLiteConverter's own default optimization
 (`optimizations=[tf.lite.Optimize.DEFAULT]`, no representative data: dynamic range).
 
-PyTorch rows (`torch_rows`): the PyTorch digits CNN (trained here) for `raspberrypi`, beside
-the plain path a user takes without edgekit (`torch.onnx.export` + onnxruntime's
-`quantize_dynamic`), and for `raspberrypi-tflite` along both of edgekit's paths (ONNX + onnx2tf
-+ the TFLite candidates; litert-torch + ai-edge-quantizer), beside litert-torch's defaults.
-Accuracy is against PyTorch's own outputs.
+PyTorch rows (`torch_rows`): the PyTorch digits CNN (trained here), `edgekit convert
+digits_cnn.pt2` for `raspberrypi`, beside the plain path a user takes without edgekit
+(`torch.onnx.export` + onnxruntime's `quantize_dynamic`), and for `raspberrypi-tflite` (ONNX +
+onnx2tf + the TFLite candidates; also litert-torch + ai-edge-quantizer for comparison), beside
+litert-torch's defaults. Accuracy is against PyTorch's own outputs.
 
     .venv/bin/python benchmarks/convert.py --out benchmarks/results/convert.json
     .venv/bin/python benchmarks/convert.py --only onnx --repeats 2 --no-olive --out /tmp/c.json
     .venv/bin/python benchmarks/convert.py --only tflite --out /tmp/convert-tflite.json
-    .venv/bin/python benchmarks/convert.py --only torch --out /tmp/convert-torch.json
+    .venv/bin/python benchmarks/convert.py --only torch --seconds 1 \
+        --out benchmarks/results/convert-torch.json
 """
 
 from __future__ import annotations
@@ -423,20 +424,14 @@ def _torch_accuracy(
     }
 
 
-def torch_rows(
-    workdir: Path, seconds: float, *, runtime_cache: Path | None = None
-) -> dict[str, Any]:
-    """The PyTorch digits CNN -> `raspberrypi` and -> `raspberrypi-tflite`, edgekit's paths
-    side by side with the plain ones (see the module docstring). `runtime_cache` is where the
-    onnx2tf venv lives (None: EDGEKIT_RUNTIME_CACHE or ~/.cache/edgekit/runtimes)."""
+def torch_rows(workdir: Path, seconds: float) -> dict[str, Any]:
+    """The PyTorch digits CNN -> `raspberrypi` and -> `raspberrypi-tflite` with `edgekit convert`
+    on its `.pt2`, side by side with the plain paths (see the module docstring). The onnx2tf
+    venv lives in EDGEKIT_RUNTIME_CACHE (else ~/.cache/edgekit/runtimes)."""
     import litert_torch
     import torch
-    from edgekit.converters.frontends.onnx2tf_frontend import convert_onnx_to_saved_model
-    from edgekit.converters.frontends.torch_frontend import (
-        export_litert,
-        export_onnx,
-        load_pt2,
-    )
+    from edgekit.converters.frontends.torch_frontend import export_litert, load_pt2
+    from edgekit.converters.layout import LayoutMap
     from edgekit.converters.passes.tflite_passes import quantize_with_litert
     from edgekit.converters.torch_examples import export_torch_digits
     from onnxruntime.quantization import quantize_dynamic
@@ -449,7 +444,7 @@ def torch_rows(
         "pytorch_test_accuracy": example.test_accuracy,
     }
 
-    # raspberrypi: plain torch.onnx.export (+ quantize_dynamic) vs edgekit.
+    # raspberrypi: plain torch.onnx.export (+ quantize_dynamic) vs `edgekit convert x.pt2`.
     print("== torch digits -> raspberrypi", file=sys.stderr)
     profile = "raspberrypi"
     threads = min(load_profile(profile).threads, os.cpu_count() or 1)
@@ -460,9 +455,8 @@ def torch_rows(
     with scratch_cwd(workdir):
         quantize_dynamic(str(plain), str(dynamic))
     variants["plain_ort_quantize_dynamic"] = dynamic
-    exported = export_onnx(program, workdir / "torch-edgekit.onnx").path
     converted = convert(
-        exported,
+        example.pt2_path,
         profile=profile,
         output_dir=workdir / "torch-raspberrypi-out",
         calibration=example.calibration_path,
@@ -477,12 +471,14 @@ def torch_rows(
     accuracy = {k: _torch_accuracy(v, reference, x, labels) for k, v in paths.items()}
     rows = _variant_rows(variants, timings, accuracy, "plain_torch_onnx_export_fp32")
     rows["edgekit"]["chosen_candidate"] = converted.chosen
+    rows["edgekit"]["route"] = converted.report["source"]["route"]
     rows["edgekit"]["latency_ratio_vs_peer"] = (
         rows["edgekit"]["p50_ms"] / rows["plain_ort_quantize_dynamic"]["p50_ms"]
     )
     results[profile] = {"threads": threads, "rows": rows}
 
-    # raspberrypi-tflite: litert-torch defaults vs edgekit's two paths.
+    # raspberrypi-tflite: litert-torch defaults vs `edgekit convert x.pt2` (ONNX + onnx2tf +
+    # the TFLite candidates) and, for comparison, litert-torch + ai-edge-quantizer.
     print("== torch digits -> raspberrypi-tflite", file=sys.stderr)
     profile = "raspberrypi-tflite"
     threads = min(load_profile(profile).threads, os.cpu_count() or 1)
@@ -496,27 +492,14 @@ def torch_rows(
     dynamic_tflite = workdir / "edgekit-litert-dynamic-int8.tflite"
     dynamic_tflite.write_bytes(content)
     nchw["edgekit_litert_torch_dynamic_int8_aeq"] = dynamic_tflite
-    feeds = [{"pixels": x[i : i + 1]} for i in range(4)]
-    onnx2tf = convert_onnx_to_saved_model(
-        exported, workdir / "torch-saved-model", sample_feeds=feeds, cache_dir=runtime_cache
-    )
-    layout = onnx2tf.layout
-    # Today's convert() reads the SavedModel: data in its (NHWC, batch-1) layout, one sample
-    # per feed (a leading samples axis).
-    nhwc_data = {}
-    for name, path in (("calibration", example.calibration_path),
-                       ("validation", example.validation_path)):  # fmt: skip
-        with np.load(path) as archive:
-            moved = np.ascontiguousarray(archive["pixels"].transpose(0, 2, 3, 1))
-        nhwc_data[name] = workdir / f"torch-{name}-nhwc.npz"
-        np.savez(nhwc_data[name], pixels=moved[:, None])
     converted_tflite = convert(
-        onnx2tf.saved_model,
+        example.pt2_path,
         profile=profile,
         output_dir=workdir / "torch-raspberrypi-tflite-out",
-        calibration=nhwc_data["calibration"],
-        validation=nhwc_data["validation"],
+        calibration=example.calibration_path,
+        validation=example.validation_path,
     )
+    layout = LayoutMap.from_dict(converted_tflite.report["layout"])
     nhwc: dict[str, Path] = {"edgekit_onnx2tf": converted_tflite.artifact}
     # One feed per measurement: the NCHW models and the NHWC one are timed in separate groups.
     pixels = layout.input("pixels")
@@ -535,11 +518,15 @@ def torch_rows(
     timings = ({**latency, **more_latency}, {**memory, **more_memory})
     accuracy = {k: _torch_accuracy(v, reference, x, labels) for k, v in nchw.items()}
     accuracy["edgekit_onnx2tf"] = _torch_accuracy(
-        converted_tflite.artifact, reference, x, labels, layout=layout.input("pixels")
+        converted_tflite.artifact, reference, x, labels, layout=pixels
     )
     rows = _variant_rows({**nchw, **nhwc}, timings, accuracy, "plain_litert_torch_default")
     rows["edgekit_onnx2tf"]["chosen_candidate"] = converted_tflite.chosen
+    rows["edgekit_onnx2tf"]["route"] = converted_tflite.report["source"]["route"]
     rows["edgekit_onnx2tf"]["layout"] = layout.to_dict()
+    rows["edgekit_onnx2tf"]["candidates_zstd_bytes"] = {
+        row["name"]: row["compressed_size_bytes"] for row in converted_tflite.candidates
+    }
     rows["edgekit_onnx2tf"]["note"] = "timed in a separate round-robin group (NHWC input)"
     for name in ("edgekit_onnx2tf", "edgekit_litert_torch_dynamic_int8_aeq"):
         rows[name]["latency_ratio_vs_peer"] = (

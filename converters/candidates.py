@@ -46,10 +46,24 @@ _TFLITE_RECIPES: dict[str, tuple[Step, ...]] = {
     "fp16": (Step.of("tflite_convert", kind="fp16"),),
     "dynamic_int8": (Step.of("tflite_convert", kind="dynamic_int8"),),
     "full_int8": (Step.of("tflite_convert", kind="full_int8"),),
+    # Magnitude pruning of the dynamic-range int8 model's weights (int8 per channel, set to the
+    # zero point): the same recipe as ONNX's prune + weight_int8, pruned after quantizing
+    # because TFLiteConverter would quantize the zeros away from zero. Its gain is the zstd size.
+    "pruned": (Step.of("tflite_convert", kind="dynamic_int8"), Step.of("tflite_prune")),
     "dynamic_int8_aeq": (Step.of("litert_quantize", kind="dynamic_int8"),),
     "full_int8_aeq": (Step.of("litert_quantize", kind="full_int8"),),
 }
 _TFLITE_IO = {"full_int8": "profile", "full_int8_aeq": "int8"}
+
+# TFLite kinds built from a float32 .tflite (litert-torch's) rather than a SavedModel: only the
+# LiteRT quantizer and the TFLite pruner read one. fp32 is the file itself (op_versions checks
+# and copies it); fp16 needs TFLiteConverter and is not built.
+_FLOAT_TFLITE_RECIPES: dict[str, tuple[Step, ...]] = {
+    "fp32": (),
+    "pruned": (Step.of("tflite_prune"),),
+    "dynamic_int8_aeq": (Step.of("litert_quantize", kind="dynamic_int8"),),
+    "full_int8_aeq": (Step.of("litert_quantize", kind="full_int8"),),
+}
 
 # The fixed order that breaks ties (and orders rows in the report).
 CANDIDATE_ORDER: tuple[str, ...] = (
@@ -94,9 +108,12 @@ class Recipe:
         return replace(self, steps=tuple(steps))
 
 
-def recipes_for(kind: str, target: TargetFormat) -> list[Recipe]:
+def recipes_for(kind: str, target: TargetFormat, *, float_tflite: bool = False) -> list[Recipe]:
     """The recipe(s) for a profile's candidate kind: a TFLite int8 kind also gets its LiteRT
-    quantizer twin (`<kind>_aeq`), which the pipeline may skip."""
+    quantizer twin (`<kind>_aeq`), which the pipeline may skip. With `float_tflite` (the
+    candidates start from a float32 .tflite), the int8 kinds are only their `_aeq` twins."""
+    if float_tflite:
+        return _float_tflite_recipes(kind)
     table = _ONNX_RECIPES if target == "onnx" else _TFLITE_RECIPES
     if kind not in table:
         formats = "onnx" if target == "onnx" else "tflite"
@@ -116,6 +133,18 @@ def recipes_for(kind: str, target: TargetFormat) -> list[Recipe]:
             steps = (*_TFLITE_RECIPES[name], Step.of("op_versions", io_type=io_type))
         recipes.append(Recipe(name=name, target=target, steps=steps))
     return recipes
+
+
+def _float_tflite_recipes(kind: str) -> list[Recipe]:
+    name = kind if kind in _FLOAT_TFLITE_RECIPES else f"{kind}_aeq"
+    if name not in _FLOAT_TFLITE_RECIPES:
+        raise ConversionError(
+            f"{kind} is not built from litert-torch's float32 model (it needs TFLiteConverter "
+            "and a SavedModel)"
+        )
+    io_type = _TFLITE_IO.get(name, "float32")
+    steps = (*_FLOAT_TFLITE_RECIPES[name], Step.of("op_versions", io_type=io_type))
+    return [Recipe(name=name, target="tflite", steps=steps)]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from edgekit.converters.benchmark import file_size
 from edgekit.converters.candidates import CandidateReport
 from edgekit.converters.data import Dataset
+from edgekit.converters.layout import LayoutMap, golden_layout_entries
 from edgekit.converters.passes.base import PassResult
 
 from edgekit import __version__
@@ -119,14 +120,23 @@ def copy_artifact(source: Path, dest: Path) -> None:
         raise ConversionError(f"cannot write {dest} with its external data: {e}") from e
 
 
-def write_golden(path: Path, runtime: Runtime, dataset: Dataset, profile: Profile) -> None:
+def write_golden(
+    path: Path,
+    runtime: Runtime,
+    dataset: Dataset,
+    profile: Profile,
+    *,
+    layout: LayoutMap | None = None,
+) -> None:
     """Inputs and the chosen artifact's own outputs, for the agent's health check.
 
-    Both in the artifact's own dtypes (int8/uint8 for a model with quantized I/O), keyed by
-    its input and output names; each quantized tensor's [scale, zero_point] is stored as
-    `quantization/inputs/<name>` or `quantization/outputs/<name>` (real = scale * (q - zp)).
+    Both in the artifact's own dtypes (int8/uint8 for a model with quantized I/O) and layout,
+    keyed by its input and output names; each quantized tensor's [scale, zero_point] is stored
+    as `quantization/inputs/<name>` or `quantization/outputs/<name>` (real = scale * (q - zp)).
+    With a `layout` (onnx2tf transposed tensors), each transposed tensor's permutation from the
+    source's layout is stored as `layout/inputs/<name>` or `layout/outputs/<name>`.
     """
-    arrays: dict[str, Array] = {}
+    arrays: dict[str, Array] = golden_layout_entries(layout) if layout is not None else {}
     for index, real_feed in enumerate(dataset.feeds[:GOLDEN_SAMPLES]):
         feed = model_feed(runtime, real_feed)
         for name, value in feed.items():
@@ -254,11 +264,13 @@ def _fp32_comparison(
 
 def build_report(
     *,
-    model: Path,
+    model: Path | str,
     profile: Profile,
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
     load_result: PassResult,
+    route: Sequence[str] = (),
+    layout: LayoutMap | None = None,
     optimize_result: PassResult,
     calibration_set: Dataset,
     validation_set: Dataset,
@@ -272,17 +284,23 @@ def build_report(
     artifact_runtime: Runtime,
     threads: int,
 ) -> dict[str, Any]:
-    """The conversion report (`report.json`, schema `edgekit.report/v1`)."""
+    """The conversion report (`report.json`, schema `edgekit.report/v1`).
+
+    `model` is the source's path, or a description of an in-memory source (an nn.Module);
+    `route` the steps it took to what the candidates were built from; `layout` the tensors
+    whose layout differs between the source and the artifact (the report's `layout`).
+    """
     validated = validation_set.kind == "file"
-    return {
+    report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "edgekit_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {
             "path": str(model),
-            "sha256": _sha256(model),
-            "size_bytes": _source_size(model),
+            "sha256": _sha256(model) if isinstance(model, Path) else None,
+            "size_bytes": _source_size(model) if isinstance(model, Path) else None,
             **load_result.details,
+            "route": [*route, f"{profile.target_format} candidates"],
             "signature": {
                 "inputs": [spec.to_dict() for spec in inputs],
                 "outputs": [spec.to_dict() for spec in outputs],
@@ -343,3 +361,7 @@ def build_report(
             ),
         },
     }
+    if layout is not None:
+        # Feed the artifact in its own layout: artifact_value = transpose(source_value, perm).
+        report["layout"] = {**layout.to_dict(), "changes": layout.describe()}
+    return report

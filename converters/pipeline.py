@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 from edgekit.converters import outputs
@@ -37,14 +37,22 @@ from edgekit.converters.choice import choose
 from edgekit.converters.data import Dataset, prepare_datasets
 from edgekit.converters.fallback import FALLBACK_KINDS, rank_float_candidates, search_float_set
 from edgekit.converters.latency import DeviceLatency, HostLatency
+from edgekit.converters.layout import LayoutMap
 from edgekit.converters.passes.base import PassContext, PassResult, Step
 from edgekit.converters.passes.onnx_passes import scratch_cwd
 from edgekit.converters.passes.tflite_passes import (
     LITERT_QUANTIZER_RECIPES,
+    SourceKind,
     litert_quantizer_available,
     source_kind,
 )
-from edgekit.converters.sources import LoadedSource, load_source
+from edgekit.converters.sources import (
+    LoadedSource,
+    datasets_to_artifact,
+    from_litert_torch,
+    load_source,
+    to_saved_model,
+)
 
 from edgekit.accuracy import OUTPUT_KINDS, compare_outputs
 from edgekit.errors import ConversionError, EdgekitError, InputDataError, first_line
@@ -52,6 +60,9 @@ from edgekit.messages import Measurements, MessageError
 from edgekit.profiles import OutputKind, Profile, load_profile
 from edgekit.quiet import quiet_native_output
 from edgekit.runtimes import Runtime, dequantize_output, model_feed, open_runtime
+
+if TYPE_CHECKING:
+    from edgekit.converters.frontends.torch_frontend import TorchProgram
 
 __all__ = ["CandidateReport", "ConvertResult", "ProgressCallback", "convert"]
 
@@ -83,7 +94,7 @@ class ConvertResult:
 
 @quiet_native_output
 def convert(
-    model: Path,
+    model: Path | Any,
     *,
     profile: Profile | str,
     output_dir: Path,
@@ -97,10 +108,18 @@ def convert(
     output_kinds: Mapping[str, OutputKind] | None = None,
     measurements: Measurements | Path | None = None,
     device_bench: DeviceBench | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> ConvertResult:
     """Convert `model` for `profile`, writing `model.onnx` or `model.tflite` and `report.json`.
 
-    `model` is an ONNX file, a Keras `.keras` file or a TensorFlow SavedModel folder. Also
+    `model` is an ONNX file, a Keras `.keras` file, a TensorFlow SavedModel folder, a PyTorch
+    `.pt2` file (`torch.export.save`) or a `torch.nn.Module` with `example_inputs` (one example
+    per `forward()` argument; `output_names` names its outputs, default `output_0`, ...).
+    PyTorch models are exported to ONNX with the dynamo exporter and judged against PyTorch's
+    own outputs. ONNX (given or exported) for a TFLite profile goes through onnx2tf in its own
+    cached venv; the input layout it gives the artifact (NCHW -> NHWC) is in the report's
+    `layout` and golden.npz holds samples in that layout. Also
     written into `output_dir`: `golden.npz` (inputs and expected outputs for the on-device
     self-test) and `reference_stats.json` (input distribution for drift), which bundles carry.
     With `keep_candidates`, every candidate that was built is kept in `output_dir/candidates/`.
@@ -118,18 +137,18 @@ def convert(
     reason it does not. The choice then goes down the ranking until a candidate passes.
     """
     chosen_profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    source, kind, named = _source(model, example_inputs=example_inputs, output_names=output_names)
     # Absolute paths: the passes run with the scratch folder as the working directory.
-    model = model.absolute()
     output_dir = output_dir.absolute()
     calibration = calibration.absolute() if calibration else None
     validation = validation.absolute() if validation else None
-    kind = source_kind(model)
     outputs.check_output_dir(output_dir)
     device = _read_measurements(measurements)
     host_threads = os.cpu_count() or 1
     used_threads = threads or min(chosen_profile.threads, host_threads)
     recipes = _recipes(chosen_profile, verified=device_check is not None)
-    steps = _Steps(progress, total=6 + len(recipes) + (device_bench is not None))
+    through_onnx2tf = chosen_profile.target_format == "tflite" and kind in ("onnx", "torch")
+    steps = _Steps(progress, total=6 + len(recipes) + (device_bench is not None) + through_onnx2tf)
     with (
         tempfile.TemporaryDirectory(prefix="edgekit-convert-") as scratch,
         scratch_cwd(Path(scratch)),
@@ -137,12 +156,32 @@ def convert(
         workdir = Path(scratch)
         steps.advance("loading and checking the model")
         context = PassContext(profile=chosen_profile, workdir=workdir, threads=used_threads)
-        loaded = load_source(model, kind, context)
-        inputs = loaded.original.inputs
+        loaded = load_source(source, kind, context)
         steps.advance("reading calibration and validation data")
         calibration_set, validation_set, data_notes = prepare_datasets(
-            inputs, calibration, validation, preprocessing=chosen_profile.preprocessing
+            loaded.original.inputs,
+            calibration,
+            validation,
+            preprocessing=chosen_profile.preprocessing,
         )
+        if loaded.needs_onnx2tf:
+            steps.advance(f"converting to TensorFlow with onnx2tf ({', '.join(loaded.route)})")
+            try:
+                loaded = to_saved_model(
+                    loaded,
+                    replace(context, validation=validation_set, progress=_log_progress),
+                    name=str(named),
+                )
+            except ConversionError as refused:
+                # PyTorch has a second route: litert-torch (re-raises for an ONNX source).
+                loaded = from_litert_torch(loaded, context, refused=refused)
+                recipes = _recipes(
+                    chosen_profile, verified=device_check is not None, float_tflite=True
+                )
+            calibration_set, validation_set = datasets_to_artifact(
+                loaded, calibration_set, validation_set
+            )
+        inputs = loaded.original.inputs
         context = replace(context, calibration=calibration_set, validation=validation_set)
         kinds = _output_kinds(chosen_profile, output_kinds, loaded.original)
         judge = _Judge(
@@ -163,9 +202,14 @@ def convert(
             if skip is not None:
                 if candidates and candidates[-1].name == recipe.name.removesuffix("_aeq"):
                     candidates[-1].notes.append(skip)
+                elif loaded.float_tflite:  # no TFLiteConverter twin: a row says why not
+                    row = CandidateReport(name=recipe.name, passes=())
+                    reason = skip.split(": only TFLiteConverter", 1)[0]
+                    row.fail(reason, reason=f"not built: {reason}")
+                    candidates.append(row)
                 continue
             steps.advance(f"building candidate {recipe.name}")
-            candidates.append(_candidate(recipe, prepared, context, judge))
+            candidates.append(_candidate(_isolate(recipe, loaded), prepared, context, judge))
         _refuse_if_all_blocked(candidates, chosen_profile)
 
         if device_bench is not None:
@@ -203,7 +247,9 @@ def convert(
         note = latency.note()
         winner = choose(candidates, chosen_profile, latency.compare, latency_note=note)
         while device_check is not None:
-            refusal = _device_refusal(winner, device_check, validation_set, chosen_profile)
+            refusal = _device_refusal(
+                winner, device_check, validation_set, chosen_profile, loaded.layout
+            )
             if refusal is None:
                 winner.notes.append("verified on the profile's runtimes (device_check)")
                 break
@@ -216,7 +262,7 @@ def convert(
 
         steps.advance("writing the artifact, golden samples and report")
         report = _write_outputs(
-            model=model,
+            model=named,
             output_dir=output_dir,
             profile=chosen_profile,
             loaded=loaded,
@@ -238,6 +284,53 @@ def convert(
         report=report,
         chosen=winner.name,
     )
+
+
+def _source(
+    model: Path | Any,
+    *,
+    example_inputs: Sequence[Any] | None,
+    output_names: Sequence[str] | None,
+) -> tuple[Path | TorchProgram, SourceKind, Path | str]:
+    """What `load_source` reads, its kind, and how the report names it (a path, or the
+    module's description for an nn.Module)."""
+    if not isinstance(model, (str, Path)):
+        from edgekit.converters.frontends.torch_frontend import export_module
+
+        if example_inputs is None:
+            raise ConversionError(
+                f"convert got a {type(model).__name__}, not a path: give an nn.Module with "
+                "example_inputs=[one example per forward() argument], or a model file's path"
+            )
+        program = export_module(model, example_inputs, output_names=output_names)
+        return program, "torch", program.source
+    path = Path(model).absolute()
+    if example_inputs is not None:
+        raise ConversionError(
+            f"{path}: example_inputs are for an nn.Module; a model file carries its own"
+        )
+    kind = source_kind(path)
+    if output_names is not None and kind != "torch":
+        raise ConversionError(
+            f"{path}: output_names are for a PyTorch model; this {kind} model names its own"
+        )
+    if kind == "torch":
+        from edgekit.converters.frontends.torch_frontend import load_pt2
+
+        return load_pt2(path, output_names=output_names), kind, path
+    return path, kind, path
+
+
+def _isolate(recipe: Recipe, loaded: LoadedSource) -> Recipe:
+    """Full int8 from an onnx2tf SavedModel calibrates in a child process: TFLiteConverter's
+    calibrator was measured crashing the process on one (a PyTorch GRU's)."""
+    if loaded.layout is None or recipe.name != "full_int8":
+        return recipe
+    return recipe.with_option("tflite_convert", isolated=True)
+
+
+def _log_progress(message: str) -> None:
+    log.info("%s", message)
 
 
 def _read_measurements(given: Measurements | Path | None) -> Measurements | None:
@@ -269,13 +362,16 @@ def _decision_rule(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _recipes(profile: Profile, *, verified: bool) -> list[tuple[Recipe, str | None]]:
+def _recipes(
+    profile: Profile, *, verified: bool, float_tflite: bool = False
+) -> list[tuple[Recipe, str | None]]:
     """Every recipe of the profile's candidate list, each with the reason it is skipped (or
-    None); an unknown kind for the format becomes a failed row, not an error."""
+    None); an unknown kind for the format becomes a failed row, not an error. `float_tflite`:
+    the candidates start from litert-torch's float32 .tflite."""
     found: list[tuple[Recipe, str | None]] = []
     for kind in profile.quantization.candidates:
         try:
-            recipes = recipes_for(kind, profile.target_format)
+            recipes = recipes_for(kind, profile.target_format, float_tflite=float_tflite)
         except ConversionError as e:
             found.append((Recipe(name=kind, target=profile.target_format, steps=()), str(e)))
             continue
@@ -495,7 +591,11 @@ def _row_kinds(row: CandidateReport) -> dict[str, str]:
 
 
 def _device_refusal(
-    candidate: CandidateReport, check: DeviceCheck, dataset: Dataset, profile: Profile
+    candidate: CandidateReport,
+    check: DeviceCheck,
+    dataset: Dataset,
+    profile: Profile,
+    layout: LayoutMap | None,
 ) -> str | None:
     """Run `check` on the candidate laid out as the device will see it."""
     assert candidate.path is not None
@@ -503,13 +603,13 @@ def _device_refusal(
         model = Path(folder) / f"model.{profile.target_format}"
         outputs.copy_artifact(candidate.path, model)
         golden = Path(folder) / "golden.npz"
-        outputs.write_golden(golden, open_runtime(model), dataset, profile)
+        outputs.write_golden(golden, open_runtime(model), dataset, profile, layout=layout)
         return check(model, golden)
 
 
 def _write_outputs(
     *,
-    model: Path,
+    model: Path | str,
     output_dir: Path,
     profile: Profile,
     loaded: LoadedSource,
@@ -545,7 +645,9 @@ def _write_outputs(
                 kept / "reference.npz", validation_set, reference, profile, kinds=_row_kinds(winner)
             )
         chosen_runtime = open_runtime(artifact, threads=threads)
-        outputs.write_golden(staging / "golden.npz", chosen_runtime, validation_set, profile)
+        outputs.write_golden(
+            staging / "golden.npz", chosen_runtime, validation_set, profile, layout=loaded.layout
+        )
         device_data = replace(
             validation_set,
             feeds=tuple(model_feed(chosen_runtime, feed) for feed in validation_set.feeds),
@@ -565,9 +667,11 @@ def _write_outputs(
         report = outputs.build_report(
             model=model,
             profile=profile,
-            inputs=loaded.original.inputs,
-            outputs=loaded.original.outputs,
+            inputs=loaded.signature[0],
+            outputs=loaded.signature[1],
             load_result=loaded.result,
+            route=loaded.route,
+            layout=loaded.layout,
             optimize_result=optimize_result,
             calibration_set=calibration_set,
             validation_set=validation_set,

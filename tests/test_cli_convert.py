@@ -60,7 +60,12 @@ def _bad_npz(tmp_path: Path, **arrays: np.ndarray) -> str:
     [
         ("missing", "does not exist"),
         ("not_onnx", "is not an ONNX model"),
-        ("pt", "unsupported model format; expected .onnx, .keras or a SavedModel folder"),
+        ("bin", "unsupported model format; expected .onnx, .keras, a SavedModel folder or a"),
+        (
+            "pt",
+            "is not a PyTorch archive; edgekit reads .pt2 programs: save the model with "
+            "torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')",
+        ),
         (
             "tflite",
             "already a TFLite model: there is nothing to convert; check it on the device "
@@ -85,7 +90,7 @@ def test_bad_input_one_line_exit_2_nothing_written(
         bogus = tmp_path / "notes.onnx"
         bogus.write_text("these are my notes, not a model\n" * 20)
         model = str(bogus)
-    elif case in ("pt", "tflite"):
+    elif case in ("bin", "pt", "tflite"):
         other = tmp_path / f"model.{case}"
         other.write_bytes(digits.model_path.read_bytes())  # even ONNX bytes: the name decides
         model = str(other)

@@ -90,7 +90,7 @@ def test_user_profile_extends_builtin(tmp_path: Path) -> None:
         ("extends: raspberrypi\ncpu: [cortex-a72, cortex-a72]\n", r"cpu: names a CPU twice"),
         ("extends: cortex-m\ncpu: cortex-a53\n", r"cpu\[0\]: .*none known for this arch"),
         (
-            "extends: raspberrypi-tflite\nquantization: {candidates: [fp32, pruned]}\n",
+            "extends: android-arm64\nquantization: {candidates: [fp32, pruned]}\n",
             r"quantization.candidates: pruned needs pruning.sparsity in \(0, 1\)",
         ),
         ("- just\n- a list\n", r"expected a mapping of profile fields"),

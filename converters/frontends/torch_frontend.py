@@ -187,15 +187,17 @@ def _is_dynamic_batch(program: Any) -> bool:
 
 
 def _batch_one_examples(program: Any) -> tuple[Array, ...]:
-    """Batch-1 example inputs: the program's own, cut to one row, else zeros of its shapes."""
+    """Batch-1 example inputs: the program's own, cut to one row where the first axis is a
+    symbolic batch (a static axis keeps its size), else zeros of its shapes."""
     torch = _torch()
     stored = getattr(program, "example_inputs", None)
     if stored and stored[0] and not stored[1]:
+        placeholders = _placeholder_inputs(program)
         return tuple(
             np.ascontiguousarray(value.detach().cpu().numpy()[:1])
-            if value.dim() >= 1
+            if value.dim() >= 1 and _symbolic_first_axis(placeholders, index)
             else value.detach().cpu().numpy()
-            for value in stored[0]
+            for index, value in enumerate(stored[0])
         )
     arrays = []
     for value in _placeholder_inputs(program):
@@ -207,6 +209,12 @@ def _batch_one_examples(program: Any) -> tuple[Array, ...]:
         shape = [1 if isinstance(dim, torch.SymInt) else int(dim) for dim in value.shape]
         arrays.append(np.zeros(shape, dtype=_numpy_dtype(value.dtype)))
     return tuple(arrays)
+
+
+def _symbolic_first_axis(placeholders: Sequence[Any], index: int) -> bool:
+    torch = _torch()
+    value = placeholders[index] if index < len(placeholders) else None
+    return bool(value is not None and value.dim() >= 1 and isinstance(value.shape[0], torch.SymInt))
 
 
 def _numpy_dtype(dtype: Any) -> Any:
@@ -302,9 +310,15 @@ def export_module(
         program=program,
         input_names=_user_input_names(program),
         output_names=_output_names(program, output_names),
+        # Batch 1 where the batch is symbolic; a static program keeps the shapes it was
+        # exported with (a [2, 1, 16] recurrent state is not a batch of two).
         example_inputs=tuple(
-            np.ascontiguousarray(t.detach().cpu().numpy()[:1] if t.dim() else t.numpy())
-            for t in tensors
+            np.ascontiguousarray(
+                t.detach().cpu().numpy()[:1]
+                if t.dim() and _symbolic_first_axis(_placeholder_inputs(program), index)
+                else t.detach().cpu().numpy()
+            )
+            for index, t in enumerate(tensors)
         ),
         dynamic_batch=_is_dynamic_batch(program),
         source=f"{type(module).__name__} (nn.Module, torch.export)",

@@ -63,7 +63,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SIGNATURE_KEY = "serving_default"
-SourceKind = Literal["onnx", "saved_model", "keras"]
+SourceKind = Literal["onnx", "saved_model", "keras", "torch"]
+# PyTorch files: `.pt2` is what torch.export.save writes; `.pt`/`.pth` are read only to refuse
+# a TorchScript archive or a pickle with the way to save a program (torch_frontend).
+_TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 TfliteKind = Literal["fp32", "fp16", "dynamic_int8", "full_int8"]
 Array = npt.NDArray[Any]
 
@@ -73,7 +76,8 @@ _DEBUG_SAMPLES = 32
 
 
 def source_kind(path: Path) -> SourceKind:
-    """What kind of model `path` holds: an ONNX file, a Keras `.keras` file or a SavedModel."""
+    """What kind of model `path` holds: an ONNX file, a Keras `.keras` file, a SavedModel or a
+    PyTorch file (`torch`: checked and read by the torch frontend)."""
     if not path.exists():
         raise ConversionError(f"model {path} does not exist; check the path")
     if path.is_dir():
@@ -97,13 +101,16 @@ def source_kind(path: Path) -> SourceKind:
         )
     if path.suffix.lower() == ".onnx":
         return "onnx"
+    if path.suffix.lower() in _TORCH_SUFFIXES:
+        return "torch"
     if path.suffix.lower() == ".tflite":
         raise ConversionError(
             f"{path} is already a TFLite model: there is nothing to convert; check it on the "
             "device runtimes with `edgekit verify-runtime` and pack it with `edgekit bundle build`"
         )
     raise ConversionError(
-        f"{path}: unsupported model format; expected .onnx, .keras or a SavedModel folder"
+        f"{path}: unsupported model format; expected .onnx, .keras, a SavedModel folder or a "
+        "PyTorch .pt2 file (torch.export.save)"
     )
 
 
@@ -282,6 +289,9 @@ class TfliteConvertConfig:
     calibration_samples: int = _CALIBRATION_SAMPLES
     # Extra TFLiteConverter attributes (e.g. `tflite_compat.downgrade_options` for old runtimes).
     converter_options: tuple[tuple[str, object], ...] = ()
+    # Convert in a child process, so that a converter crash (TFLiteConverter's calibrator
+    # segfaults on some onnx2tf SavedModels, e.g. a PyTorch GRU's) fails this candidate only.
+    isolated: bool = False
 
 
 class TfliteConvertPass(Pass):
@@ -328,6 +338,9 @@ class TfliteConvertPass(Pass):
                 if config.kind == "full_int8" and config.float_layers:
                     content = _quantize_with_float_layers(source, context, config)
                     notes.append(f"{len(config.float_layers)} layer(s) kept in float")
+                elif config.isolated:
+                    content = _convert_isolated(source, context, config)
+                    notes.append("converted in a child process (isolated from converter crashes)")
                 else:
                     converter = make_converter(source, config.kind, context, config=config)
                     content = converter.convert()
@@ -408,7 +421,13 @@ class OpVersionsPass(Pass):
         specs = (*built.inputs, *built.outputs)
         wanted = self.config.io_type
         details["io_types"] = sorted({spec.dtype for spec in specs})
-        wrong = [f"{spec.name} is {spec.dtype}" for spec in specs if spec.dtype != wanted]
+        # Integer tensors of the model itself (magika's int32 bytes, token ids) are not what
+        # quantization changes: only real-valued I/O must have the promised type.
+        wrong = [
+            f"{spec.name} is {spec.dtype}"
+            for spec in specs
+            if spec.dtype in _REAL_IO_TYPES and spec.dtype != wanted
+        ]
         if wrong:
             raise ConversionError(
                 f"wrong I/O type: inputs/outputs are not {wanted} ({', '.join(wrong)}); the "
@@ -440,6 +459,64 @@ def representative_feeds(context: PassContext, limit: int) -> list[dict[str, Arr
     return feeds[:limit]
 
 
+_ISOLATED_TIMEOUT_S = 1800.0
+# I/O dtypes that carry real values (float, or quantized reals): what `op_versions` checks.
+_REAL_IO_TYPES = frozenset({"float32", "float16", "int8", "uint8"})
+
+
+def _convert_isolated(source: Path, context: PassContext, config: TfliteConvertConfig) -> bytes:
+    """Run `converter_for(...).convert()` in a child Python (`_tflite_convert_worker`)."""
+    import json
+    import subprocess
+    import tempfile
+
+    feeds = (
+        representative_feeds(context, config.calibration_samples)
+        if (config.kind == "full_int8")
+        else []
+    )
+    with tempfile.TemporaryDirectory(prefix="tflite-isolated-", dir=context.workdir) as folder:
+        work = Path(folder)
+        arrays = {
+            f"{i}/{name}": np.asarray(v) for i, feed in enumerate(feeds) for name, v in feed.items()
+        }
+        np.savez(work / "feeds.npz", **arrays)  # type: ignore[arg-type]
+        request = {
+            "saved_model": str(source.absolute()),
+            "feeds": str(work / "feeds.npz"),
+            "count": len(feeds),
+            "output": str(work / "model.tflite"),
+            "config": {
+                "kind": config.kind,
+                "io_type": config.io_type,
+                "calibration_samples": config.calibration_samples,
+                "converter_options": [list(item) for item in config.converter_options],
+            },
+        }
+        (work / "request.json").write_text(json.dumps(request))
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "edgekit.converters._tflite_convert_worker",
+                 str(work / "request.json")],
+                capture_output=True,
+                text=True,
+                timeout=_ISOLATED_TIMEOUT_S,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ConversionError(f"TFLiteConverter did not finish {config.kind}: {e}") from e
+        output = work / "model.tflite"
+        if done.returncode != 0 or not output.is_file():
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            why = (
+                f"crashed (signal {-done.returncode})"
+                if done.returncode < 0
+                else f"failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+            )
+            raise ConversionError(f"TFLiteConverter {why} building {config.kind}")
+        return output.read_bytes()
+
+
 def make_converter(
     saved_model: Path,
     kind: TfliteKind,
@@ -448,6 +525,19 @@ def make_converter(
     config: TfliteConvertConfig | None = None,
 ) -> Any:
     """A TFLiteConverter set up for one candidate kind (not yet run)."""
+    samples = config.calibration_samples if config else _CALIBRATION_SAMPLES
+    feeds = representative_feeds(context, samples) if kind == "full_int8" else []
+    return converter_for(saved_model, kind, feeds, config=config)
+
+
+def converter_for(
+    saved_model: Path,
+    kind: TfliteKind,
+    feeds: Sequence[Mapping[str, Array]],
+    *,
+    config: TfliteConvertConfig | None = None,
+) -> Any:
+    """`make_converter` with the representative feeds given (full int8 only)."""
     tf = _tf()
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(saved_model), signature_keys=[SIGNATURE_KEY]
@@ -460,11 +550,10 @@ def make_converter(
     if kind == "fp16":
         converter.target_spec.supported_types = [tf.float16]
     elif kind == "full_int8":
-        samples = config.calibration_samples if config else _CALIBRATION_SAMPLES
-        feeds = representative_feeds(context, samples)
 
         def representative() -> Iterator[dict[str, Array]]:
-            yield from feeds
+            for feed in feeds:
+                yield dict(feed)
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -645,11 +734,14 @@ class LiteRtQuantizePass(Pass):
         return configure(LiteRtQuantizeConfig(kind="dynamic_int8"), options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
-        try:
-            with _quiet_converter():
-                float_model = bytes(make_converter(source, "fp32", context).convert())
-        except Exception as e:  # TFLiteConverter raises ConverterError/ValueError/...
-            raise ConversionError(f"TFLiteConverter cannot build fp32: {first_line(e)}") from e
+        if source.suffix == ".tflite":  # a float32 model already (litert-torch's)
+            float_model = source.read_bytes()
+        else:
+            try:
+                with _quiet_converter():
+                    float_model = bytes(make_converter(source, "fp32", context).convert())
+            except Exception as e:  # TFLiteConverter raises ConverterError/ValueError/...
+                raise ConversionError(f"TFLiteConverter cannot build fp32: {first_line(e)}") from e
         feeds = (
             representative_feeds(context, self.config.calibration_samples)
             if self.config.kind == "full_int8"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from edgekit.converters.passes.base import Pass, PassContext, PassResult
+from edgekit.converters.passes.base import Pass, PassContext, PassResult, configure
 from edgekit.converters.tflite_compat import (
     FlatbufferReader,
     TFLiteModelError,
@@ -33,6 +33,7 @@ from edgekit.converters.tflite_compat import (
 )
 
 from edgekit.errors import ConversionError
+from edgekit.profiles import Profile
 
 __all__ = [
     "PrunedTensor",
@@ -331,6 +332,14 @@ class TflitePrunePass(Pass):
 
     def __init__(self, config: TflitePruneConfig | None = None) -> None:
         self.config = config or TflitePruneConfig()
+
+    @classmethod
+    def config_for(cls, profile: Profile, **options: Any) -> TflitePruneConfig:
+        defaults = TflitePruneConfig(
+            sparsity=profile.pruning.sparsity or 0.5,
+            min_elements=profile.pruning.min_tensor_elements,
+        )
+        return configure(defaults, options, cls.name)
 
     def run(self, source: Path, destination: Path, context: PassContext) -> PassResult:
         try:

@@ -165,8 +165,9 @@ def convert(
 ) -> None:
     """Convert MODEL into the fastest artifact that meets the profile's tolerance.
 
-    MODEL is an ONNX file, a Keras `.keras` file or a TensorFlow SavedModel folder; the profile
-    decides the output (`model.onnx` or `model.tflite`).
+    MODEL is an ONNX file, a Keras `.keras` file, a TensorFlow SavedModel folder or a PyTorch
+    `.pt2` file (torch.export.save); the profile decides the output (`model.onnx` or
+    `model.tflite`).
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 

@@ -219,9 +219,11 @@ def test_torch_cnn_through_onnx2tf_to_tflite_on_tflite_runtime_2_14(
     assert blocking_ops(model, profile) == []
     _write_golden(folder / "golden.npz", LiteRtBackend(model), validation_nhwc, profile)
     report = verify_runtime(folder, profile, cache_dir=onnx2tf_cache, which="oldest")
-    (check,) = report.checks
-    assert (check.package, check.version) == ("tflite-runtime", "2.14.0")
-    assert check.status == "pass", check.to_dict()
+    # One check, or one per CPU model of the profile when verify-runtime emulates aarch64.
+    assert report.checks
+    for check in report.checks:
+        assert (check.package, check.version) == ("tflite-runtime", "2.14.0")
+        assert check.status == "pass", check.to_dict()
 
 
 @pytest.mark.slow  # needs the onnx2tf venv

@@ -107,7 +107,7 @@ def test_each_tflite_variant_keeps_the_keras_accuracy(
     assert result.artifact == tmp_path / "pi" / "model.tflite"
     assert report["schema"] == "edgekit.report/v1" and report["data"]["accuracy"] == "validated"
     rows = {row["name"]: row for row in report["candidates"]}
-    expected = {"fp32", "fp16", "dynamic_int8", "full_int8"}
+    expected = {"fp32", "fp16", "dynamic_int8", "full_int8", "pruned"}
     if litert_quantizer_available():  # the second int8 source: the LiteRT quantizer
         expected.add("dynamic_int8_aeq")
         assert rows["dynamic_int8_aeq"]["details"]["litert_quantize"]["recipe"]
@@ -131,6 +131,13 @@ def test_each_tflite_variant_keeps_the_keras_accuracy(
     fp32_logits, _ = _litert_logits(kept / "fp32.tflite", keras_digits.x_test)
     np.testing.assert_allclose(fp32_logits, keras_digits.logits_test, atol=1e-3)
     assert rows["full_int8"]["size_bytes"] < rows["fp32"]["size_bytes"] / 3
+    # pruned: the dynamic int8 model with half of each weight tensor set to zero (the profile's
+    # pruning.sparsity), judged like the others: the same file size, a smaller zstd.
+    pruned = rows["pruned"]
+    assert pruned["passes"][:2] == ["tflite_convert(kind=dynamic_int8)", "tflite_prune"]
+    assert pruned["details"]["tflite_prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert pruned["size_bytes"] == rows["dynamic_int8"]["size_bytes"]
+    assert pruned["compressed_size_bytes"] < 0.85 * rows["dynamic_int8"]["compressed_size_bytes"]
     assert rows["fp16"]["size_bytes"] < rows["fp32"]["size_bytes"] * 0.6
     # The chosen artifact is one of them, byte for byte, and meets the tolerance.
     chosen = rows[report["chosen"]]
@@ -391,7 +398,8 @@ def _tiny_onnx(path: Path) -> None:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("onnx", "no maintained ONNX-to-TFLite converter coexists"),
+        # (ONNX for a TFLite profile goes through onnx2tf: tests/converters/test_torch_convert.py)
+        ("pt2", "is not a PyTorch archive; edgekit reads .pt2 programs"),
         ("keras", "is not a Keras .keras file"),
         ("folder", "is a folder without saved_model.pb"),
     ],
@@ -400,7 +408,8 @@ def test_bad_tflite_input_one_line_exit_2_nothing_written(
     tmp_path: Path, case: str, message: str
 ) -> None:
     model = tmp_path / "model.onnx"
-    if case == "onnx":
+    if case == "pt2":
+        model = tmp_path / "model.pt2"
         _tiny_onnx(model)
     elif case == "keras":
         model = tmp_path / "model.keras"
