@@ -76,3 +76,29 @@ def export_keras_digits(folder: Path, *, epochs: int = 6, seed: int = 0) -> Kera
         logits_test=logits,
         test_accuracy=float((logits.argmax(1) == y_test).mean()),
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m edgekit.converters.tflite_examples [OUTDIR]`: write the Keras digits example."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m edgekit.converters.tflite_examples",
+        description="Train a Keras digits CNN on scikit-learn's bundled digits and write "
+        "digits.keras, saved_model/, calibration.npz and validation.npz to OUTDIR.",
+    )
+    parser.add_argument("outdir", nargs="?", default="example-keras", type=Path)
+    outdir = parser.parse_args(argv).outdir
+    from edgekit.quiet import native_output
+
+    with native_output():  # TensorFlow's start-up lines are not this command's output
+        example = export_keras_digits(outdir)
+    sys.stdout.write(
+        f"wrote {example.keras_path} (test accuracy {example.test_accuracy:.3f}), "
+        f"{example.saved_model}, {example.calibration_path}, {example.validation_path}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

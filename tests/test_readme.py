@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +12,27 @@ import pytest
 from edgekit.converters.examples import DigitsExample
 
 from edgekit.mosquitto import free_port
-from tests.readme_harness import REPO, Workspace, section_blocks
+from tests.readme_harness import REPO, Workspace, readme_blocks, section_blocks
 
 # Each README section with code, and the test that runs it. A new block under a new heading
 # fails test_every_block_is_run until a test runs it.
 RUN_BY = {
     "Set up and try it": "test_setup_section",
+    "Convert a model": "test_convert_section",
+    "Benchmarks": "test_benchmarks_section",
     "Profiles": "test_profiles_section",
     "Sign, ship, run": "test_sign_section",
     "A first fleet on this machine": "test_first_fleet_section",
     "A real fleet: a broker and device kits": "test_real_fleet_section",
 }
+
+
+def test_every_block_is_run() -> None:
+    sections = {b.section for b in readme_blocks()}
+    missing = sections - set(RUN_BY)
+    assert not missing, f"README sections whose commands no test runs: {sorted(missing)}"
+    for name in RUN_BY.values():
+        assert name in globals(), f"RUN_BY names {name}, which is not a test here"
 
 
 def test_profiles_section(tmp_path: Path, digits: DigitsExample) -> None:
@@ -122,53 +130,62 @@ def test_real_fleet_section(converted: Workspace) -> None:
     assert "listener 8883" in (broker / "mosquitto.conf").read_text()
 
 
-ROOT = Path(__file__).resolve().parents[1]
+def _extras(pyproject: str) -> set[str]:
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([a-z][a-z-]*) = \[", section, re.MULTILINE))
 
 
-def _first_convert_example() -> list[str]:
-    """The commands of the first code block under `## Convert a model`, continuation lines
-    joined and comments dropped."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Convert a model", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
-    assert match is not None, "no bash block under ## Convert a model"
-    joined = match.group(1).replace("\\\n", " ")
-    commands = []
-    for line in joined.splitlines():
-        command = line.split("#", 1)[0].strip()
-        if command:
-            commands.append(command)
-    return commands
-
-
-def test_readme_pytorch_example_runs_as_written(tmp_path: Path) -> None:
-    commands = _first_convert_example()
-    install, train, convert = commands
-    # The install line names extras that exist, and the torch extra pins the CPU build.
+def test_convert_section(tmp_path: Path, digits: DigitsExample) -> None:
+    """The PyTorch path first, as written (the install line is checked, not run: this
+    environment is that install); then the Python API on the digits ONNX model."""
+    pytorch, formats, python_api = section_blocks("Convert a model")
+    install = next(line for line in pytorch.code.splitlines() if line.startswith("pip install"))
     extras = re.fullmatch(r"pip install -e '\.\[([a-z,-]+)\]'", install)
     assert extras is not None, install
-    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
-    declared = set(re.findall(r"^([a-z][a-z-]*) = \[", section, re.MULTILINE))
-    assert set(extras.group(1).split(",")) <= declared, declared
-    torch_extra = section.split("\ntorch = [", 1)[1].split("]", 1)[0]
-    assert '"torch==2.13.0"' in torch_extra
-    assert {"convert", "torch", "examples"} <= set(extras.group(1).split(","))
-    # This environment has them installed; run the other lines as written, in a fresh folder.
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for command in (train, convert):
-        argv = shlex.split(command)
-        if argv[0] == "python":
-            argv[0] = sys.executable
-        done = subprocess.run(
-            argv, cwd=tmp_path, env=env, capture_output=True, text=True, check=False
-        )
-        assert done.returncode == 0, (command, done.stderr)
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert set(extras.group(1).split(",")) <= _extras(pyproject)
+    assert '"torch==2.13.0"' in pyproject.split("\ntorch = [", 1)[1].split("]", 1)[0]
+    workspace = Workspace(tmp_path)
+    workspace.run(pytorch, {install: ": the install line above"})
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["source"]["format"] == "torch"
-    assert report["source"]["path"].endswith("ex/digits_cnn.pt2")
     assert report["data"]["accuracy"] == "validated"
-    chosen = next(row for row in report["candidates"] if row["verdict"] == "chosen")
-    assert chosen["accuracy"]["meets_tolerance"]
     assert (tmp_path / "out" / "model.onnx").is_file()
+
+    out = workspace.run(
+        python_api,
+        {
+            '"model.onnx"': repr(str(digits.model_path)),
+            '"calib.npz"': repr(str(digits.calibration_path)),
+            '"val.npz"': repr(str(digits.validation_path)),
+            '"out"': '"out-api"',
+        },
+    ).stdout
+    assert (tmp_path / "out-api" / "model.onnx").is_file()
+    assert json.loads((tmp_path / "out-api" / "report.json").read_text())["chosen"] in out
+    assert formats.section == "Convert a model"  # run by test_convert_formats_block (slow)
+
+
+@pytest.mark.slow
+def test_convert_formats_block(tmp_path: Path) -> None:
+    """ONNX with --verify-runtime (emulated Pi CPUs), Keras and ONNX to TFLite (onnx2tf's
+    own cached venv, minutes on first use): the slow tier."""
+    _, formats, _ = section_blocks("Convert a model")
+    out = Workspace(tmp_path).run(formats, timeout_s=3600).stdout
+    for out, artifact in (
+        ("out-onnx", "model.onnx"),
+        ("out-keras", "model.tflite"),
+        ("out-tflite", "model.tflite"),
+    ):
+        assert (tmp_path / out / artifact).is_file(), out
+    assert "1.16.3" in out  # --verify-runtime's rows: the profile's oldest onnxruntime
+
+
+@pytest.mark.slow
+def test_benchmarks_section(tmp_path: Path) -> None:
+    """The benchmarks as the README shows them, from the repo (they write benchmarks/results/,
+    which git ignores)."""
+    (block,) = section_blocks("Benchmarks")
+    Workspace(tmp_path).run(block, cwd=REPO, timeout_s=4 * 3600)
+    for name in ("convert.json", "agent.json", "fleet.json"):
+        assert (REPO / "benchmarks" / "results" / name).is_file(), name
