@@ -180,6 +180,7 @@ def test_emulated_outputs_outside_the_tolerance_fail_per_cpu(
     assert "onnxruntime 1.32.0 on cortex-a76: outputs outside the golden tolerance" in done.stderr
 
 
+@pytest.mark.slow
 def test_emulation_modes_and_cpu_choice(digits_bundle: Path, env: dict[str, str]) -> None:
     off = _edgekit(
         "verify-runtime", digits_bundle, "-p", "raspberrypi", "--runtime", "newest",

@@ -88,6 +88,7 @@ def magika_dir(tmp_path_factory: pytest.TempPathFactory, magika_data: tuple[Path
 # -- (a) the shared magika model on onnxruntime 1.16.3 and the newest ------------------------
 
 
+@pytest.mark.slow
 def test_magika_loads_and_matches_golden_on_ort_1_16_3_and_newest(
     magika_dir: Path, env: dict[str, str]
 ) -> None:
@@ -224,6 +225,7 @@ def _profile_with_oldest(tmp_path: Path, version: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_uninstallable_runtime_is_reported_and_the_others_still_checked(
     magika_dir: Path, env: dict[str, str], tmp_path: Path, runtime_cache: Path
 ) -> None:
@@ -252,6 +254,7 @@ def test_uninstallable_runtime_is_reported_and_the_others_still_checked(
     assert "nothing verified" in alone.stderr
 
 
+@pytest.mark.slow
 def test_onnx_too_new_for_an_uninstallable_oldest_runtime_fails_statically(
     runtime_cache: Path, tmp_path: Path
 ) -> None:
@@ -275,6 +278,7 @@ def test_onnx_too_new_for_an_uninstallable_oldest_runtime_fails_statically(
     assert any("checked statically" in line for line in report.problems())
 
 
+@pytest.mark.slow
 def test_interrupted_build_is_cleaned_and_a_failed_build_leaves_nothing(tmp_path: Path) -> None:
     cache = RuntimeCache(tmp_path / "cache")
     pin = RuntimePin("onnxruntime", "1.10.0")
@@ -381,6 +385,7 @@ def test_unreadable_trust_store_is_a_one_line_error(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_two_runs_building_the_same_runtime_share_one_build(tmp_path: Path) -> None:
     cache = RuntimeCache(tmp_path / "cache")
     pin = RuntimePin("tflite-runtime", "2.14.0")
@@ -487,6 +492,7 @@ def test_convert_verify_runtime_signs_when_every_runtime_passes(
     assert carried["verify_runtime"]["passed"] is True
 
 
+@pytest.mark.slow
 def test_convert_verify_runtime_stops_at_once_when_no_runtime_installs(
     digits: DigitsExample, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -556,7 +562,10 @@ def _real_cosine(stored: Any, other: Any, quantization: Any) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
 
 
-@pytest.mark.parametrize(("profile", "io_type"), [("coral-edgetpu", "uint8"), ("cortex-m", "int8")])
+@pytest.mark.parametrize(
+    ("profile", "io_type"),
+    [pytest.param("coral-edgetpu", "uint8", marks=pytest.mark.slow), ("cortex-m", "int8")],
+)
 def test_quantized_outputs_are_compared_as_real_values(
     profile: str, io_type: Literal["int8", "uint8"], runtime_cache: Path, tmp_path: Path
 ) -> None:

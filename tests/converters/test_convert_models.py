@@ -151,6 +151,7 @@ def test_digits_cnn(digits: DigitsExample, tmp_path: Path) -> None:
     assert float((logits.argmax(1) == digits.y_test).mean()) >= digits.test_accuracy - 0.01
 
 
+@pytest.mark.slow
 def test_magika(magika_data: tuple[Path, Path], tmp_path: Path) -> None:
     calibration, validation = magika_data
     result = convert(

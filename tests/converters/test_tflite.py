@@ -258,6 +258,7 @@ def test_full_int8_fallback_keeps_the_worst_layers_in_float(
     assert _mean_cosine(kept_logits, keras_digits.logits_test) > plain_cosine
 
 
+@pytest.mark.slow
 def test_full_int8_fallback_keeps_uint8_io_for_coral(
     keras_digits: KerasDigitsExample, tmp_path: Path
 ) -> None:
@@ -362,6 +363,7 @@ def _edgekit(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_json_full_int8_with_int8_io(keras_digits: KerasDigitsExample, tmp_path: Path) -> None:
     profile = _profile(
         tmp_path,
@@ -442,6 +444,7 @@ def test_importing_the_converter_and_runtimes_loads_no_engine() -> None:
     assert done.stdout.splitlines() == ["[]", "[]"]
 
 
+@pytest.mark.slow
 def test_litert_quantizer_rows_need_a_device_check_for_tflite_runtime_2_14(
     keras_digits: KerasDigitsExample, tmp_path: Path
 ) -> None:
@@ -459,6 +462,7 @@ def test_litert_quantizer_rows_need_a_device_check_for_tflite_runtime_2_14(
         assert any("without --verify-runtime" in note for note in rows["dynamic_int8"]["notes"])
 
 
+@pytest.mark.slow
 def test_verify_runtime_goes_down_the_ranking_until_the_device_runtimes_pass(
     keras_digits: KerasDigitsExample, runtime_cache: Path, tmp_path: Path
 ) -> None:

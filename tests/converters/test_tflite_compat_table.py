@@ -93,6 +93,7 @@ def _measure(cache: Path, pin: RuntimePin, module: str, tmp_path: Path) -> dict[
     }
 
 
+@pytest.mark.slow
 def test_table_matches_the_tflite_runtime_2_14_wheel(runtime_cache: Path, tmp_path: Path) -> None:
     measured = _measure(
         runtime_cache,

@@ -237,6 +237,7 @@ def test_pt2_round_trip_keeps_the_program(torch_gru: TorchDigitsExample, tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_examples_command_writes_a_pt2_and_its_data(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "edgekit.converters.torch_examples", str(tmp_path), "--kind", "gru"],
