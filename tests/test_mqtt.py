@@ -103,6 +103,31 @@ def test_reconnect_resubscribes(mosquitto: MosquittoBroker) -> None:
         assert done.wait(10)
 
 
+def test_a_publish_made_while_disconnected_is_waited_for_not_raised(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """paho keeps a NO_CONN code on the handle of a QoS 1 message queued while disconnected,
+    and its is_published() raises on it even after the reconnect delivered the message; a
+    handle must answer False until the PUBACK, then True (the agent's sender thread died here)."""
+    settings = BrokerSettings(mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=0.3)
+    with (
+        MqttClient(settings, client_id="edgekit-test-offline") as client,
+        MqttClient(settings, client_id="edgekit-test-watch") as watcher,
+    ):
+        received, done = _collect(watcher, "offline/#")
+        mosquitto.stop()
+        deadline = time.monotonic() + 10
+        while client.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not client.connected
+        handle = client.publish("offline/last", b"queued", qos=1, retain=True)
+        assert handle.wait(0.2) is False  # not acknowledged yet, and no exception
+        assert handle.acknowledged is False
+        mosquitto.restart()
+        assert handle.wait(20), "the queued message was never acknowledged after reconnecting"
+        assert done.wait(10) and received[-1].payload == b"queued"
+
+
 def test_topic_filters() -> None:
     assert topic_matches("a/+/c", "a/b/c") and not topic_matches("a/+/c", "a/b/d")
     assert topic_matches("a/#", "a") and topic_matches("a/#", "a/b/c")
