@@ -212,6 +212,7 @@ def test_emulation_modes_and_cpu_choice(digits_bundle: Path, env: dict[str, str]
     )
 
 
+@pytest.mark.slow
 def test_a_version_without_an_aarch64_wheel_is_not_installed_and_remembered(
     tmp_path: Path,
 ) -> None:

@@ -17,6 +17,7 @@ from edgekit.verify_runtime import verify_runtime
 from .model_builders import constant_weights_at_opset12
 
 
+@pytest.mark.slow
 def test_constant_weights_at_opset12_get_int8_candidates_that_load_on_onnxruntime_1_16(
     digits: DigitsExample, tmp_path: Path, runtime_cache: Path
 ) -> None:

@@ -206,6 +206,7 @@ def test_each_tflite_variant_keeps_the_keras_accuracy(
     assert manifest_output["quantization"]["zero_point"] == runtime.outputs[0].quantization[1]
 
 
+@pytest.mark.slow
 def test_full_int8_fallback_keeps_the_worst_layers_in_float(
     keras_digits: KerasDigitsExample, tmp_path: Path
 ) -> None:
@@ -311,6 +312,7 @@ def test_full_int8_fallback_keeps_uint8_io_for_coral(
     assert refused and set(refused) == set(edge), (refused, edge)
 
 
+@pytest.mark.slow
 def test_saved_model_input(keras_digits: KerasDigitsExample, tmp_path: Path) -> None:
     result = convert(
         keras_digits.saved_model,
@@ -333,6 +335,7 @@ def test_saved_model_input(keras_digits: KerasDigitsExample, tmp_path: Path) -> 
         assert "outputs/0/output_0" in golden.files
 
 
+@pytest.mark.slow
 def test_keras_to_onnx_with_tf2onnx(keras_digits: KerasDigitsExample, tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort

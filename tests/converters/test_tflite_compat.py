@@ -259,6 +259,7 @@ def _small_model_bytes() -> bytes:
     return _SMALL[0]
 
 
+@pytest.mark.slow
 def test_uninstallable_oldest_runtime_falls_back_to_the_static_check(
     dynamic_int8: Path, runtime_cache: Path, tmp_path: Path
 ) -> None:
