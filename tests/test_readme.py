@@ -172,12 +172,12 @@ def test_convert_formats_block(tmp_path: Path) -> None:
     own cached venv, minutes on first use): the slow tier."""
     _, formats, _ = section_blocks("Convert a model")
     out = Workspace(tmp_path).run(formats, timeout_s=3600).stdout
-    for out, artifact in (
+    for folder, artifact in (
         ("out-onnx", "model.onnx"),
         ("out-keras", "model.tflite"),
         ("out-tflite", "model.tflite"),
     ):
-        assert (tmp_path / out / artifact).is_file(), out
+        assert (tmp_path / folder / artifact).is_file(), folder
     assert "1.16.3" in out  # --verify-runtime's rows: the profile's oldest onnxruntime
 
 
