@@ -305,7 +305,7 @@ def _feeds(arrays: Mapping[str, Array], side: str) -> dict[int, dict[str, Array]
     feeds: dict[int, dict[str, Array]] = {}
     for key, value in arrays.items():
         parts = key.split("/", 2)
-        if len(parts) == 3 and parts[0] == side and parts[1].isdigit():
+        if len(parts) == 3 and parts[0] == side and parts[1].isdecimal():
             feeds.setdefault(int(parts[1]), {})[parts[2]] = value
     return feeds
 

@@ -436,7 +436,7 @@ def _convert(raw: Any, kind: str, *, key: str, origin: str) -> Any:
             return raw.upper()
         if kind == "address":
             host, sep, port = raw.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            if not sep or not host or not port.isdecimal() or not 0 <= int(port) < 65536:
                 raise fail("host:port (e.g. 127.0.0.1:8080; port 0 picks a free one)")
         return raw
     if kind == "bool":

@@ -85,9 +85,9 @@ class GoldenSamples:
             parts = name.split("/", 2)
             if name == "tolerance":
                 tolerance = _tolerance(value, default)
-            elif len(parts) == 3 and parts[0] == "inputs" and parts[1].isdigit():
+            elif len(parts) == 3 and parts[0] == "inputs" and parts[1].isdecimal():
                 inputs.setdefault(int(parts[1]), {})[parts[2]] = value
-            elif len(parts) == 3 and parts[0] == "outputs" and parts[1].isdigit():
+            elif len(parts) == 3 and parts[0] == "outputs" and parts[1].isdecimal():
                 # Quantized outputs as real values: scale * (stored - zero_point).
                 real = dequantize(value, quantization.get(parts[2]))
                 outputs.setdefault(int(parts[1]), {})[parts[2]] = real

@@ -159,7 +159,7 @@ class DiskQueue:
             if not name.endswith(_SUFFIX):
                 continue
             stem = name[: -len(_SUFFIX)]
-            if not stem.isdigit():
+            if not stem.isdecimal():
                 log.warning("message queue %s: ignoring unexpected file %s", self.directory, name)
                 continue
             message_id = int(stem)

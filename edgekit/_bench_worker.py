@@ -241,7 +241,7 @@ def _outputs(spec: dict[str, Any]) -> dict[str, Any]:
         feeds: dict[int, dict[str, Any]] = {}
         for key in archive.files:
             parts = key.split("/", 2)
-            if len(parts) == 3 and parts[0] == "inputs" and parts[1].isdigit():
+            if len(parts) == 3 and parts[0] == "inputs" and parts[1].isdecimal():
                 feeds.setdefault(int(parts[1]), {})[parts[2]] = archive[key]
     specs = {spec.name: spec for spec in session.outputs}
     for index in sorted(feeds):

@@ -181,7 +181,7 @@ def _golden_samples(path: str) -> tuple[list[dict[str, Any]], list[list[str]]]:
     with np.load(path, allow_pickle=False) as archive:
         for key in archive.files:
             parts = key.split("/", 2)
-            if len(parts) != 3 or not parts[1].isdigit():
+            if len(parts) != 3 or not parts[1].isdecimal():
                 continue
             index = int(parts[1])
             if parts[0] == "inputs":

@@ -129,7 +129,11 @@ class BundleTopics:
     def chunk_index(self, topic: str) -> int:
         """The index of a chunk topic of this bundle; `MessageError` for anything else."""
         head, _, index = topic.rpartition("/")
-        if head != f"{self.prefix}/chunks" or not index.isdigit() or len(index) > 10:
+        if (
+            head != f"{self.prefix}/chunks"
+            or not (index.isascii() and index.isdigit())
+            or len(index) > 10
+        ):
             raise MessageError(f"{topic[:200]!r} is not a chunk topic under {self.prefix}")
         return int(index)
 

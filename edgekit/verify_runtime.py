@@ -1167,7 +1167,7 @@ def _read_golden(path: Path) -> tuple[dict[str, list[Array]], dict[str, float]]:
             quantization = _quantization(archive)
             for key in archive.files:
                 parts = key.split("/", 2)
-                if len(parts) == 3 and parts[0] == "outputs" and parts[1].isdigit():
+                if len(parts) == 3 and parts[0] == "outputs" and parts[1].isdecimal():
                     expected.setdefault(parts[2], {})[int(parts[1])] = dequantize(
                         archive[key], quantization.get(parts[2])
                     )

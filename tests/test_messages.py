@@ -281,3 +281,12 @@ def test_only_the_mqtt_seam_imports_paho() -> None:
         if re.search(r"^\s*(import|from)\s+paho\b", path.read_text(), re.MULTILINE)
     }
     assert importers == {"edgekit/mqtt/client.py"}
+
+
+@pytest.mark.parametrize("index", ["²", "٣", "-1", "1 ", "", "12345678901"])
+def test_chunk_index_accepts_ascii_digits_only(index: str) -> None:
+    """'²' is a digit to str.isdigit() but not to int() (hypothesis found it on the fetcher)."""
+    names = BundleTopics(TOPICS.bundle_prefix("d" * 64))
+    with pytest.raises(MessageError):
+        names.chunk_index(f"{names.prefix}/chunks/{index}")
+    assert names.chunk_index(f"{names.prefix}/chunks/42") == 42

@@ -190,7 +190,7 @@ def _new_owner() -> str:
 def _owner_alive(owner: str) -> bool:
     parts = owner.split(":")
     host, pid = (":".join(parts[:-2]), parts[-2]) if len(parts) >= 3 else (parts[0], parts[-1])
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not pid.isdecimal():
         return True  # another machine: only the heartbeat can tell
     try:
         os.kill(int(pid), 0)
