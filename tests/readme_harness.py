@@ -65,7 +65,6 @@ class Workspace:
 
     root: Path
     env: dict[str, str] = field(default_factory=dict)
-    background: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -60,6 +60,17 @@ def fleet_option(*, required: bool) -> Callable[[F], F]:
     )
 
 
+def profile_option(function: F) -> F:
+    """`--profile/-p NAME|FILE` (parameter `profile_name`), required: what the model is for."""
+    return click.option(
+        "--profile",
+        "-p",
+        "profile_name",
+        required=True,
+        help="Built-in profile name or path to a profile YAML file.",
+    )(function)
+
+
 def directive_key_option(function: F) -> F:
     """`--key NAME` (parameter `key_name`): the keyring key that signs directives."""
     return click.option(

@@ -21,6 +21,7 @@ from edgekit.cli._options import (
     json_option,
     lazy_broker_options,
     load_signers,
+    profile_option,
 )
 from edgekit.errors import EdgekitError
 from edgekit.profiles import OutputKind, load_profile
@@ -37,13 +38,7 @@ stderr = Console(stderr=True)
 
 @click.command("convert", cls=Command)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--profile",
-    "-p",
-    "profile_name",
-    required=True,
-    help="Built-in profile name or path to a profile YAML file.",
-)
+@profile_option
 @click.option(
     "-o",
     "--output",

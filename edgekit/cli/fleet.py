@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,13 +37,14 @@ from edgekit.cli._output import stderr_console as _stderr
 from edgekit.cli._output import stdout_console as _stdout
 from edgekit.errors import EdgekitError
 from edgekit.fleet.cohorts import STRATEGIES, parse_percent
+from edgekit.fleet.provision import AGENT_EXTRA, InstallLayout
 from edgekit.fleet.registry import (
     DeviceRecord,
-    DeviceRegistry,
     DeviceSelector,
     fleet_client,
     load_registry,
     parse_tag,
+    wait_until_online,
 )
 from edgekit.fleet.rollout import (
     RolloutController,
@@ -56,7 +56,7 @@ from edgekit.fleet.rollout import (
     publish_release,
 )
 from edgekit.fleet.store import RolloutStore, default_db_path
-from edgekit.mqtt import BrokerSettings, Message, MqttClient
+from edgekit.mqtt import BrokerSettings, MqttClient
 from edgekit.topics import Topics
 from edgekit.trust.keys import Signer
 
@@ -225,53 +225,27 @@ def devices_command(
     with fleet_client(settings) as connection:
         registry = load_registry(connection, topics)
         if wait_for is not None:
-            _wait_for_devices(connection, registry, selector, wait_for, timeout_s)
+            online = wait_until_online(
+                connection,
+                registry,
+                selector,
+                wait_for,
+                timeout_s=timeout_s,
+                say=lambda line: _stderr().print(line, markup=False),
+            )
+            if online < wait_for:
+                _stderr().print(
+                    f"only {online} of {wait_for} devices came online within {timeout_s:g} s; "
+                    "check that they run and reach the broker",
+                    markup=False,
+                )
+                raise SystemExit(4)
+            _stderr().print(f"{online} devices online", markup=False)
     records = [r for r in registry.devices(selector) if r.online or not only_online]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in records], indent=2, sort_keys=True))
         return
     _print_devices(records, fleet)
-
-
-def _wait_for_devices(
-    connection: MqttClient,
-    registry: DeviceRegistry,
-    selector: DeviceSelector,
-    count: int,
-    timeout_s: float,
-) -> None:
-    """Follow the status topic until `count` selected devices are online, saying so."""
-
-    lock = threading.Lock()  # the registry is updated on the network thread
-
-    def handle(message: Message) -> None:
-        with lock:
-            registry.handle(message)
-
-    def online() -> int:
-        with lock:
-            return sum(1 for r in registry.devices(selector) if r.online)
-
-    until = time.time() + timeout_s
-    clock = time.strftime("%H:%M:%S", time.localtime(until))
-    connection.subscribe(registry.topics.all_devices("status"), handle, keep=False)
-    said = -1
-    while (now_online := online()) < count:
-        if now_online != said:
-            _stderr().print(
-                f"waiting for {count} devices online: {now_online} so far (until {clock})",
-                markup=False,
-            )
-            said = now_online
-        if time.time() >= until:
-            _stderr().print(
-                f"only {now_online} of {count} devices came online within {timeout_s:g} s; "
-                "check that they run and reach the broker",
-                markup=False,
-            )
-            raise SystemExit(4)
-        time.sleep(0.2)
-    _stderr().print(f"{now_online} devices online", markup=False)
 
 
 def _print_devices(records: Sequence[DeviceRecord], fleet: str) -> None:
@@ -1012,6 +986,9 @@ def history_command(*, fleet: str | None, limit: int, as_json: bool, db_path: Pa
 # -- provision ---------------------------------------------------------------------------------
 
 
+_LAYOUT = InstallLayout()  # the device layout's defaults, from the provisioning library
+
+
 @fleet_group.command("provision")
 @click.argument("device_id")
 @_fleet_option(required=True)
@@ -1074,28 +1051,28 @@ def history_command(*, fleet: str | None, limit: int, as_json: bool, db_path: Pa
 @click.option(
     "--config-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/etc/edgekit"),
+    default=_LAYOUT.config_dir,
     show_default=True,
     help="Where install.sh puts the config on the device (the kit's folder: runs in place).",
 )
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/var/lib/edgekit-agent"),
+    default=_LAYOUT.data_dir,
     show_default=True,
     help="The agent's data directory on the device.",
 )
 @click.option(
     "--venv",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/opt/edgekit/venv"),
+    default=_LAYOUT.venv,
     show_default=True,
     help="The venv install.sh makes on the device.",
 )
-@click.option("--service-user", default="edgekit-agent", show_default=True)
+@click.option("--service-user", default=_LAYOUT.service_user, show_default=True)
 @click.option(
     "--pip-spec",
-    default="edgekit[agent]",
+    default=AGENT_EXTRA,
     show_default=True,
     help="What install.sh installs (its --wheel/--find-links override it on the device).",
 )

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekit.cli._group import Command
-from edgekit.cli._options import json_option
+from edgekit.cli._options import json_option, profile_option
 from edgekit.cli._output import stdout_console
 from edgekit.profiles import Profile, load_profile
 from edgekit.verify_runtime import EmulationMode, ProgressCallback, VerifyReport, Which
@@ -139,13 +139,7 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     short_help="Check that SOURCE loads and matches in the profile's oldest and newest runtimes.",
 )
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--profile",
-    "-p",
-    "profile_name",
-    required=True,
-    help="Built-in profile name or path to a profile YAML file.",
-)
+@profile_option
 @click.option(
     "--runtime",
     "which",

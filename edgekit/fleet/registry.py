@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,3 +211,33 @@ def load_registry(
     ):
         registry.handle(message)
     return registry
+
+
+def wait_until_online(
+    client: MqttClient,
+    registry: DeviceRegistry,
+    selector: DeviceSelector,
+    count: int,
+    *,
+    timeout_s: float,
+    say: Callable[[str], None],
+) -> int:
+    """Follow the status topic until `count` selected devices are online or `timeout_s`
+    passes, telling `say` how many are online so far and until when it waits; returns how
+    many are online. Messages are applied on the caller's thread (an `Inbox`)."""
+
+    def online() -> int:
+        return sum(1 for record in registry.devices(selector) if record.online)
+
+    deadline = time.monotonic() + timeout_s
+    clock = time.strftime("%H:%M:%S", time.localtime(time.time() + timeout_s))
+    inbox = Inbox(client)
+    inbox.subscribe([registry.topics.all_devices("status")], keep=False)
+    said = -1
+    while (now_online := online()) < count and time.monotonic() < deadline:
+        if now_online != said:
+            say(f"waiting for {count} devices online: {now_online} so far (until {clock})")
+            said = now_online
+        for message in inbox.drain(timeout_s=0.2):
+            registry.handle(message)
+    return now_online

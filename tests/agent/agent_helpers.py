@@ -437,6 +437,10 @@ class Watcher:
         self.client.subscribe(filters, self._on_message)
         self.client.connect(timeout_s=10)
 
+    def follow(self, topic_filter: str) -> None:
+        """Record the status, events and telemetry of `topic_filter` too (e.g. every device)."""
+        self.client.subscribe(topic_filter, self._on_message, wait_s=10)
+
     def _on_message(self, message: Message) -> None:
         with self.lock:
             if not message.payload:

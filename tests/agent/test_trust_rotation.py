@@ -76,7 +76,7 @@ def test_release_key_rotation_over_the_air(
     broker.start()
     request.addfinalizer(broker.stop)  # also when an assertion below fails
     watcher = Watcher(broker.url)
-    watcher.client.subscribe(Topics(FLEET).all_devices("events"), watcher._on_message)
+    watcher.follow(Topics(FLEET).all_devices("events"))
     config, data = agent_config(
         tmp_path,
         agent_keys,
