@@ -35,7 +35,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsExample:
     return export_digits_cnn(tmp_path_factory.mktemp("digits"))
 
 
-def _require(model: Path) -> None:
+def require_shared(model: Path) -> None:
     if not model.exists():
         pytest.fail(
             f"shared model missing: {model}; clone edgekit beside shared/ or set "
@@ -46,7 +46,7 @@ def _require(model: Path) -> None:
 @pytest.fixture(scope="session")
 def magika_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Calibration and validation .npz for magika from real files on this machine."""
-    _require(MAGIKA)
+    require_shared(MAGIKA)
     x = magika_inputs(machine_files())
     assert len(x) > 100, "too few readable files for magika data"
     order = np.random.default_rng(0).permutation(len(x))
@@ -58,7 +58,7 @@ def magika_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def silero_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    _require(SILERO)
+    require_shared(SILERO)
     """Streaming chunks (speech-like tones, noise, silence) with the states they lead to."""
     stream = silero_stream(SILERO, chunks=96)
     folder = tmp_path_factory.mktemp("silero")

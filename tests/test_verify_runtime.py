@@ -24,7 +24,7 @@ from edgekit.bundle import build_bundle, collect_bundle_inputs
 from edgekit.profiles import RuntimePin, load_profile
 from edgekit.trust import Signer, create_truststore, sign_truststore
 from edgekit.verify_runtime import RuntimeCache, RuntimeInstallError, runtime_requirements
-from tests.conftest import MAGIKA
+from tests.conftest import MAGIKA, require_shared
 
 
 @pytest.fixture
@@ -146,6 +146,7 @@ def test_outputs_outside_the_golden_tolerance_fail(
 def test_bare_model_without_golden_reports_loads_and_latency_only(
     env: dict[str, str], tmp_path: Path
 ) -> None:
+    require_shared(MAGIKA)
     shutil.copyfile(MAGIKA, tmp_path / "model.onnx")
     done = _edgekit(
         "verify-runtime", tmp_path / "model.onnx", "-p", "raspberrypi", "--runtime", "newest",
