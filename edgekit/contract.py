@@ -41,7 +41,6 @@ __all__ = [
     "Verdict",
     "accept_directive",
     "bundle_mismatch",
-    "envelope_digest",
     "peek_sequence",
 ]
 
@@ -78,10 +77,6 @@ class Duplicate:
 Verdict = Accepted | Refused | Duplicate
 
 
-def envelope_digest(envelope: bytes) -> str:
-    return hashlib.sha256(envelope).hexdigest()
-
-
 def accept_directive(
     envelope: bytes,
     *,
@@ -103,7 +98,7 @@ def accept_directive(
             "-byte directive limit; dropped unread",
             None,
         )
-    digest = envelope_digest(envelope)
+    digest = hashlib.sha256(envelope).hexdigest()
     try:
         verified = verify_directive(
             envelope, truststore=truststore, fleet=fleet, device=device, floor=floor, now=now

@@ -143,9 +143,6 @@ class MessageError(EdgekitError, ValueError):
 
 # -- field types: every limit a message has is in its field types -----------------------------
 
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-"""Fleet and device ids: topic levels and broker account names (no `/`, wildcards or `:`)."""
-
 # Ids in payloads are compared with the ids in their topic by every consumer (a `mismatch`
 # otherwise), so a length bound is all they need here; regular expressions cost more than the
 # rest of a parse.

@@ -20,7 +20,6 @@ burst of messages costs one `recv` instead of three per message. This module and
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import random
 import selectors
@@ -83,25 +82,9 @@ Handler = Callable[[Message], None]
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """Whether `topic` matches `topic_filter` (wildcards; a `$share/<group>/` prefix ignored)."""
-    return _matches(_levels(topic_filter), topic.split("/"))
-
-
-@functools.lru_cache(maxsize=1024)
-def _levels(topic_filter: str) -> tuple[str, ...]:
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
-    return tuple(topic_filter.split("/"))
-
-
-def _matches(levels: tuple[str, ...], topic: list[str]) -> bool:
-    if topic[0].startswith("$") and levels[0] in ("+", "#"):
-        return False  # MQTT: wildcards at the first level never match $SYS-like topics
-    for index, level in enumerate(levels):
-        if level == "#":
-            return True
-        if index >= len(topic) or (level != "+" and level != topic[index]):
-            return False
-    return len(levels) == len(topic)
+    return paho.topic_matches_sub(topic_filter, topic)
 
 
 class Backoff:
@@ -289,13 +272,6 @@ class NetworkLoop(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=timeout_s)
 
-    def _attach(self, client: MqttClient) -> None:
-        self._clients.append(client)
-
-    def _detach(self, client: MqttClient) -> None:
-        with contextlib.suppress(ValueError):
-            self._clients.remove(client)
-
     def _register(self, sock: Any, client: MqttClient, events: int) -> None:
         current = client._paho.socket()
         if current is None or current is not sock or current.fileno() < 0:
@@ -378,7 +354,6 @@ class MqttClient:
         loop: NetworkLoop | None = None,
         retry_refused: bool = True,
         on_connect: Callable[[], None] | None = None,
-        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -386,7 +361,6 @@ class MqttClient:
         self.max_packet_bytes = max_packet_bytes
         self.retry_refused = retry_refused
         self._on_connect_hook = on_connect
-        self._on_disconnect_hook = on_disconnect
         self._own_loop = loop is None
         self._loop = loop if loop is not None else NetworkLoop(f"mqtt-{client_id}"[:60])
         self._handlers: dict[str, Handler] = {}
@@ -481,7 +455,7 @@ class MqttClient:
             return self
         self._started = True
         self._want_online = True
-        self._loop._attach(self)
+        self._loop._clients.append(self)
         if self._own_loop:
             self._loop.start()
         self._loop.call_soon(self._attempt)
@@ -520,7 +494,8 @@ class MqttClient:
             with contextlib.suppress(OSError, ValueError):
                 self._paho.disconnect()
                 self._paho.loop_write()  # send DISCONNECT now: a clean goodbye fires no will
-            self._loop._detach(self)
+            with contextlib.suppress(ValueError):
+                self._loop._clients.remove(self)
             done.set()
 
         if self._loop.is_alive():
@@ -707,16 +682,6 @@ class MqttClient:
         if mask & selectors.EVENT_WRITE and client.socket() is sock:
             client.loop_write()
 
-    def _lost(self, why: str) -> None:
-        self._connected.clear()
-        self._connecting_since = None
-        delay = self._backoff.next_delay()
-        self._next_attempt = time.monotonic() + delay
-        if self._want_online:
-            log.warning("disconnected from %s: %s", self.settings.endpoint, why)
-        if self._on_disconnect_hook is not None:
-            self._guard("disconnect hook", self._on_disconnect_hook)
-
     # -- paho callbacks (loop thread) -----------------------------------------------------------
 
     def _handle_connect(
@@ -752,13 +717,22 @@ class MqttClient:
         self._connected.set()
         self._settled.set()
         if self._on_connect_hook is not None:
-            self._guard("connect hook", self._on_connect_hook)
+            try:
+                self._on_connect_hook()
+            except Exception:
+                self.handler_errors += 1
+                if self._logs.allow("connect hook"):
+                    log.exception("MQTT connect hook failed")
 
     def _handle_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         if self._connected.is_set() or self._connecting_since is not None:
-            self._lost(str(reason))
+            self._connected.clear()
+            self._connecting_since = None
+            self._next_attempt = time.monotonic() + self._backoff.next_delay()
+            if self._want_online:
+                log.warning("disconnected from %s: %s", self.settings.endpoint, reason)
 
     def _handle_subscribe(
         self, _client: paho.Client, _userdata: Any, mid: int, _reasons: Any, _props: Any
@@ -783,11 +757,8 @@ class MqttClient:
         self.received += 1
         handlers = self._routes.get(topic)
         if handlers is None:
-            levels = topic.split("/")
             with self._lock:
-                handlers = tuple(
-                    h for f, h in self._handlers.items() if _matches(_levels(f), levels)
-                )
+                handlers = tuple(h for f, h in self._handlers.items() if topic_matches(f, topic))
                 if len(self._routes) > 16384:
                     self._routes.clear()
                 self._routes[topic] = handlers
@@ -805,11 +776,3 @@ class MqttClient:
                 self.handler_errors += 1
                 if self._logs.allow("handler"):
                     log.exception("the handler for %s failed (message dropped)", topic[:200])
-
-    def _guard(self, what: str, call: Callable[[], None]) -> None:
-        try:
-            call()
-        except Exception:
-            self.handler_errors += 1
-            if self._logs.allow(what):
-                log.exception("MQTT %s failed", what)

@@ -4,9 +4,10 @@ the simulator and the monitor. Pure: parsing and validation only, no paho."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from edgekit.errors import TransportError
 
@@ -40,7 +41,7 @@ class BrokerSettings:
     reconnect_max_s: float = 60.0
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url if "://" in self.url else f"mqtt://{self.url}")
+        parts = self._parts
         if parts.scheme not in _SCHEMES or not parts.hostname:
             raise TransportError(
                 f"broker URL {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883"
@@ -55,32 +56,27 @@ class BrokerSettings:
             object.__setattr__(self, "username", parts.username)
             object.__setattr__(self, "password", parts.password)
 
-    @classmethod
-    def parse(cls, url: str, **options: object) -> BrokerSettings:
-        """`BrokerSettings(url, **options)`: raises `TransportError` for a bad URL."""
-        return cls(url, **options)  # type: ignore[arg-type]
-
     def replace(self, **changes: object) -> BrokerSettings:
         """A copy with `changes` applied (e.g. another account)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    @functools.cached_property
+    def _parts(self) -> SplitResult:
+        return urlsplit(self.url if "://" in self.url else f"mqtt://{self.url}")
+
     @property
     def tls(self) -> bool:
-        return _SCHEMES[urlsplit(self._full).scheme]
+        return _SCHEMES[self._parts.scheme]
 
     @property
     def host(self) -> str:
-        return urlsplit(self._full).hostname or "localhost"
+        return self._parts.hostname or "localhost"
 
     @property
     def port(self) -> int:
-        return urlsplit(self._full).port or (8883 if self.tls else 1883)
+        return self._parts.port or (8883 if self.tls else 1883)
 
     @property
     def endpoint(self) -> str:
         """`mqtt(s)://host:port`: the URL without credentials, for messages and logs."""
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    @property
-    def _full(self) -> str:
-        return self.url if "://" in self.url else f"mqtt://{self.url}"
