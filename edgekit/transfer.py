@@ -169,7 +169,6 @@ class ChunkAssembler:
                 f"bundle {meta.sha256[:12]} is {meta.size_bytes} bytes; the limit is {max_bytes}"
             )
         self.meta = meta
-        self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.part_path = directory / f"{meta.sha256}.part"
         self.have_path = directory / f"{meta.sha256}.have"
@@ -180,8 +179,7 @@ class ChunkAssembler:
                 self._have = bytearray(saved)
             else:
                 log.warning("ignoring a corrupt chunk bitmap %s", self.have_path)
-        mode = "r+b" if self.part_path.exists() else "w+b"
-        self._file = self.part_path.open(mode)
+        self._file = self.part_path.open("r+b" if self.part_path.exists() else "w+b")
         self._file.truncate(meta.size_bytes)
         self.held = sum(self._have)
         self.resumed_chunks = self.held
@@ -235,7 +233,7 @@ class ChunkAssembler:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, self.have_path)
-        _fsync_dir(self.directory)
+        _fsync_dir(self.have_path.parent)
         self._unsynced = 0
 
     def finish(self, destination: Path) -> Path:
@@ -255,8 +253,7 @@ class ChunkAssembler:
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.part_path, destination)
         _fsync_dir(destination.parent)
-        with suppress(FileNotFoundError):
-            self.have_path.unlink()
+        self.have_path.unlink(missing_ok=True)
         return destination
 
     def close(self) -> None:
@@ -269,8 +266,7 @@ class ChunkAssembler:
         if not self._file.closed:
             self._file.close()
         for path in (self.part_path, self.have_path):
-            with suppress(FileNotFoundError):
-                path.unlink()
+            path.unlink(missing_ok=True)
 
 
 class MqttBundleFetcher:
