@@ -133,11 +133,6 @@ def unpublish_bundle(
         handle.wait(timeout_s)
 
 
-def _fsync_dir(path: Path) -> None:
-    with suppress(OSError):
-        fsync_dir(path)
-
-
 class ChunkAssembler:
     """A bundle being assembled from chunks in `directory`, resumable across restarts.
 
@@ -233,7 +228,8 @@ class ChunkAssembler:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, self.have_path)
-        _fsync_dir(self.have_path.parent)
+        with suppress(OSError):
+            fsync_dir(self.have_path.parent)
         self._unsynced = 0
 
     def finish(self, destination: Path) -> Path:
@@ -252,7 +248,8 @@ class ChunkAssembler:
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.part_path, destination)
-        _fsync_dir(destination.parent)
+        with suppress(OSError):
+            fsync_dir(destination.parent)
         self.have_path.unlink(missing_ok=True)
         return destination
 
