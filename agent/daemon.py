@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -248,11 +247,8 @@ class Agent:
 
     def _on_connect(self) -> None:
         # Runs on the network thread: publish and wake the others, never block.
-        self.updater_status_refresh()
-        self._kick.set()
-
-    def updater_status_refresh(self) -> None:
         self.status(self.updater.status())
+        self._kick.set()
 
     def _on_desired(self, message: Message) -> None:
         self.updater.submit(message.payload)
@@ -267,11 +263,7 @@ class Agent:
             stop.wait()  # nothing to send from; stay alive for the watchdog
             return
         while not stop.is_set():
-            if not self.session.connected:
-                self._kick.wait(0.5)
-                self._kick.clear()
-                continue
-            batch = queue.peek(1)
+            batch = queue.peek(1) if self.session.connected else []
             if not batch:
                 self._kick.wait(0.5)
                 self._kick.clear()
@@ -290,19 +282,17 @@ class Agent:
 
     # -- telemetry -----------------------------------------------------------------------
 
-    def _telemetry_path(self) -> Path:
-        return self.store.root / "telemetry.json"
-
     def _next_seq(self) -> int:
+        path = self.store.root / "telemetry.json"
         if self._telemetry_seq == 0:
             try:
-                document = read_json(self._telemetry_path(), what="telemetry counter")
+                document = read_json(path, what="telemetry counter")
                 self._telemetry_seq = int(document.get("seq", 0)) if document else 0
             except (StorageError, AttributeError, ValueError, TypeError):
                 self._telemetry_seq = 0
         self._telemetry_seq += 1
         try:
-            write_json_atomic(self._telemetry_path(), {"seq": self._telemetry_seq})
+            write_json_atomic(path, {"seq": self._telemetry_seq})
         except StorageError as e:
             log.warning("cannot persist the telemetry counter: %s", first_line(e))
         return self._telemetry_seq
@@ -310,7 +300,6 @@ class Agent:
     def send_telemetry(self, interval_s: float) -> int:
         """Build one interval's telemetry and queue it; returns its seq."""
         drift = self.host.drift
-        serving = self.host.bundle
         record = self.updater.record
         message = build_telemetry(
             fleet=self.config.fleet,
@@ -320,7 +309,7 @@ class Agent:
             snapshot=self.host.stats.snapshot(),
             resources=resource_usage(),
             drift_psi=drift.psi() if drift is not None else None,
-            bundle=serving,
+            bundle=self.host.bundle,
             rollout_id=record.rollout_id,
             state=record.state,
             dropped=self.queue.dropped if self.queue is not None else 0,

@@ -12,7 +12,6 @@ the broker: the caller still verifies the bundle's signatures (`edgekit.bundle.v
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -21,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekit.errors import TransportError
-from edgekit.files import fsync_dir
+from edgekit.files import fsync_dir, hash_file
 from edgekit.messages import BundleMeta, MessageError
 from edgekit.topics import BundleTopics, Topics
 
@@ -36,7 +36,6 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ChunkAssembler",
     "MqttBundleFetcher",
-    "TransferCancelledError",
     "TransferError",
     "TransferStorageError",
     "TransferTimeoutError",
@@ -70,24 +69,6 @@ class TransferStorageError(TransferError):
     """The download could not be written to the device's disk (full, read-only, removed)."""
 
 
-class TransferCancelledError(TransferError):
-    """`MqttBundleFetcher.cancel()` stopped the fetch; what arrived is kept for a resume."""
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        while block := handle.read(chunk_size):
-            yield block
-
-
 def publish_bundle(
     client: MqttClient,
     topics: Topics,
@@ -108,16 +89,13 @@ def publish_bundle(
     if not 1 <= chunk_size <= MAX_CHUNK_BYTES:
         raise TransferError(f"chunk size must be 1..{MAX_CHUNK_BYTES} bytes; got {chunk_size}")
     try:
-        size = bundle.stat().st_size
+        size, sha256 = hash_file(bundle)
     except OSError as error:
         raise TransferError(f"cannot read bundle {bundle}: {error.strerror}") from None
     if size == 0:
         raise TransferError(f"bundle {bundle} is empty")
-    meta = BundleMeta.for_size(
-        _file_sha256(bundle), size, chunk_size=chunk_size, name=name, version=version
-    )
+    meta = BundleMeta.for_size(sha256, size, chunk_size=chunk_size, name=name, version=version)
     pending: deque[PublishHandle] = deque()
-    done = 0
     names = topics.bundle(meta.sha256)
 
     def settle(keep: int) -> None:
@@ -128,12 +106,12 @@ def publish_bundle(
                 )
 
     try:
-        for index, block in enumerate(_chunks(bundle, chunk_size)):
-            pending.append(client.publish(names.chunk(index), block, qos=1, retain=True))
-            settle(window)
-            done += len(block)
-            if progress:
-                progress(done, size)
+        with bundle.open("rb") as handle:
+            for index, block in enumerate(iter(partial(handle.read, chunk_size), b"")):
+                pending.append(client.publish(names.chunk(index), block, qos=1, retain=True))
+                settle(window)
+                if progress:
+                    progress(min((index + 1) * chunk_size, size), size)
         settle(0)
         pending.append(client.publish(names.meta, meta.to_json(), qos=1, retain=True))
         settle(0)
@@ -153,11 +131,6 @@ def unpublish_bundle(
     handles += [client.publish(names.chunk(i), b"", qos=1, retain=True) for i in range(meta.chunks)]
     for handle in handles:
         handle.wait(timeout_s)
-
-
-def _fsync_dir(path: Path) -> None:
-    with suppress(OSError):
-        fsync_dir(path)
 
 
 class ChunkAssembler:
@@ -191,7 +164,6 @@ class ChunkAssembler:
                 f"bundle {meta.sha256[:12]} is {meta.size_bytes} bytes; the limit is {max_bytes}"
             )
         self.meta = meta
-        self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.part_path = directory / f"{meta.sha256}.part"
         self.have_path = directory / f"{meta.sha256}.have"
@@ -202,21 +174,16 @@ class ChunkAssembler:
                 self._have = bytearray(saved)
             else:
                 log.warning("ignoring a corrupt chunk bitmap %s", self.have_path)
-        mode = "r+b" if self.part_path.exists() else "w+b"
-        self._file = self.part_path.open(mode)
+        self._file = self.part_path.open("r+b" if self.part_path.exists() else "w+b")
         self._file.truncate(meta.size_bytes)
-        self._held = sum(self._have)
-        self.resumed_chunks = self._held
+        self.held = sum(self._have)
+        self.resumed_chunks = self.held
         self.written_chunks = 0
         self._unsynced = 0
 
     @property
-    def held(self) -> int:
-        return self._held
-
-    @property
     def complete(self) -> bool:
-        return self._held == self.meta.chunks
+        return self.held == self.meta.chunks
 
     def missing(self) -> list[int]:
         return list(self.iter_missing())
@@ -228,13 +195,8 @@ class ChunkAssembler:
             yield index
             index = self._have.find(0, index + 1)
 
-    def has(self, index: int) -> bool:
-        return 0 <= index < self.meta.chunks and bool(self._have[index])
-
     def expected_length(self, index: int) -> int:
-        if index == self.meta.chunks - 1:
-            return self.meta.size_bytes - index * self.meta.chunk_size
-        return self.meta.chunk_size
+        return min(self.meta.chunk_size, self.meta.size_bytes - index * self.meta.chunk_size)
 
     def add(self, index: int, data: bytes) -> bool:
         """Store chunk `index`; False if it was already held. Wrong lengths raise."""
@@ -249,7 +211,7 @@ class ChunkAssembler:
         self._file.seek(index * self.meta.chunk_size)
         self._file.write(data)
         self._have[index] = 1
-        self._held += 1
+        self.held += 1
         self.written_chunks += 1
         self._unsynced += len(data)
         if self._unsynced >= _PERSIST_EVERY_BYTES:
@@ -266,17 +228,18 @@ class ChunkAssembler:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, self.have_path)
-        _fsync_dir(self.directory)
+        with suppress(OSError):
+            fsync_dir(self.have_path.parent)
         self._unsynced = 0
 
     def finish(self, destination: Path) -> Path:
         """Check size and sha256, then move the file to `destination` (atomically)."""
         if not self.complete:
-            missing = self.meta.chunks - self._held
+            missing = self.meta.chunks - self.held
             raise TransferError(f"bundle {self.meta.sha256[:12]}: {missing} chunks missing")
         self.persist()
         self._file.close()
-        actual = _file_sha256(self.part_path)
+        _, actual = hash_file(self.part_path)
         if actual != self.meta.sha256:
             self.discard()
             raise TransferError(
@@ -285,9 +248,9 @@ class ChunkAssembler:
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.part_path, destination)
-        _fsync_dir(destination.parent)
-        with suppress(FileNotFoundError):
-            self.have_path.unlink()
+        with suppress(OSError):
+            fsync_dir(destination.parent)
+        self.have_path.unlink(missing_ok=True)
         return destination
 
     def close(self) -> None:
@@ -300,8 +263,7 @@ class ChunkAssembler:
         if not self._file.closed:
             self._file.close()
         for path in (self.part_path, self.have_path):
-            with suppress(FileNotFoundError):
-                path.unlink()
+            path.unlink(missing_ok=True)
 
 
 class MqttBundleFetcher:
@@ -339,28 +301,23 @@ class MqttBundleFetcher:
         self.chunks_received = 0
         self.resubscribes = 0
         self._outstanding: set[int] = set()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._changed = threading.Condition()
         self._error: TransferError | None = None
         self._cancelled = False
 
     def cancel(self) -> None:
-        """Stop a running `fetch` from another thread (it raises `TransferCancelledError`)."""
-        with self._lock:
+        """Stop a running `fetch` from another thread (it raises `TransferError`; what arrived
+        is kept for a resume)."""
+        with self._changed:
             self._cancelled = True
             self._changed.notify_all()
 
     def _on_meta(self, message: Message) -> None:
-        with self._lock:
+        with self._changed:
             if self.assembler is not None or not message.payload:
                 return
             try:
-                try:
-                    meta = BundleMeta.from_json(message.payload)
-                except MessageError as error:
-                    raise TransferError(
-                        f"bundle meta under {self.prefix} is invalid ({error.reason}): {error}"
-                    ) from None
+                meta = BundleMeta.from_json(message.payload)
                 if meta.sha256 != self.sha256 or meta.size_bytes != self.size_bytes:
                     raise TransferError(
                         f"bundle meta under {self.prefix} names sha {meta.sha256[:12]} and "
@@ -368,6 +325,10 @@ class MqttBundleFetcher:
                         f"{self.size_bytes} bytes"
                     )
                 self.assembler = ChunkAssembler(self.directory, meta, max_bytes=self.max_bytes)
+            except MessageError as error:
+                self._error = TransferError(
+                    f"bundle meta under {self.prefix} is invalid ({error.reason}): {error}"
+                )
             except TransferError as error:
                 self._error = error
             except OSError as error:
@@ -376,7 +337,7 @@ class MqttBundleFetcher:
 
     def _on_chunk(self, message: Message) -> None:
         index = self.names.chunk_index(message.topic)  # MessageError: counted by the client
-        with self._lock:
+        with self._changed:
             assembler = self.assembler
             if assembler is None or not message.payload:
                 return
@@ -399,19 +360,16 @@ class MqttBundleFetcher:
         failure.__cause__ = error
         return failure
 
-    def _request_more(self) -> None:
-        """Subscribe to missing chunks until `window` are outstanding (lock held)."""
-        assert self.assembler is not None
-        room = self.window - len(self._outstanding)
-        if room <= 0:
+    def _request_more(self, assembler: ChunkAssembler) -> None:
+        """Subscribe to missing chunks until `window` are outstanding (lock held).
+
+        Requests go out in order and chunks only leave the missing ones, so the outstanding
+        chunks are always among the first `window` missing: the rest of those are wanted.
+        """
+        if len(self._outstanding) >= self.window:
             return
-        wanted: list[int] = []
-        # Outstanding chunks are missing too: look at most window + room indices ahead.
-        for index in itertools.islice(self.assembler.iter_missing(), self.window + room):
-            if index not in self._outstanding:
-                wanted.append(index)
-                if len(wanted) == room:
-                    break
+        first = itertools.islice(assembler.iter_missing(), self.window)
+        wanted = [index for index in first if index not in self._outstanding]
         if wanted:
             self._outstanding.update(wanted)
             self.client.subscribe([self.names.chunk(index) for index in wanted], keep=False)
@@ -427,45 +385,40 @@ class MqttBundleFetcher:
             self.client.subscribe(self.names.meta, keep=False)
             last_progress = time.monotonic()
             last_held = -1
-            with self._lock:
+            with self._changed:
                 while True:
                     if self._error is not None:
                         raise self._error
                     if self._cancelled:
-                        raise TransferCancelledError(
+                        raise TransferError(
                             f"fetch of bundle {self.sha256[:12]} cancelled; a later fetch resumes"
                         )
                     now = time.monotonic()
+                    assembler = self.assembler
                     if now > deadline:
-                        held = self.assembler.held if self.assembler else 0
-                        total = self.assembler.meta.chunks if self.assembler else "?"
+                        held = assembler.held if assembler else 0
+                        total = assembler.meta.chunks if assembler else "?"
                         raise TransferTimeoutError(
                             f"timed out after {timeout_s:.0f} s fetching bundle "
                             f"{self.sha256[:12]} over MQTT ({held}/{total} chunks)"
                         )
-                    if self.assembler is not None:
-                        if self.assembler.complete:
-                            break
-                        held = self.assembler.held
-                        if held != last_held:
-                            last_held, last_progress = held, now
-                            if progress:
-                                progress(
-                                    min(held * self.assembler.meta.chunk_size, self.size_bytes),
-                                    self.size_bytes,
-                                )
-                        elif now - last_progress > self.stall_s:
-                            # Broker restarted or the session dropped our subscriptions.
-                            self.resubscribes += 1
-                            self._outstanding.clear()
-                            last_progress = now
-                        self._request_more()
+                    if assembler is not None and assembler.complete:
+                        break
+                    if assembler is not None and assembler.held != last_held:
+                        last_held, last_progress = assembler.held, now
+                        if progress:
+                            done = last_held * assembler.meta.chunk_size
+                            progress(min(done, self.size_bytes), self.size_bytes)
                     elif now - last_progress > self.stall_s:
+                        # Broker restarted or the session dropped our subscriptions.
                         self.resubscribes += 1
-                        self.client.subscribe(self.names.meta, keep=False)
                         last_progress = now
+                        self._outstanding.clear()  # empty until the meta arrived
+                        if assembler is None:
+                            self.client.subscribe(self.names.meta, keep=False)
+                    if assembler is not None:
+                        self._request_more(assembler)
                     self._changed.wait(timeout=0.5)
-                assembler = self.assembler
             if progress:
                 progress(self.size_bytes, self.size_bytes)
             try:
@@ -475,7 +428,7 @@ class MqttBundleFetcher:
         finally:
             self.client.off(self.names.meta)
             self.client.off(self.names.chunks)
-            with self._lock:
+            with self._changed:
                 topics = [self.names.meta] + [self.names.chunk(i) for i in self._outstanding]
                 self._outstanding.clear()
                 if self.assembler is not None and not self.assembler.complete:

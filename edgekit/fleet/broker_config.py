@@ -5,15 +5,12 @@
 
 - `mosquitto.conf`: two listeners (TLS stanzas when given), no anonymous access,
   persistence, and limits sized for bundle chunks. Client ids are one namespace across
-  Mosquitto's listeners (it disconnects the older of two connections with one id), so they
-  are split: the device listener replaces every client id by the user name
-  (`use_username_as_clientid`), and device ids may not start with `edgekit-`; every client
-  id a client supplies must start with `edgekit-` (`clientid_prefixes`, checked before the
-  replacement). A device therefore cannot take over another device's session, and the
-  service listener (operator and monitor, their own password file), which keeps client ids as
-  given so several controllers and exporters can share one account, cannot reach a device's
-  id. Devices cannot log in there. (Mosquitto 2 marks `clientid_prefixes` deprecated; it is
-  global, which is what this needs.);
+  Mosquitto's listeners (it disconnects the older of two connections with one id), so every
+  id a client supplies must start with `edgekit-` (`clientid_prefixes`: deprecated in
+  Mosquitto 2, but global, which is what this needs) and device ids may not; the device
+  listener then replaces it by the user name (`use_username_as_clientid`). So no account can
+  take over a device's session, while the service listener (operator and monitor, their own
+  password file; devices cannot log in there) keeps ids as given for shared accounts;
 - `acl`: per-user blocks. A device (user name == device id) reads its own `desired` and the
   fleet's `bundles/#`, and writes only its own `status`, `events` and `telemetry`. The
   `operator` account (rollouts) writes `desired` and `bundles` and reads the whole fleet; the
@@ -245,10 +242,9 @@ def render_acl(
         f"topic readwrite {topics.everything}",
         "",
         f"user {monitor_user}",
+        *(f"topic read {topics.all_devices(leaf)}" for leaf in ("status", "events", "telemetry")),
+        "",
     ]
-    for leaf in ("status", "events", "telemetry"):
-        lines.append(f"topic read {topics.all_devices(leaf)}")
-    lines.append("")
     for device in device_ids:
         lines += [
             f"user {device}",
@@ -339,13 +335,14 @@ def render_mosquitto_conf(
     return "\n".join(lines) + "\n"
 
 
-def _credential_rows(path: Path) -> list[dict[str, str]]:
+def _credential_rows(path: Path) -> list[tuple[str, str, str]]:
+    """(user, password, role) rows of a `credentials.csv` (none when there is none yet)."""
     if not path.exists():
         return []
     try:
         with path.open(newline="") as handle:
             return [
-                {"user": row["user"], "password": row["password"], "role": row.get("role") or ""}
+                (row["user"], row["password"], row.get("role") or "")
                 for row in csv.DictReader(handle)
                 if row.get("user") and row.get("password")
             ]
@@ -357,30 +354,27 @@ def _credential_rows(path: Path) -> list[dict[str, str]]:
 
 def read_credentials(path: Path) -> dict[str, str]:
     """User -> plain password from a `credentials.csv` (empty when there is none yet)."""
-    return {row["user"]: row["password"] for row in _credential_rows(path)}
+    return {user: password for user, password, _ in _credential_rows(path)}
+
+
+def _credentials_csv(rows: Iterable[tuple[str, str, str]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["user", "password", "role"])
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
 
 
 def store_password(path: Path, user: str, password: str, *, role: str = "device") -> None:
     """Set `user`'s password in `credentials.csv` (created 0600 when missing); the next
     `write_broker_config` into that folder keeps it."""
-    rows = [row for row in _credential_rows(path) if row["user"] != user]
-    rows.append({"user": user, "password": password, "role": role})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["user", "password", "role"])
-    for row in rows:
-        writer.writerow([row["user"], row["password"], row["role"]])
+    rows = [row for row in _credential_rows(path) if row[0] != user]
+    rows.append((user, password, role))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, buffer.getvalue(), mode=0o600)
+        files.write_atomic(path, _credentials_csv(rows), mode=0o600)
     except OSError as error:
         raise BrokerConfigError(f"cannot write {path}: {error}") from None
-
-
-def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
-    """`edgekit.files.write_atomic` of `text`: the temp file is created 0600 with O_EXCL (a
-    secret is never readable by others, even briefly), then gets `mode` before the rename."""
-    files.write_atomic(path, text.encode("utf-8"), mode=mode)
 
 
 def write_broker_config(
@@ -447,19 +441,10 @@ def write_broker_config(
         raise BrokerConfigError(f"cannot create {out_dir}: {error.strerror}") from None
     credentials_path = out_dir / "credentials.csv"
     known = read_credentials(credentials_path)
-    accounts: dict[str, str] = {operator_user: "operator", monitor_user: "monitor"}
-    accounts.update({device.device_id: "device" for device in devices})
+    accounts = {operator_user: "operator", monitor_user: "monitor", **dict.fromkeys(ids, "device")}
     given = {device.device_id: device.password for device in devices if device.password}
-    passwords: dict[str, str] = {}
-    generated: list[str] = []
-    for user in accounts:
-        if user in given:
-            passwords[user] = given[user]
-        elif user in known:
-            passwords[user] = known[user]
-        else:
-            passwords[user] = new_password()
-            generated.append(user)
+    generated = [user for user in accounts if user not in given and user not in known]
+    passwords = {**known, **given, **{user: new_password() for user in generated}}
     where = install_dir if install_dir is not None else out_dir.resolve()
     conf = render_mosquitto_conf(
         fleet=fleet,
@@ -472,30 +457,24 @@ def write_broker_config(
         devices=len(devices),
     )
     acl = render_acl(fleet, ids, operator_user=operator_user, monitor_user=monitor_user)
-    device_lines = "".join(
-        f"{user}:{hash_password(passwords[user])}\n"
-        for user, role in accounts.items()
-        if role == "device"
-    )
-    service_lines = "".join(
-        f"{user}:{hash_password(passwords[user])}\n"
-        for user, role in accounts.items()
-        if role != "device"
-    )
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["user", "password", "role"])
+    # Devices log in on one listener, the service accounts on the other.
+    password_files = {"passwords": "", "service-passwords": ""}
     for user, role in accounts.items():
-        writer.writerow([user, passwords[user], role])
+        name = "passwords" if role == "device" else "service-passwords"
+        password_files[name] += f"{user}:{hash_password(passwords[user])}\n"
     service_user = run_as or _MOSQUITTO_USER
     try:
         (out_dir / "data").mkdir(mode=0o700, exist_ok=True)
-        _write_atomic(credentials_path, buffer.getvalue(), mode=0o600)
+        # write_atomic creates its temp file 0600 (O_EXCL): a secret is never readable by
+        # others, even briefly; each file gets its mode before the rename.
+        credentials = _credentials_csv(
+            (user, passwords[user], role) for user, role in accounts.items()
+        )
+        files.write_atomic(credentials_path, credentials, mode=0o600)
         # Read by Mosquitto after it dropped to its service user: group-readable, no more.
-        _write_atomic(out_dir / "passwords", device_lines, mode=0o640)
-        _write_atomic(out_dir / "service-passwords", service_lines, mode=0o640)
-        _write_atomic(out_dir / "acl", acl, mode=0o640)
-        _write_atomic(out_dir / "mosquitto.conf", conf)
+        for name, text in (*password_files.items(), ("acl", acl)):
+            files.write_atomic(out_dir / name, text.encode(), mode=0o640)
+        files.write_atomic(out_dir / "mosquitto.conf", conf.encode())
         in_place = install_dir is None or install_dir.resolve() == out_dir.resolve()
         setup, warnings = _hand_over(
             out_dir, where, service_user=service_user, tls=tls, in_place=in_place, fleet=fleet
@@ -524,7 +503,6 @@ _READ_AFTER_DROP = ("passwords", "service-passwords", "acl")
 
 @dataclass(frozen=True)
 class _ServiceAccount:
-    name: str
     uid: int
     gid: int
     group: str
@@ -542,7 +520,7 @@ def _service_account(name: str) -> _ServiceAccount | None:
     except KeyError:
         group = str(entry.pw_gid)
     gids = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
-    return _ServiceAccount(name, entry.pw_uid, entry.pw_gid, group, frozenset(gids))
+    return _ServiceAccount(entry.pw_uid, entry.pw_gid, group, frozenset(gids))
 
 
 def _allows(path: Path, account: _ServiceAccount, want: int) -> bool:
@@ -592,8 +570,8 @@ def _hand_over(
             os.chown(out_dir / name, 0, account.gid)
         os.chown(out_dir / "data", account.uid, account.gid)
     else:
-        files = [str(where / name) for name in _READ_AFTER_DROP]
-        commands.append(shlex.join(["chown", f"root:{group}", *files]))
+        paths = [str(where / name) for name in _READ_AFTER_DROP]
+        commands.append(shlex.join(["chown", f"root:{group}", *paths]))
         commands.append(shlex.join(["chown", f"{service_user}:{group}", str(where / "data")]))
     if not in_place:
         warnings.append(
