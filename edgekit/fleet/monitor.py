@@ -30,14 +30,12 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import BrokerSettings, Message, MqttClient
@@ -69,7 +67,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "edgekit-monitor"
 _QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
-_KINDS = ("telemetry", "events", "status")
 OTHER = "other"
 """The label value that label values beyond a device's bounded set fold into."""
 _BASE_LABELS = ("fleet", "device", "profile", "group")
@@ -106,6 +103,22 @@ COUNTER_NAMES: tuple[str, ...] = tuple(f"{name}_total" for name in _COUNTERS)
 GAUGE_NAMES: tuple[str, ...] = tuple(_GAUGES)
 METRIC_NAMES: tuple[str, ...] = COUNTER_NAMES + GAUGE_NAMES
 """Every sample name the exporter exposes (dashboards may use only these)."""
+
+
+# Telemetry gauges: metric -> Telemetry attribute.
+_TELEMETRY_GAUGES = {
+    "edgekit_device_cpu_percent": "cpu_percent",
+    "edgekit_device_rss_bytes": "rss_bytes",
+    "edgekit_device_temperature_celsius": "temperature_c",
+    "edgekit_model_drift_psi": "drift_psi",
+    "edgekit_telemetry_dropped_messages": "dropped",
+}
+# The topic kinds the exporter ingests -> their parser.
+_PARSERS: dict[str, type[Telemetry | Event | Status]] = {
+    "telemetry": Telemetry,
+    "events": Event,
+    "status": Status,
+}
 
 
 def _counter(name: str, labels: tuple[str, ...]) -> CounterMetricFamily:
@@ -161,14 +174,6 @@ class _Device:
     labels: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
-class _FleetCollector(Collector):
-    def __init__(self, monitor: FleetMonitor) -> None:
-        self._monitor = monitor
-
-    def collect(self) -> Iterable[Metric]:
-        return self._monitor._collect()
-
-
 class FleetMonitor:
     """Subscribes to a fleet's telemetry, events and status and exposes Prometheus metrics.
 
@@ -205,10 +210,10 @@ class FleetMonitor:
         self.forget_after_s = forget_after_s
         self.max_series_per_device = max_series_per_device
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_FleetCollector(self))
+        self.registry.register(self)
         self._lock = threading.Lock()
         self._devices: dict[str, _Device] = {}
-        self._ingested: dict[str, int] = dict.fromkeys(_KINDS, 0)
+        self._ingested: dict[str, int] = dict.fromkeys(_PARSERS, 0)
         self._rejected: Counter[tuple[str, str]] = Counter()  # (kind, reason)
         self._server: Any = None
         self._started = False
@@ -254,39 +259,26 @@ class FleetMonitor:
         """Account one message (`leaf`: telemetry, events or status); a bad payload raises
         `MessageError` and changes nothing."""
         now = time.time() if now is None else now
-        if leaf == "telemetry":
-            telemetry = Telemetry.from_json(payload)
-            _check_about(telemetry.device, telemetry.fleet, device_id, self.fleet)
-            with self._lock:
-                record = self._record(device_id, now)
-                self._ingested["telemetry"] += 1
-                self._add_telemetry(record, telemetry, now)
-        elif leaf == "events":
-            event = Event.from_json(payload)
-            _check_about(event.device, event.fleet, device_id, self.fleet)
-            kind = event.kind if event.kind in EVENT_KINDS else OTHER
-            with self._lock:
-                record = self._record(device_id, now)
-                version, rollout = self._label_pair(
-                    record,
-                    event.bundle.version if event.bundle else "",
-                    event.rollout_id or "",
-                    now,
-                )
-                key = (kind, version, rollout)
-                self._ingested["events"] += 1
-                counted = record.events.setdefault(key, [0, now])
+        parser = _PARSERS.get(leaf)
+        if parser is None:
+            return
+        message = parser.from_json(payload)
+        _check_about(message.device, message.fleet, device_id, self.fleet)
+        with self._lock:
+            record = self._record(device_id, now)
+            self._ingested[leaf] += 1
+            if isinstance(message, Telemetry):
+                self._add_telemetry(record, message, now)
+            elif isinstance(message, Event):
+                version, rollout = self._label_pair(record, _labelled(message), now)
+                kind = message.kind if message.kind in EVENT_KINDS else OTHER
+                counted = record.events.setdefault((kind, version, rollout), [0, now])
                 counted[0] += 1
                 counted[1] = now
-        elif leaf == "status":
-            status = Status.from_json(payload)
-            _check_about(status.device, status.fleet, device_id, self.fleet)
-            with self._lock:
-                record = self._record(device_id, now)
-                self._ingested["status"] += 1
-                record.status = status
-                record.profile = status.profile or record.profile
-                record.group = status.group or record.group
+            else:
+                record.status = message
+                record.profile = message.profile or record.profile
+                record.group = message.group or record.group
 
     def _record(self, device_id: str, now: float) -> _Device:
         record = self._devices.get(device_id)
@@ -295,28 +287,16 @@ class FleetMonitor:
         record.last_seen = max(record.last_seen, now)
         return record
 
-    def _label_pair(
-        self, record: _Device, version: str, rollout: str, now: float
-    ) -> tuple[str, str]:
+    def _label_pair(self, record: _Device, key: tuple[str, str], now: float) -> tuple[str, str]:
         """(version, rollout) as labels: the pair itself while the device uses fewer than
         `max_series_per_device` pairs, else `other` (lock held)."""
-        key = (version, rollout)
         if key in record.labels or len(record.labels) < self.max_series_per_device:
             record.labels[key] = now
             return key
         return (OTHER, OTHER)
 
-    def _current_labels(self, record: _Device, version: str, rollout: str) -> tuple[str, str]:
-        key = (version, rollout)
-        return key if key in record.labels else (OTHER, OTHER)
-
     def _add_telemetry(self, record: _Device, telemetry: Telemetry, now: float) -> None:
-        key = self._label_pair(
-            record,
-            telemetry.bundle.version if telemetry.bundle else "",
-            telemetry.rollout_id or "",
-            now,
-        )
+        key = self._label_pair(record, _labelled(telemetry), now)
         series = record.series.get(key)
         if series is None:
             series = record.series[key] = _Series()
@@ -335,9 +315,6 @@ class FleetMonitor:
 
     # -- collect
 
-    def _labels(self, record: _Device, version: str, rollout: str) -> list[str]:
-        return [self.fleet, record.device, record.profile, record.group, version, rollout]
-
     def _forget(self, now: float) -> None:
         if self.forget_after_s <= 0:
             return
@@ -348,10 +325,7 @@ class FleetMonitor:
         for device_id in silent:
             del self._devices[device_id]
         for record in self._devices.values():
-            current = None
-            if record.telemetry is not None:
-                bundle = record.telemetry.bundle
-                current = (bundle.version if bundle else "", record.telemetry.rollout_id or "")
+            current = None if record.telemetry is None else _labelled(record.telemetry)
             for key in [k for k, s in record.series.items() if s.updated < horizon]:
                 if key != current:
                     del record.series[key]
@@ -362,7 +336,8 @@ class FleetMonitor:
                 if pair not in in_use and pair != current:
                     del record.labels[pair]
 
-    def _collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:
+        """Every metric, from the devices' records (the registry calls this per scrape)."""
         now = time.time()
         counters = {
             name: _counter(name, _DEVICE_LABELS)
@@ -370,14 +345,7 @@ class FleetMonitor:
             if name.startswith(("edgekit_inference", "edgekit_telemetry"))
         }
         events = _counter("edgekit_update_events", (*_BASE_LABELS, "kind", "version", "rollout"))
-        gauge_names = (
-            "edgekit_device_cpu_percent",
-            "edgekit_device_rss_bytes",
-            "edgekit_device_temperature_celsius",
-            "edgekit_model_drift_psi",
-            "edgekit_telemetry_dropped_messages",
-        )
-        gauges = {name: _gauge(name, _DEVICE_LABELS) for name in gauge_names}
+        gauges = {name: _gauge(name, _DEVICE_LABELS) for name in _TELEMETRY_GAUGES}
         latency = _gauge("edgekit_inference_latency_seconds", (*_DEVICE_LABELS, "quantile"))
         online = _gauge("edgekit_device_online", _BASE_LABELS)
         state = _gauge("edgekit_device_state", (*_BASE_LABELS, "state"))
@@ -392,7 +360,7 @@ class FleetMonitor:
             for record in self._devices.values():
                 base = [self.fleet, record.device, record.profile, record.group]
                 for (version, rollout), series in record.series.items():
-                    labels = self._labels(record, version, rollout)
+                    labels = [*base, version, rollout]
                     counters["edgekit_inference_requests"].add_metric(labels, series.requests)
                     counters["edgekit_inference_errors"].add_metric(labels, series.errors)
                     counters["edgekit_telemetry_messages"].add_metric(labels, series.telemetry)
@@ -400,25 +368,17 @@ class FleetMonitor:
                     events.add_metric([*base, kind, version, rollout], count)
                 telemetry = record.telemetry
                 if telemetry is not None:
-                    version, rollout = self._current_labels(
-                        record,
-                        telemetry.bundle.version if telemetry.bundle else "",
-                        telemetry.rollout_id or "",
-                    )
-                    labels = self._labels(record, version, rollout)
+                    pair = _labelled(telemetry)
+                    if pair not in record.labels:  # folded into `other`
+                        pair = (OTHER, OTHER)
+                    labels = [*base, *pair]
                     for key, quantile in _QUANTILES.items():
                         if key in telemetry.latency_ms:
                             latency.add_metric(
                                 [*labels, quantile], telemetry.latency_ms[key] / 1000.0
                             )
-                    values = (
-                        telemetry.cpu_percent,
-                        telemetry.rss_bytes,
-                        telemetry.temperature_c,
-                        telemetry.drift_psi,
-                        telemetry.dropped,
-                    )
-                    for name, value in zip(gauge_names, values, strict=True):
+                    for name, attribute in _TELEMETRY_GAUGES.items():
+                        value = getattr(telemetry, attribute)
                         if value is not None:
                             gauges[name].add_metric(labels, float(value))
                 seen.add_metric(base, record.last_seen)
@@ -510,13 +470,13 @@ class FleetMonitor:
     def __enter__(self) -> FleetMonitor:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _labelled(message: Telemetry | Event) -> tuple[str, str]:
+    """The (version, rollout) a message is about; "" for none."""
+    return (message.bundle.version if message.bundle else "", message.rollout_id or "")
 
 
 def _check_about(device: str, fleet: str, topic_device: str, topic_fleet: str) -> None:
