@@ -1,26 +1,15 @@
-"""`edgekit monitor`: a Prometheus exporter fed by the fleet's MQTT topics.
+"""`edgekit monitor`: a Prometheus exporter fed by the fleet's MQTT topics (docs/monitor.md).
 
-The exporter subscribes with MQTT 5 shared subscriptions
-(`$share/<group>/edgekit/v1/<fleet>/devices/+/telemetry` and `.../events`), so several
-exporters with the same group split the message load: each sees a share of the devices'
-messages, and Prometheus sums the counters over the exporters. Status messages are small and
-retained, and a shared subscription never receives retained messages (MQTT 5, 4.8.2), so
-status is read with a plain subscription by default: every exporter knows every device's
-online flag, state and version (use `max without (instance)` on those gauges when several
-exporters run). `status_shared=True` shares status too.
+Telemetry and events arrive over MQTT 5 shared subscriptions, so exporters with one group split
+the load and Prometheus sums their counters. A shared subscription never receives retained
+messages (MQTT 5, 4.8.2), so status has a plain subscription unless `status_shared=True`: every
+exporter knows every device's online flag, state and version (use `max without (instance)`).
 
-Metrics are produced by a custom collector from per-device records, labelled by device,
-profile, group, model version and rollout. Counters restart per (device, version, rollout)
-series, the Prometheus way for labels that change. A device silent for `forget_after_s`
-disappears from the output unless it has a retained status (then it stays, as a registry
-entry, until its status is cleared), and so do its series for versions it no longer runs and
-event counts not updated in that time: label cardinality stays bounded by the fleet, not by
-its history. Each device has at most `max_series_per_device` (version, rollout) label pairs
-at a time (default 8): further ones fold into `version="other", rollout="other"`, so one
-device cannot grow the output by sending many versions. Every payload goes through the total
-parsers of `edgekit.messages`; what they refuse is counted in
-`edgekit_monitor_rejected_messages_total{kind,reason}` and never stops the exporter. See
-docs/monitor.md.
+A custom collector builds the metrics from per-device records. Label cardinality stays bounded
+by the fleet, not by its history: devices, series and event counts silent for `forget_after_s`
+are forgotten (a device with a retained status stays until the status is cleared), and a
+device's (version, rollout) pairs beyond `max_series_per_device` fold into `other`. Payloads the
+total parsers of `edgekit.messages` refuse are counted by kind and reason, never fatal.
 """
 
 from __future__ import annotations
@@ -217,7 +206,6 @@ class FleetMonitor:
         self._rejected: Counter[tuple[str, str]] = Counter()  # (kind, reason)
         self._server: Any = None
         self._started = False
-        self._server_thread: threading.Thread | None = None
         name = client_id or _default_client_id(group, self)
         self.client = MqttClient(self.broker, client_id=name, max_inflight=64)
 
@@ -263,7 +251,12 @@ class FleetMonitor:
         if parser is None:
             return
         message = parser.from_json(payload)
-        _check_about(message.device, message.fleet, device_id, self.fleet)
+        if message.device != device_id or message.fleet != self.fleet:
+            raise MessageError(
+                f"message on {device_id}'s topic names device {message.device!r} of fleet "
+                f"{message.fleet!r}",
+                reason="mismatch",
+            )
         with self._lock:
             record = self._record(device_id, now)
             self._ingested[leaf] += 1
@@ -400,17 +393,15 @@ class FleetMonitor:
             for (kind, reason), count in sorted(self._rejected.items()):
                 rejected.add_metric([self.fleet, kind, reason], count)
             tracked = len(self._devices)
-        yield from counters.values()
-        yield events
-        yield latency
-        yield from gauges.values()
-        yield from (online, state, info, sequence, seen, telemetry_sequence, ingested, rejected)
         connected = _gauge("edgekit_monitor_connected", ("fleet",))
         connected.add_metric([self.fleet], 1.0 if self.client.connected else 0.0)
         devices = _gauge("edgekit_monitor_devices", ("fleet",))
         devices.add_metric([self.fleet], tracked)
-        yield connected
-        yield devices
+        yield from counters.values()
+        yield from (events, latency)
+        yield from gauges.values()
+        yield from (online, state, info, sequence, seen, telemetry_sequence, ingested, rejected)
+        yield from (connected, devices)
 
     # -- life cycle
 
@@ -442,7 +433,7 @@ class FleetMonitor:
         log.info("monitoring fleet %s on %s", self.fleet, self.broker.endpoint)
         if listen is not None:
             try:
-                self._server, self._server_thread = start_http_server(
+                self._server, _thread = start_http_server(
                     listen[1], addr=listen[0], registry=self.registry
                 )
             except OSError as error:
@@ -477,15 +468,6 @@ class FleetMonitor:
 def _labelled(message: Telemetry | Event) -> tuple[str, str]:
     """The (version, rollout) a message is about; "" for none."""
     return (message.bundle.version if message.bundle else "", message.rollout_id or "")
-
-
-def _check_about(device: str, fleet: str, topic_device: str, topic_fleet: str) -> None:
-    """A message must be about the device and fleet its topic names."""
-    if device != topic_device or fleet != topic_fleet:
-        raise MessageError(
-            f"message on {topic_device}'s topic names device {device!r} of fleet {fleet!r}",
-            reason="mismatch",
-        )
 
 
 def _default_client_id(group: str, monitor: object) -> str:

@@ -1,22 +1,19 @@
 """Simulated devices: real MQTT 5 clients that follow the agent's directive contract.
 
 `SimulatedFleet` runs N lightweight agents against a real broker, for demos, tests and scale
-benchmarks. Each device is one paho-mqtt client (its own connection, client id and user name
-= device id) with a retained status and a last will, subscribed to its own `desired`. A
-directive is verified for real (`verify_directive`: the trust store's `directives` role,
-sequence floor, expiry, target), the bundle is fetched over MQTT chunks
-(`edgekit.transfer.MqttBundleFetcher`) and verified for real (`verify_bundle` with the
-directive's sha256 pin), then a simulated health check decides commit or rollback, following
-the directive-outcome contract in `edgekit.topics` exactly. Devices send `Telemetry` from a
-latency/error model every interval and count everything they send, so a test can compare.
+benchmarks. Each device has its own connection (user name = device id), a retained status and
+a last will. Directives and bundles are verified for real (`accept_directive`, `verify_bundle`
+with the directive's sha256 pin) and bundles fetched over MQTT chunks; a simulated health check
+decides commit or rollback, following the directive-outcome contract in `edgekit.topics`.
+Devices send `Telemetry` from a latency/error model and count what they send, so a test can
+compare.
 
-Scale: clients do not get a thread each. A few `_NetworkLoop` threads drive every socket with
-one `selectors` loop each (paho's external-loop API: `loop_read`/`loop_write`/`loop_misc`),
-and a small worker pool runs the blocking steps of directives (fetch, verify). A thousand
-devices fit on two cores.
+Scale: clients do not get a thread each. A few `NetworkLoop` threads drive every socket and a
+small worker pool runs the blocking steps of directives (fetch, verify): a thousand devices fit
+on two cores.
 
-Faults are chosen by stable hash of (seed, device id, fault), so a test knows which devices
-fail: exactly `round(fraction * N)` devices get each fault (the lowest hashes).
+Faults go to exactly `round(fraction * N)` devices, those with the lowest stable hash of (seed,
+device id, fault), so a test knows which devices fail.
 """
 
 from __future__ import annotations
@@ -242,24 +239,18 @@ class _KeptState(msgspec.Struct):
 class SimulatedDevice:
     """One simulated agent. Created and driven by `SimulatedFleet`; read-only for callers."""
 
-    def __init__(
-        self,
-        spec: DeviceSpec,
-        *,
-        fleet: SimulatedFleet,
-        loop: NetworkLoop,
-        faults: set[str],
-        initial_bundle: BundleId | None,
-    ) -> None:
+    def __init__(self, spec: DeviceSpec, *, fleet: SimulatedFleet, loop: NetworkLoop) -> None:
         self.spec = spec
         self.device_id = spec.device_id
-        self.faults = frozenset(faults)
+        self.faults = frozenset(
+            f for f, ids in fleet.fault_assignment.items() if self.device_id in ids
+        )
         self._fleet = fleet
         self._loop = loop
         self._topics = fleet.topics
         self._lock = threading.RLock()
-        self.state = "committed" if initial_bundle else "idle"
-        self.active = initial_bundle
+        self.state = "committed" if fleet.initial_bundle else "idle"
+        self.active = fleet.initial_bundle
         self.previous: BundleId | None = None
         self.rollout_id: str | None = None
         self.floor = DirectiveFloor()
@@ -281,15 +272,13 @@ class SimulatedDevice:
         # rolled back when it comes back.
         self._in_progress: _Job | None = None
         self._interrupted: _Job | None = None
+        self._state_path = fleet.workdir / "devices" / self.device_id / "state.json"
         if fleet.keep_state:
             self._load_state()
         self.client = self._make_client()
+        loop.add_tick(self.tick)
 
     # -- persistence (only with a work directory the caller keeps)
-
-    @property
-    def _state_path(self) -> Path:
-        return self._fleet.workdir / "devices" / self.device_id / "state.json"
 
     def _load_state(self) -> None:
         try:
@@ -440,9 +429,10 @@ class SimulatedDevice:
             ts=time.time(),
         )
 
-    def publish_status(self) -> None:
+    def publish_status(self, *, online: bool = True) -> None:
+        """Publish the retained status (and re-set the will with the current state)."""
         with self._lock:
-            payload = self._status(online=True).to_json()
+            payload = self._status(online=online).to_json()
             will = self._status(online=False).to_json()
             self.sent.status += 1
         # As the agent does: the will carries the current status (active, previous, sequence),
@@ -483,9 +473,8 @@ class SimulatedDevice:
         rate = self._fleet.requests_per_s
         requests = max(0, round(rate * interval_s * self._random.uniform(0.7, 1.3)))
         errors = sum(1 for _ in range(requests) if self._random.random() < self._fleet.error_rate)
-        p50 = _BASE_LATENCY_MS.get(self.spec.profile, _DEFAULT_LATENCY_MS) * self._random.uniform(
-            0.9, 1.1
-        )
+        base_ms = _BASE_LATENCY_MS.get(self.spec.profile, _DEFAULT_LATENCY_MS)
+        p50 = base_ms * self._random.uniform(0.9, 1.1)
         if self._faulted("slow", active):
             p50 *= self._fleet.faults.slow_factor
         drift = (
@@ -665,10 +654,7 @@ class SimulatedDevice:
             self._telemetry_reserved = self._telemetry_seq  # the next run goes on from here
         self._save_state()
         if self.connected:
-            with self._lock:
-                payload = self._status(online=False).to_json()
-                self.sent.status += 1
-            self._publish(self._topics.status(self.device_id), payload, retain=True)
+            self.publish_status(online=False)
         self.client.stop()
 
 
@@ -707,10 +693,8 @@ class SimulatedFleet:
         loops: int | None = None,
         workers: int | None = None,
     ) -> None:
-        self.broker = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
-        self.broker = self.broker.replace(
-            reconnect_min_s=_RETRY_MIN_S, reconnect_max_s=_RETRY_MAX_S
-        )
+        settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
+        self.broker = settings.replace(reconnect_min_s=_RETRY_MIN_S, reconnect_max_s=_RETRY_MAX_S)
         self.fleet = check_identifier(fleet, what="fleet")
         self.topics = Topics(fleet)
         specs = (
@@ -752,27 +736,15 @@ class SimulatedFleet:
         self._workers = ThreadPoolExecutor(
             max_workers=workers or max(2, min(32, count)), thread_name_prefix="edgekit-sim"
         )
-        assigned = self.faults.assign(ids)
-        self.fault_assignment = {name: frozenset(found) for name, found in assigned.items()}
-        self.devices: dict[str, SimulatedDevice] = {}  # by id, in creation order
-        for index, spec in enumerate(specs):
-            loop = self._loops[index % len(self._loops)]
-            device = SimulatedDevice(
-                spec,
-                fleet=self,
-                loop=loop,
-                faults={name for name, found in assigned.items() if spec.device_id in found},
-                initial_bundle=initial_bundle,
+        self.fault_assignment = {
+            name: frozenset(found) for name, found in self.faults.assign(ids).items()
+        }
+        self.devices = {  # by id, in creation order
+            spec.device_id: SimulatedDevice(
+                spec, fleet=self, loop=self._loops[index % len(self._loops)]
             )
-            self.devices[spec.device_id] = device
-        for loop in self._loops:
-            members = [d for d in self.devices.values() if d._loop is loop]
-
-            def tick(now: float, members: list[SimulatedDevice] = members) -> None:
-                for device in members:
-                    device.tick(now)
-
-            loop.add_tick(tick)
+            for index, spec in enumerate(specs)
+        }
 
     def device_ids(self, *, fault: str | None = None) -> list[str]:
         """Every device id, or those with `fault` (fail_health, slow, offline, drift)."""
