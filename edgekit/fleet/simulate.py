@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -266,7 +266,7 @@ class SimulatedDevice:
         # killed) simulator continues above every seq it sent, as the agent does.
         self._telemetry_reserved = 0
         self._random = random.Random(f"{fleet.faults.seed}:{spec.device_id}")
-        self._pending: deque[bytes] = deque()
+        self._pending: bytes | None = None  # the newest directive; older ones are superseded
         self._busy = False
         # The directive being applied, persisted: a simulator killed mid-update reports it
         # rolled back when it comes back.
@@ -380,7 +380,7 @@ class SimulatedDevice:
         if not message.payload:
             return
         with self._lock:
-            self._pending.append(message.payload)
+            self._pending = message.payload
             if self._busy:
                 return
             self._busy = True
@@ -518,11 +518,10 @@ class SimulatedDevice:
     def _drain_directives(self) -> None:
         while True:
             with self._lock:
-                if not self._pending or self._fleet.stopping:
+                payload, self._pending = self._pending, None
+                if payload is None or self._fleet.stopping:
                     self._busy = False
                     return
-                payload = self._pending.pop()  # the newest wins; older ones are superseded
-                self._pending.clear()
             try:
                 self._handle_directive(payload)
             except Exception:
