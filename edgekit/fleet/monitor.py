@@ -1,26 +1,15 @@
-"""`edgekit monitor`: a Prometheus exporter fed by the fleet's MQTT topics.
+"""`edgekit monitor`: a Prometheus exporter fed by the fleet's MQTT topics (docs/monitor.md).
 
-The exporter subscribes with MQTT 5 shared subscriptions
-(`$share/<group>/edgekit/v1/<fleet>/devices/+/telemetry` and `.../events`), so several
-exporters with the same group split the message load: each sees a share of the devices'
-messages, and Prometheus sums the counters over the exporters. Status messages are small and
-retained, and a shared subscription never receives retained messages (MQTT 5, 4.8.2), so
-status is read with a plain subscription by default: every exporter knows every device's
-online flag, state and version (use `max without (instance)` on those gauges when several
-exporters run). `status_shared=True` shares status too.
+Telemetry and events arrive over MQTT 5 shared subscriptions, so exporters with one group split
+the load and Prometheus sums their counters. A shared subscription never receives retained
+messages (MQTT 5, 4.8.2), so status has a plain subscription unless `status_shared=True`: every
+exporter knows every device's online flag, state and version (use `max without (instance)`).
 
-Metrics are produced by a custom collector from per-device records, labelled by device,
-profile, group, model version and rollout. Counters restart per (device, version, rollout)
-series, the Prometheus way for labels that change. A device silent for `forget_after_s`
-disappears from the output unless it has a retained status (then it stays, as a registry
-entry, until its status is cleared), and so do its series for versions it no longer runs and
-event counts not updated in that time: label cardinality stays bounded by the fleet, not by
-its history. Each device has at most `max_series_per_device` (version, rollout) label pairs
-at a time (default 8): further ones fold into `version="other", rollout="other"`, so one
-device cannot grow the output by sending many versions. Every payload goes through the total
-parsers of `edgekit.messages`; what they refuse is counted in
-`edgekit_monitor_rejected_messages_total{kind,reason}` and never stops the exporter. See
-docs/monitor.md.
+A custom collector builds the metrics from per-device records. Label cardinality stays bounded
+by the fleet, not by its history: devices, series and event counts silent for `forget_after_s`
+are forgotten (a device with a retained status stays until the status is cleared), and a
+device's (version, rollout) pairs beyond `max_series_per_device` fold into `other`. Payloads the
+total parsers of `edgekit.messages` refuse are counted by kind and reason, never fatal.
 """
 
 from __future__ import annotations
@@ -30,14 +19,12 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import BrokerSettings, Message, MqttClient
@@ -69,7 +56,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "edgekit-monitor"
 _QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
-_KINDS = ("telemetry", "events", "status")
 OTHER = "other"
 """The label value that label values beyond a device's bounded set fold into."""
 _BASE_LABELS = ("fleet", "device", "profile", "group")
@@ -106,6 +92,22 @@ COUNTER_NAMES: tuple[str, ...] = tuple(f"{name}_total" for name in _COUNTERS)
 GAUGE_NAMES: tuple[str, ...] = tuple(_GAUGES)
 METRIC_NAMES: tuple[str, ...] = COUNTER_NAMES + GAUGE_NAMES
 """Every sample name the exporter exposes (dashboards may use only these)."""
+
+
+# Telemetry gauges: metric -> Telemetry attribute.
+_TELEMETRY_GAUGES = {
+    "edgekit_device_cpu_percent": "cpu_percent",
+    "edgekit_device_rss_bytes": "rss_bytes",
+    "edgekit_device_temperature_celsius": "temperature_c",
+    "edgekit_model_drift_psi": "drift_psi",
+    "edgekit_telemetry_dropped_messages": "dropped",
+}
+# The topic kinds the exporter ingests -> their parser.
+_PARSERS: dict[str, type[Telemetry | Event | Status]] = {
+    "telemetry": Telemetry,
+    "events": Event,
+    "status": Status,
+}
 
 
 def _counter(name: str, labels: tuple[str, ...]) -> CounterMetricFamily:
@@ -161,14 +163,6 @@ class _Device:
     labels: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
-class _FleetCollector(Collector):
-    def __init__(self, monitor: FleetMonitor) -> None:
-        self._monitor = monitor
-
-    def collect(self) -> Iterable[Metric]:
-        return self._monitor._collect()
-
-
 class FleetMonitor:
     """Subscribes to a fleet's telemetry, events and status and exposes Prometheus metrics.
 
@@ -205,14 +199,13 @@ class FleetMonitor:
         self.forget_after_s = forget_after_s
         self.max_series_per_device = max_series_per_device
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_FleetCollector(self))
+        self.registry.register(self)
         self._lock = threading.Lock()
         self._devices: dict[str, _Device] = {}
-        self._ingested: dict[str, int] = dict.fromkeys(_KINDS, 0)
+        self._ingested: dict[str, int] = dict.fromkeys(_PARSERS, 0)
         self._rejected: Counter[tuple[str, str]] = Counter()  # (kind, reason)
         self._server: Any = None
         self._started = False
-        self._server_thread: threading.Thread | None = None
         name = client_id or _default_client_id(group, self)
         self.client = MqttClient(self.broker, client_id=name, max_inflight=64)
 
@@ -254,39 +247,31 @@ class FleetMonitor:
         """Account one message (`leaf`: telemetry, events or status); a bad payload raises
         `MessageError` and changes nothing."""
         now = time.time() if now is None else now
-        if leaf == "telemetry":
-            telemetry = Telemetry.from_json(payload)
-            _check_about(telemetry.device, telemetry.fleet, device_id, self.fleet)
-            with self._lock:
-                record = self._record(device_id, now)
-                self._ingested["telemetry"] += 1
-                self._add_telemetry(record, telemetry, now)
-        elif leaf == "events":
-            event = Event.from_json(payload)
-            _check_about(event.device, event.fleet, device_id, self.fleet)
-            kind = event.kind if event.kind in EVENT_KINDS else OTHER
-            with self._lock:
-                record = self._record(device_id, now)
-                version, rollout = self._label_pair(
-                    record,
-                    event.bundle.version if event.bundle else "",
-                    event.rollout_id or "",
-                    now,
-                )
-                key = (kind, version, rollout)
-                self._ingested["events"] += 1
-                counted = record.events.setdefault(key, [0, now])
+        parser = _PARSERS.get(leaf)
+        if parser is None:
+            return
+        message = parser.from_json(payload)
+        if message.device != device_id or message.fleet != self.fleet:
+            raise MessageError(
+                f"message on {device_id}'s topic names device {message.device!r} of fleet "
+                f"{message.fleet!r}",
+                reason="mismatch",
+            )
+        with self._lock:
+            record = self._record(device_id, now)
+            self._ingested[leaf] += 1
+            if isinstance(message, Telemetry):
+                self._add_telemetry(record, message, now)
+            elif isinstance(message, Event):
+                version, rollout = self._label_pair(record, _labelled(message), now)
+                kind = message.kind if message.kind in EVENT_KINDS else OTHER
+                counted = record.events.setdefault((kind, version, rollout), [0, now])
                 counted[0] += 1
                 counted[1] = now
-        elif leaf == "status":
-            status = Status.from_json(payload)
-            _check_about(status.device, status.fleet, device_id, self.fleet)
-            with self._lock:
-                record = self._record(device_id, now)
-                self._ingested["status"] += 1
-                record.status = status
-                record.profile = status.profile or record.profile
-                record.group = status.group or record.group
+            else:
+                record.status = message
+                record.profile = message.profile or record.profile
+                record.group = message.group or record.group
 
     def _record(self, device_id: str, now: float) -> _Device:
         record = self._devices.get(device_id)
@@ -295,28 +280,16 @@ class FleetMonitor:
         record.last_seen = max(record.last_seen, now)
         return record
 
-    def _label_pair(
-        self, record: _Device, version: str, rollout: str, now: float
-    ) -> tuple[str, str]:
+    def _label_pair(self, record: _Device, key: tuple[str, str], now: float) -> tuple[str, str]:
         """(version, rollout) as labels: the pair itself while the device uses fewer than
         `max_series_per_device` pairs, else `other` (lock held)."""
-        key = (version, rollout)
         if key in record.labels or len(record.labels) < self.max_series_per_device:
             record.labels[key] = now
             return key
         return (OTHER, OTHER)
 
-    def _current_labels(self, record: _Device, version: str, rollout: str) -> tuple[str, str]:
-        key = (version, rollout)
-        return key if key in record.labels else (OTHER, OTHER)
-
     def _add_telemetry(self, record: _Device, telemetry: Telemetry, now: float) -> None:
-        key = self._label_pair(
-            record,
-            telemetry.bundle.version if telemetry.bundle else "",
-            telemetry.rollout_id or "",
-            now,
-        )
+        key = self._label_pair(record, _labelled(telemetry), now)
         series = record.series.get(key)
         if series is None:
             series = record.series[key] = _Series()
@@ -335,9 +308,6 @@ class FleetMonitor:
 
     # -- collect
 
-    def _labels(self, record: _Device, version: str, rollout: str) -> list[str]:
-        return [self.fleet, record.device, record.profile, record.group, version, rollout]
-
     def _forget(self, now: float) -> None:
         if self.forget_after_s <= 0:
             return
@@ -348,10 +318,7 @@ class FleetMonitor:
         for device_id in silent:
             del self._devices[device_id]
         for record in self._devices.values():
-            current = None
-            if record.telemetry is not None:
-                bundle = record.telemetry.bundle
-                current = (bundle.version if bundle else "", record.telemetry.rollout_id or "")
+            current = None if record.telemetry is None else _labelled(record.telemetry)
             for key in [k for k, s in record.series.items() if s.updated < horizon]:
                 if key != current:
                     del record.series[key]
@@ -362,7 +329,8 @@ class FleetMonitor:
                 if pair not in in_use and pair != current:
                     del record.labels[pair]
 
-    def _collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:
+        """Every metric, from the devices' records (the registry calls this per scrape)."""
         now = time.time()
         counters = {
             name: _counter(name, _DEVICE_LABELS)
@@ -370,14 +338,7 @@ class FleetMonitor:
             if name.startswith(("edgekit_inference", "edgekit_telemetry"))
         }
         events = _counter("edgekit_update_events", (*_BASE_LABELS, "kind", "version", "rollout"))
-        gauge_names = (
-            "edgekit_device_cpu_percent",
-            "edgekit_device_rss_bytes",
-            "edgekit_device_temperature_celsius",
-            "edgekit_model_drift_psi",
-            "edgekit_telemetry_dropped_messages",
-        )
-        gauges = {name: _gauge(name, _DEVICE_LABELS) for name in gauge_names}
+        gauges = {name: _gauge(name, _DEVICE_LABELS) for name in _TELEMETRY_GAUGES}
         latency = _gauge("edgekit_inference_latency_seconds", (*_DEVICE_LABELS, "quantile"))
         online = _gauge("edgekit_device_online", _BASE_LABELS)
         state = _gauge("edgekit_device_state", (*_BASE_LABELS, "state"))
@@ -392,7 +353,7 @@ class FleetMonitor:
             for record in self._devices.values():
                 base = [self.fleet, record.device, record.profile, record.group]
                 for (version, rollout), series in record.series.items():
-                    labels = self._labels(record, version, rollout)
+                    labels = [*base, version, rollout]
                     counters["edgekit_inference_requests"].add_metric(labels, series.requests)
                     counters["edgekit_inference_errors"].add_metric(labels, series.errors)
                     counters["edgekit_telemetry_messages"].add_metric(labels, series.telemetry)
@@ -400,25 +361,17 @@ class FleetMonitor:
                     events.add_metric([*base, kind, version, rollout], count)
                 telemetry = record.telemetry
                 if telemetry is not None:
-                    version, rollout = self._current_labels(
-                        record,
-                        telemetry.bundle.version if telemetry.bundle else "",
-                        telemetry.rollout_id or "",
-                    )
-                    labels = self._labels(record, version, rollout)
+                    pair = _labelled(telemetry)
+                    if pair not in record.labels:  # folded into `other`
+                        pair = (OTHER, OTHER)
+                    labels = [*base, *pair]
                     for key, quantile in _QUANTILES.items():
                         if key in telemetry.latency_ms:
                             latency.add_metric(
                                 [*labels, quantile], telemetry.latency_ms[key] / 1000.0
                             )
-                    values = (
-                        telemetry.cpu_percent,
-                        telemetry.rss_bytes,
-                        telemetry.temperature_c,
-                        telemetry.drift_psi,
-                        telemetry.dropped,
-                    )
-                    for name, value in zip(gauge_names, values, strict=True):
+                    for name, attribute in _TELEMETRY_GAUGES.items():
+                        value = getattr(telemetry, attribute)
                         if value is not None:
                             gauges[name].add_metric(labels, float(value))
                 seen.add_metric(base, record.last_seen)
@@ -440,17 +393,15 @@ class FleetMonitor:
             for (kind, reason), count in sorted(self._rejected.items()):
                 rejected.add_metric([self.fleet, kind, reason], count)
             tracked = len(self._devices)
-        yield from counters.values()
-        yield events
-        yield latency
-        yield from gauges.values()
-        yield from (online, state, info, sequence, seen, telemetry_sequence, ingested, rejected)
         connected = _gauge("edgekit_monitor_connected", ("fleet",))
         connected.add_metric([self.fleet], 1.0 if self.client.connected else 0.0)
         devices = _gauge("edgekit_monitor_devices", ("fleet",))
         devices.add_metric([self.fleet], tracked)
-        yield connected
-        yield devices
+        yield from counters.values()
+        yield from (events, latency)
+        yield from gauges.values()
+        yield from (online, state, info, sequence, seen, telemetry_sequence, ingested, rejected)
+        yield from (connected, devices)
 
     # -- life cycle
 
@@ -482,7 +433,7 @@ class FleetMonitor:
         log.info("monitoring fleet %s on %s", self.fleet, self.broker.endpoint)
         if listen is not None:
             try:
-                self._server, self._server_thread = start_http_server(
+                self._server, _thread = start_http_server(
                     listen[1], addr=listen[0], registry=self.registry
                 )
             except OSError as error:
@@ -510,22 +461,13 @@ class FleetMonitor:
     def __enter__(self) -> FleetMonitor:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def _check_about(device: str, fleet: str, topic_device: str, topic_fleet: str) -> None:
-    """A message must be about the device and fleet its topic names."""
-    if device != topic_device or fleet != topic_fleet:
-        raise MessageError(
-            f"message on {topic_device}'s topic names device {device!r} of fleet {fleet!r}",
-            reason="mismatch",
-        )
+def _labelled(message: Telemetry | Event) -> tuple[str, str]:
+    """The (version, rollout) a message is about; "" for none."""
+    return (message.bundle.version if message.bundle else "", message.rollout_id or "")
 
 
 def _default_client_id(group: str, monitor: object) -> str:

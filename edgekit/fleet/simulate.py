@@ -1,28 +1,24 @@
 """Simulated devices: real MQTT 5 clients that follow the agent's directive contract.
 
 `SimulatedFleet` runs N lightweight agents against a real broker, for demos, tests and scale
-benchmarks. Each device is one paho-mqtt client (its own connection, client id and user name
-= device id) with a retained status and a last will, subscribed to its own `desired`. A
-directive is verified for real (`verify_directive`: the trust store's `directives` role,
-sequence floor, expiry, target), the bundle is fetched over MQTT chunks
-(`edgekit.transfer.MqttBundleFetcher`) and verified for real (`verify_bundle` with the
-directive's sha256 pin), then a simulated health check decides commit or rollback, following
-the directive-outcome contract in `edgekit.topics` exactly. Devices send `Telemetry` from a
-latency/error model every interval and count everything they send, so a test can compare.
+benchmarks. Each device has its own connection (user name = device id), a retained status and
+a last will. Directives and bundles are verified for real (`accept_directive`, `verify_bundle`
+with the directive's sha256 pin) and bundles fetched over MQTT chunks; a simulated health check
+decides commit or rollback, following the directive-outcome contract in `edgekit.topics`.
+Devices send `Telemetry` from a latency/error model and count what they send, so a test can
+compare.
 
-Scale: clients do not get a thread each. A few `_NetworkLoop` threads drive every socket with
-one `selectors` loop each (paho's external-loop API: `loop_read`/`loop_write`/`loop_misc`),
-and a small worker pool runs the blocking steps of directives (fetch, verify). A thousand
-devices fit on two cores.
+Scale: clients do not get a thread each. A few `NetworkLoop` threads drive every socket and a
+small worker pool runs the blocking steps of directives (fetch, verify): a thousand devices fit
+on two cores.
 
-Faults are chosen by stable hash of (seed, device id, fault), so a test knows which devices
-fail: exactly `round(fraction * N)` devices get each fault (the lowest hashes).
+Faults go to exactly `round(fraction * N)` devices, those with the lowest stable hash of (seed,
+device id, fault), so a test knows which devices fail.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -31,14 +27,16 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
+
+import msgspec
 
 from edgekit import __version__
 from edgekit.bundle import verify_bundle
@@ -200,69 +198,66 @@ class SentCounts:
     errors: int = 0
     status: int = 0
     events: Counter[str] = field(default_factory=Counter)
-    dropped: int = 0
 
     def add(self, other: SentCounts) -> None:
-        self.telemetry += other.telemetry
-        self.requests += other.requests
-        self.errors += other.errors
-        self.status += other.status
-        self.events.update(other.events)
-        self.dropped += other.dropped
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
 
     def copy(self) -> SentCounts:
-        return SentCounts(
-            self.telemetry, self.requests, self.errors, self.status, Counter(self.events)
-        )
+        return replace(self, events=Counter(self.events))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "telemetry": self.telemetry,
-            "requests": self.requests,
-            "errors": self.errors,
-            "status": self.status,
-            "events": dict(sorted(self.events.items())),
-        }
+        return {**vars(self), "events": dict(sorted(self.events.items()))}
+
+
+class _Job(msgspec.Struct, frozen=True):
+    """The directive a device is applying."""
+
+    sequence: int
+    bundle: BundleId
+    rollout_id: str
+
+
+class _KeptState(msgspec.Struct):
+    """A device's `devices/<id>/state.json`, kept across runs with `keep_state`."""
+
+    last_sequence: int
+    min_security_epoch: int
+    active: BundleId | None = None
+    previous: BundleId | None = None
+    state: str | None = None
+    rollout_id: str | None = None
+    accepted_digest: str | None = None
+    telemetry_seq: int = 0
+    in_progress: _Job | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # One device.
 
 
-def _latency_base_ms(profile: str) -> float:
-    return _BASE_LATENCY_MS.get(profile, _DEFAULT_LATENCY_MS)
-
-
 class SimulatedDevice:
     """One simulated agent. Created and driven by `SimulatedFleet`; read-only for callers."""
 
-    def __init__(
-        self,
-        spec: DeviceSpec,
-        *,
-        fleet: SimulatedFleet,
-        loop: NetworkLoop,
-        faults: set[str],
-        initial_bundle: BundleId | None,
-    ) -> None:
+    def __init__(self, spec: DeviceSpec, *, fleet: SimulatedFleet, loop: NetworkLoop) -> None:
         self.spec = spec
         self.device_id = spec.device_id
-        self.faults = frozenset(faults)
+        self.faults = frozenset(
+            f for f, ids in fleet.fault_assignment.items() if self.device_id in ids
+        )
         self._fleet = fleet
         self._loop = loop
         self._topics = fleet.topics
         self._lock = threading.RLock()
-        self.state = "committed" if initial_bundle else "idle"
-        self.active = initial_bundle
+        self.state = "committed" if fleet.initial_bundle else "idle"
+        self.active = fleet.initial_bundle
         self.previous: BundleId | None = None
         self.rollout_id: str | None = None
         self.floor = DirectiveFloor()
-        self.accepted_sha256: str | None = None
         self.accepted_digest: str | None = None
         self.sent = SentCounts()
         self.history: list[tuple[int, str, str]] = []  # (sequence, sha256, outcome)
         self._want_online = "offline" not in self.faults or fleet.faults.offline_mode == "drop"
-        self._drop_after_connect = "offline" in self.faults
         self._next_telemetry = time.monotonic() + fleet.telemetry_interval_s * _unit_hash(
             spec.device_id
         )
@@ -271,78 +266,59 @@ class SimulatedDevice:
         # killed) simulator continues above every seq it sent, as the agent does.
         self._telemetry_reserved = 0
         self._random = random.Random(f"{fleet.faults.seed}:{spec.device_id}")
-        self._pending: deque[bytes] = deque()
+        self._pending: bytes | None = None  # the newest directive; older ones are superseded
         self._busy = False
-        # (sequence, target, rollout id) of the directive being applied; persisted, so a
-        # simulator killed mid-update reports it rolled back when it comes back.
-        self._in_progress: tuple[int, BundleId, str] | None = None
-        self._interrupted: tuple[int, BundleId, str] | None = None
+        # The directive being applied, persisted: a simulator killed mid-update reports it
+        # rolled back when it comes back.
+        self._in_progress: _Job | None = None
+        self._interrupted: _Job | None = None
+        self._state_path = fleet.workdir / "devices" / self.device_id / "state.json"
         if fleet.keep_state:
             self._load_state()
         self.client = self._make_client()
+        loop.add_tick(self.tick)
 
     # -- persistence (only with a work directory the caller keeps)
 
-    @property
-    def _state_path(self) -> Path:
-        return self._fleet.workdir / "devices" / self.device_id / "state.json"
-
     def _load_state(self) -> None:
-        path = self._state_path
-        if not path.exists():
-            return
         try:
-            document = json.loads(path.read_text())
-            self.floor = DirectiveFloor(
-                int(document["last_sequence"]), int(document["min_security_epoch"])
-            )
-            self.active = BundleId.from_json(document.get("active"))
-            self.previous = BundleId.from_json(document.get("previous"))
-            self.state = str(document.get("state") or self.state)
-            self.rollout_id = document.get("rollout_id")
-            self.accepted_sha256 = document.get("accepted_sha256")
-            self.accepted_digest = document.get("accepted_digest")
-            self._telemetry_seq = self._telemetry_reserved = int(document.get("telemetry_seq", 0))
-            interrupted = document.get("in_progress")
-            if interrupted is not None:
-                target = BundleId.from_json(interrupted["bundle"])
-                if target is not None:
-                    self._interrupted = (
-                        int(interrupted["sequence"]),
-                        target,
-                        str(interrupted["rollout_id"]),
-                    )
-                    self.state = "rolled_back"
-        except (OSError, ValueError, KeyError, TypeError, EdgekitError):
-            log.warning("ignoring unreadable simulator state %s", path)
+            kept = msgspec.json.decode(self._state_path.read_bytes(), type=_KeptState)
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError):
+            log.warning("ignoring unreadable simulator state %s", self._state_path)
+            return
+        self.floor = DirectiveFloor(kept.last_sequence, kept.min_security_epoch)
+        self.active = kept.active
+        self.previous = kept.previous
+        self.state = kept.state or self.state
+        self.rollout_id = kept.rollout_id
+        self.accepted_digest = kept.accepted_digest
+        self._telemetry_seq = self._telemetry_reserved = kept.telemetry_seq
+        if kept.in_progress is not None:
+            self._interrupted = kept.in_progress
+            self.state = "rolled_back"
 
     def _save_state(self) -> None:
+        if not self._fleet.keep_state:
+            return
         path = self._state_path
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_suffix(".tmp")
-        temp.write_text(
-            json.dumps(
-                {
-                    "last_sequence": self.floor.last_sequence,
-                    "min_security_epoch": self.floor.min_security_epoch,
-                    "active": None if self.active is None else self.active.to_dict(),
-                    "previous": None if self.previous is None else self.previous.to_dict(),
-                    "state": self.state,
-                    "rollout_id": self.rollout_id,
-                    "accepted_sha256": self.accepted_sha256,
-                    "accepted_digest": self.accepted_digest,
-                    "telemetry_seq": max(self._telemetry_reserved, self._telemetry_seq),
-                    "in_progress": None
-                    if self._in_progress is None
-                    else {
-                        "sequence": self._in_progress[0],
-                        "bundle": self._in_progress[1].to_dict(),
-                        "rollout_id": self._in_progress[2],
-                    },
-                }
+        with self._lock:
+            kept = _KeptState(
+                last_sequence=self.floor.last_sequence,
+                min_security_epoch=self.floor.min_security_epoch,
+                active=self.active,
+                previous=self.previous,
+                state=self.state,
+                rollout_id=self.rollout_id,
+                accepted_digest=self.accepted_digest,
+                telemetry_seq=max(self._telemetry_reserved, self._telemetry_seq),
+                in_progress=self._in_progress,
             )
-        )
-        os.replace(temp, path)
+            temp.write_bytes(msgspec.json.encode(kept))
+            os.replace(temp, path)
 
     # -- MQTT
 
@@ -382,17 +358,16 @@ class SimulatedDevice:
         if self.connects == 1:
             self._event("agent_started", details={"simulated": True})
             if self._interrupted is not None:
-                sequence, target, rollout_id = self._interrupted
-                self._interrupted = None
+                job, self._interrupted = self._interrupted, None
                 self._event(
                     "rolled_back",
                     reason="the agent restarted during the update and undid it",
-                    bundle=target,
-                    sequence=sequence,
-                    rollout_id=rollout_id,
+                    bundle=job.bundle,
+                    sequence=job.sequence,
+                    rollout_id=job.rollout_id,
                 )
-                self._finish(sequence, target, "rolled_back")
-        if self._drop_after_connect:
+                self._finish(job, "rolled_back")
+        if "offline" in self.faults:
             # Gone for good, the way a device loses power: the broker publishes the will.
             self._want_online = False
             self.client.drop()
@@ -405,7 +380,7 @@ class SimulatedDevice:
         if not message.payload:
             return
         with self._lock:
-            self._pending.append(message.payload)
+            self._pending = message.payload
             if self._busy:
                 return
             self._busy = True
@@ -435,11 +410,6 @@ class SimulatedDevice:
         except TransportError as error:
             log.warning("device %s: %s", self.device_id, error)
 
-    @property
-    def unacknowledged(self) -> int:
-        """QoS 1 messages handed to the client that the broker has not acknowledged yet."""
-        return self.client.unacknowledged
-
     # -- messages
 
     def _status(self, *, online: bool) -> Status:
@@ -459,9 +429,10 @@ class SimulatedDevice:
             ts=time.time(),
         )
 
-    def publish_status(self) -> None:
+    def publish_status(self, *, online: bool = True) -> None:
+        """Publish the retained status (and re-set the will with the current state)."""
         with self._lock:
-            payload = self._status(online=True).to_json()
+            payload = self._status(online=online).to_json()
             will = self._status(online=False).to_json()
             self.sent.status += 1
         # As the agent does: the will carries the current status (active, previous, sequence),
@@ -469,30 +440,10 @@ class SimulatedDevice:
         self.client.set_will(self._topics.status(self.device_id), will)
         self._publish(self._topics.status(self.device_id), payload, retain=True)
 
-    def _event(
-        self,
-        kind: str,
-        *,
-        state: str | None = None,
-        ok: bool | None = None,
-        reason: str | None = None,
-        bundle: BundleId | None = None,
-        sequence: int | None = None,
-        rollout_id: str | None = None,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Publish an `Event` of `kind` with `fields` (state, ok, reason, bundle, ...)."""
         event = Event(
-            fleet=self._fleet.fleet,
-            device=self.device_id,
-            kind=kind,
-            state=state,
-            ok=ok,
-            reason=reason,
-            bundle=bundle,
-            rollout_id=rollout_id,
-            sequence=sequence,
-            details=dict(details or {}),
-            ts=time.time(),
+            fleet=self._fleet.fleet, device=self.device_id, kind=kind, ts=time.time(), **fields
         )
         with self._lock:
             self.sent.events[kind] += 1
@@ -518,11 +469,12 @@ class SimulatedDevice:
             if reserve:
                 self._telemetry_reserved = seq + _TELEMETRY_SEQ_BLOCK - 1
         if reserve:
-            self._save_if_kept()
+            self._save_state()
         rate = self._fleet.requests_per_s
         requests = max(0, round(rate * interval_s * self._random.uniform(0.7, 1.3)))
         errors = sum(1 for _ in range(requests) if self._random.random() < self._fleet.error_rate)
-        p50 = _latency_base_ms(self.spec.profile) * self._random.uniform(0.9, 1.1)
+        base_ms = _BASE_LATENCY_MS.get(self.spec.profile, _DEFAULT_LATENCY_MS)
+        p50 = base_ms * self._random.uniform(0.9, 1.1)
         if self._faulted("slow", active):
             p50 *= self._fleet.faults.slow_factor
         drift = (
@@ -566,11 +518,10 @@ class SimulatedDevice:
     def _drain_directives(self) -> None:
         while True:
             with self._lock:
-                if not self._pending or self._fleet.stopping:
+                payload, self._pending = self._pending, None
+                if payload is None or self._fleet.stopping:
                     self._busy = False
                     return
-                payload = self._pending.pop()  # the newest wins; older ones are superseded
-                self._pending.clear()
             try:
                 self._handle_directive(payload)
             except Exception:
@@ -610,37 +561,33 @@ class SimulatedDevice:
         self._apply(verdict)
 
     def _apply(self, accepted: Accepted) -> None:
-        directive = accepted.directive
+        directive, ref = accepted.directive, accepted.directive.bundle
         sequence, rollout_id = directive.sequence, directive.rollout_id
-        target = BundleId(directive.bundle.name, directive.bundle.version, directive.bundle.sha256)
+        target = BundleId(ref.name, ref.version, ref.sha256)
+        job = _Job(sequence, target, rollout_id)
         with self._lock:
             self.floor = accepted.floor
             self.rollout_id = rollout_id
-            self.accepted_sha256 = target.sha256
             self.accepted_digest = accepted.digest
-            self._in_progress = (sequence, target, rollout_id)
-        self._save_if_kept()
-        self._event("directive_accepted", bundle=target, sequence=sequence, rollout_id=rollout_id)
+            self._in_progress = job
+        self._save_state()
+        event = partial(self._event, bundle=target, sequence=sequence, rollout_id=rollout_id)
+        step = partial(self._transition, bundle=target, sequence=sequence, rollout_id=rollout_id)
+        event("directive_accepted")
         if self.active is not None and self.active.sha256 == target.sha256:
             # Already running it (e.g. a revert to what a failed device rolled back to).
-            self._transition("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
-            self._event("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
-            self._finish(sequence, target, "committed")
+            step("committed")
+            event("committed")
+            self._finish(job, "committed")
             return
-        self._transition("downloading", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        step("downloading")
         try:
             path = self._fleet._fetch(self, accepted)
         except (TransportError, OSError) as error:
-            self._fail(
-                "bundle_refused",
-                target,
-                sequence,
-                rollout_id,
-                f"download failed: {first_line(error)}",
-            )
+            self._fail("bundle_refused", job, f"download failed: {first_line(error)}")
             return
         try:
-            self._transition("verifying", bundle=target, sequence=sequence, rollout_id=rollout_id)
+            step("verifying")
             with path.open("rb") as handle:
                 bundle = verify_bundle(
                     handle,
@@ -654,86 +601,59 @@ class SimulatedDevice:
                 version=manifest.version,
                 profile=manifest.profile,
                 size_bytes=bundle.size_bytes,
-                ref=directive.bundle,
+                ref=ref,
                 device_profile=self.spec.profile,
             )
             if mismatch is not None:
                 raise BundleError(mismatch)
         except BundleError as error:
-            self._fail("bundle_refused", target, sequence, rollout_id, first_line(error))
+            self._fail("bundle_refused", job, first_line(error))
             return
         finally:
             path.unlink(missing_ok=True)
-        self._transition("installing", bundle=target, sequence=sequence, rollout_id=rollout_id)
-        self._transition("checking", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        step("installing")
+        step("checking")
         healthy = not self._faulted("fail_health", target)
         details = {"golden_samples": 16, "max_abs_error": 0.002 if healthy else 0.9}
-        self._event(
-            "health_check",
-            ok=healthy,
-            bundle=target,
-            sequence=sequence,
-            rollout_id=rollout_id,
-            details=details,
-        )
+        event("health_check", ok=healthy, details=details)
         if not healthy:
-            self._fail(
-                "rolled_back",
-                target,
-                sequence,
-                rollout_id,
-                "health check failed: golden outputs differ",
-            )
+            self._fail("rolled_back", job, "health check failed: golden outputs differ")
             return
-        self._transition("activating", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        step("activating")
         with self._lock:
             self.previous, self.active = self.active, target
-        self._transition("probation", bundle=target, sequence=sequence, rollout_id=rollout_id)
+        step("probation")
         if self._fleet.probation_s > 0:
             time.sleep(self._fleet.probation_s)
-        self._transition("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
-        self._event("committed", bundle=target, sequence=sequence, rollout_id=rollout_id)
-        self._finish(sequence, target, "committed")
+        step("committed")
+        event("committed")
+        self._finish(job, "committed")
 
-    def _fail(
-        self,
-        kind: Literal["bundle_refused", "rolled_back"],
-        target: BundleId,
-        sequence: int,
-        rollout_id: str,
-        reason: str,
-    ) -> None:
+    def _fail(self, kind: Literal["bundle_refused", "rolled_back"], job: _Job, reason: str) -> None:
         """Report a failed directive: the event, then a retained `rolled_back` status (a
         controller that missed the event still sees the contract's failure)."""
-        self._event(kind, reason=reason, bundle=target, sequence=sequence, rollout_id=rollout_id)
-        self._transition(
-            "rolled_back", bundle=self.active, sequence=sequence, rollout_id=rollout_id
+        self._event(
+            kind, reason=reason, bundle=job.bundle, sequence=job.sequence, rollout_id=job.rollout_id
         )
-        self._finish(sequence, target, kind)
+        self._transition(
+            "rolled_back", bundle=self.active, sequence=job.sequence, rollout_id=job.rollout_id
+        )
+        self._finish(job, kind)
 
-    def _finish(self, sequence: int, target: BundleId, outcome: str) -> None:
+    def _finish(self, job: _Job, outcome: str) -> None:
         with self._lock:
-            self.history.append((sequence, target.sha256, outcome))
+            self.history.append((job.sequence, job.bundle.sha256, outcome))
             self._in_progress = None
-        self._save_if_kept()
-
-    def _save_if_kept(self) -> None:
-        if self._fleet.keep_state:
-            with self._lock:
-                self._save_state()
+        self._save_state()
 
     def stop(self) -> None:
         """On the loop thread: say goodbye with an offline status, then disconnect."""
         self._want_online = False
-        if self._fleet.keep_state:
-            with self._lock:
-                self._telemetry_reserved = self._telemetry_seq  # the next run goes on from here
-        self._save_if_kept()
+        with self._lock:
+            self._telemetry_reserved = self._telemetry_seq  # the next run goes on from here
+        self._save_state()
         if self.connected:
-            with self._lock:
-                payload = self._status(online=False).to_json()
-                self.sent.status += 1
-            self._publish(self._topics.status(self.device_id), payload, retain=True)
+            self.publish_status(online=False)
         self.client.stop()
 
 
@@ -772,10 +692,8 @@ class SimulatedFleet:
         loops: int | None = None,
         workers: int | None = None,
     ) -> None:
-        self.broker = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
-        self.broker = self.broker.replace(
-            reconnect_min_s=_RETRY_MIN_S, reconnect_max_s=_RETRY_MAX_S
-        )
+        settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
+        self.broker = settings.replace(reconnect_min_s=_RETRY_MIN_S, reconnect_max_s=_RETRY_MAX_S)
         self.fleet = check_identifier(fleet, what="fleet")
         self.topics = Topics(fleet)
         specs = (
@@ -817,37 +735,20 @@ class SimulatedFleet:
         self._workers = ThreadPoolExecutor(
             max_workers=workers or max(2, min(32, count)), thread_name_prefix="edgekit-sim"
         )
-        assigned = self.faults.assign(ids)
-        self.fault_assignment = {name: frozenset(found) for name, found in assigned.items()}
-        self._devices: dict[str, SimulatedDevice] = {}
-        for index, spec in enumerate(specs):
-            loop = self._loops[index % len(self._loops)]
-            device = SimulatedDevice(
-                spec,
-                fleet=self,
-                loop=loop,
-                faults={name for name, found in assigned.items() if spec.device_id in found},
-                initial_bundle=initial_bundle,
+        self.fault_assignment = {
+            name: frozenset(found) for name, found in self.faults.assign(ids).items()
+        }
+        self.devices = {  # by id, in creation order
+            spec.device_id: SimulatedDevice(
+                spec, fleet=self, loop=self._loops[index % len(self._loops)]
             )
-            self._devices[spec.device_id] = device
-        for loop in self._loops:
-            members = [d for d in self._devices.values() if d._loop is loop]
-
-            def tick(now: float, members: list[SimulatedDevice] = members) -> None:
-                for device in members:
-                    device.tick(now)
-
-            loop.add_tick(tick)
-
-    @property
-    def devices(self) -> dict[str, SimulatedDevice]:
-        """Device id -> device, in creation order."""
-        return self._devices
+            for index, spec in enumerate(specs)
+        }
 
     def device_ids(self, *, fault: str | None = None) -> list[str]:
         """Every device id, or those with `fault` (fail_health, slow, offline, drift)."""
         if fault is None:
-            return list(self._devices)
+            return list(self.devices)
         return sorted(self.fault_assignment.get(fault, frozenset()))
 
     def start(self, *, wait_s: float | None = 30.0) -> SimulatedFleet:
@@ -857,7 +758,7 @@ class SimulatedFleet:
         self._started = True
         for loop in self._loops:
             loop.start()
-        for device in self._devices.values():
+        for device in self.devices.values():
             device._connect()
         if wait_s is not None:
             self.wait_connected(timeout_s=wait_s)
@@ -867,20 +768,13 @@ class SimulatedFleet:
         """Wait until every device meant to be online has connected once."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            refused = [(d.device_id, d.client.refused) for d in self._devices.values()]
-            refused = [(device, reason) for device, reason in refused if reason is not None]
-            if refused:
-                device, reason = refused[0]
-                raise SimulationError(
-                    f"the broker refused device {device!r} ({reason}): check the passwords and "
-                    f"the broker at {self.broker.url}"
-                )
-            waiting = [
-                d
-                for d in self._devices.values()
-                if d.connects == 0
-                and not ("offline" in d.faults and self.faults.offline_mode == "never")
-            ]
+            for device in self.devices.values():
+                if device.client.refused is not None:
+                    raise SimulationError(
+                        f"the broker refused device {device.device_id!r} ({device.client.refused}):"
+                        f" check the passwords and the broker at {self.broker.url}"
+                    )
+            waiting = [d for d in self.devices.values() if d.connects == 0 and d._want_online]
             if not waiting:
                 return
             time.sleep(0.05)
@@ -935,24 +829,17 @@ class SimulatedFleet:
             with self._fetchers_lock:
                 self._fetchers.discard(fetcher)
 
-    def _cancel_fetches(self) -> None:
-        """Make downloads in progress fail now, so stopping does not wait for their timeout."""
-        with self._fetchers_lock:
-            fetchers = list(self._fetchers)
-        for fetcher in fetchers:
-            fetcher.cancel()
-
     def sent(self) -> SentCounts:
         """What every device sent so far (a snapshot)."""
         total = SentCounts()
-        for device in self._devices.values():
+        for device in self.devices.values():
             with device._lock:
                 total.add(device.sent)
         return total
 
     def sent_by_device(self) -> dict[str, SentCounts]:
         result = {}
-        for device_id, device in self._devices.items():
+        for device_id, device in self.devices.items():
             with device._lock:
                 result[device_id] = device.sent.copy()
         return result
@@ -971,8 +858,8 @@ class SimulatedFleet:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             busy = any(
-                (directives and d._busy) or (d.connected and d.unacknowledged > 0)
-                for d in self._devices.values()
+                (directives and d._busy) or (d.connected and d.client.unacknowledged > 0)
+                for d in self.devices.values()
             )
             if not busy:
                 return True
@@ -984,11 +871,14 @@ class SimulatedFleet:
         if self.stopping:
             return
         self.stopping = True
-        self._cancel_fetches()
+        with self._fetchers_lock:  # downloads in progress fail now, not at their timeout
+            fetchers = list(self._fetchers)
+        for fetcher in fetchers:
+            fetcher.cancel()
         if self._started:
             # Let the broker acknowledge what was sent, so `sent()` is what it received.
             self._wait_quiet(5.0, directives=False)
-            for device in self._devices.values():  # on each device's loop thread
+            for device in self.devices.values():  # on each device's loop thread
                 device._loop.call_soon(device.stop)
             for loop in self._loops:
                 loop.stop()  # runs what was queued (the goodbyes) before it ends
@@ -999,10 +889,5 @@ class SimulatedFleet:
     def __enter__(self) -> SimulatedFleet:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
