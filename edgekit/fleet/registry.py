@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import BrokerSettings, Inbox, Message, MqttClient
 from edgekit.topics import (
@@ -73,23 +75,6 @@ class DeviceSelector:
             return False
         return all(record.tags.get(key) == value for key, value in self.tags.items())
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "tags": dict(self.tags),
-            "profiles": list(self.profiles),
-            "devices": list(self.devices),
-        }
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> DeviceSelector:
-        return cls(
-            group=value.get("group"),
-            tags=dict(value.get("tags") or {}),
-            profiles=tuple(value.get("profiles") or ()),
-            devices=tuple(value.get("devices") or ()),
-        )
-
 
 @dataclass(frozen=True)
 class DeviceRecord:
@@ -126,20 +111,8 @@ class DeviceRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "online": self.online,
-            "state": self.state,
-            "profile": self.profile,
-            "group": self.group,
-            "tags": dict(self.tags),
-            "active": self.active.to_dict() if self.active else None,
-            "previous": self.previous.to_dict() if self.previous else None,
-            "rollout_id": self.rollout_id,
-            "last_sequence": self.last_sequence,
-            "agent_version": self.agent_version,
-            "last_seen": self.last_seen,
-        }
+        document: dict[str, Any] = msgspec.to_builtins(self)
+        return document
 
 
 class DeviceRegistry:

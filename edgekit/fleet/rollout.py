@@ -27,8 +27,11 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
+
+import msgspec
 
 from edgekit.bundle import inspect_bundle, verify_bundle
 from edgekit.contract import peek_sequence
@@ -48,6 +51,7 @@ from edgekit.mqtt import Inbox, Message, MqttClient, wait_all
 from edgekit.topics import (
     BundleId,
     BundleMeta,
+    DeviceLeaf,
     Event,
     MessageError,
     Telemetry,
@@ -264,20 +268,13 @@ class RolloutOptions:
     selector: DeviceSelector = field(default_factory=DeviceSelector)
 
     def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["selector"] = self.selector.to_json()
-        document["waves"] = list(self.waves)
-        document["bundle_urls"] = list(self.bundle_urls)
+        document: dict[str, Any] = msgspec.to_builtins(self)
         return document
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> RolloutOptions:
-        values = dict(document)
-        values["selector"] = DeviceSelector.from_json(values.get("selector") or {})
-        values["waves"] = tuple(values.get("waves") or ())
-        values["bundle_urls"] = tuple(values.get("bundle_urls") or ())
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """Unknown keys are ignored, missing ones take their defaults."""
+        return msgspec.convert(document, cls)
 
     def gates(self) -> AllOf:
         """The gates every wave must pass (raises `GateError` for out-of-range limits)."""
@@ -329,16 +326,8 @@ class RolloutProgress:
         return sum(w.succeeded + w.failed for w in self.waves)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "rollout_id": self.rollout_id,
-            "fleet": self.fleet,
-            "state": self.state,
-            "reason": self.reason,
-            "current_wave": self.current_wave,
-            "waves": [asdict(w) for w in self.waves],
-            "counts": dict(self.counts),
-            "summary": self.summary,
-        }
+        document: dict[str, Any] = msgspec.to_builtins(self)
+        return document
 
 
 @dataclass(frozen=True)
@@ -478,10 +467,6 @@ def new_rollout_id() -> str:
     return f"r-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _bundle_json(bundle: BundleId) -> dict[str, str]:
-    return {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256}
-
-
 def _with_sources(bundle: ReleaseBundle, sources: Sequence[BundleSource]) -> ReleaseBundle:
     """`bundle` as the store keeps it: with the places devices fetch it from."""
     return replace(bundle, sources=tuple(source.to_json() for source in sources))
@@ -501,11 +486,6 @@ def _first_deployment(targets: Sequence[TargetRecord]) -> bool:
     """No device the rollout updates ran a model before it: nothing to regress from."""
     updated = [t for t in targets if t.outcome != "skipped"]
     return bool(updated) and all(t.previous is None for t in updated)
-
-
-def _unverified_sequence(envelope: bytes) -> int:
-    """The sequence a retained directive claims (0 if unreadable): only to stay above it."""
-    return peek_sequence(envelope) or 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,12 +551,8 @@ class RolloutController:
     def listen(self, *, quiet_s: float = 0.4) -> DeviceRegistry:
         """Subscribe to the fleet's status, desired, events and telemetry (once)."""
         if not self._listening:
-            topics = [
-                self.topics.all_devices("status"),
-                self.topics.all_devices("desired"),
-                self.topics.all_devices("events"),
-                self.topics.all_devices("telemetry"),
-            ]
+            leaves: tuple[DeviceLeaf, ...] = ("status", "desired", "events", "telemetry")
+            topics = [self.topics.all_devices(leaf) for leaf in leaves]
             messages = self.inbox.collect_retained(topics, quiet_s=quiet_s)
             self._listening = True
             self._handle(messages)
@@ -617,9 +593,6 @@ class RolloutController:
                 self._note_baseline(device, sha, p95)
             if telemetry.drift_psi is not None:
                 observed.drift[device] = (sha, telemetry.drift_psi)
-
-    def _pump(self, timeout_s: float) -> None:
-        self._handle(self.inbox.drain(timeout_s=timeout_s))
 
     def _note_baseline(self, device: str, sha: str, p95: float) -> None:
         """Keep `p95` as `device`'s baseline if it still runs its pre-rollout bundle."""
@@ -689,10 +662,9 @@ class RolloutController:
                 f"{self.fleet!r} matches the selection ({known} known): check --group/--tag/"
                 "--profile and `edgekit fleet devices`"
             )
-        missing: dict[str, int] = {}
-        for record in selected:
-            if release.for_profile(record.profile) is None:
-                missing[record.profile or "(none)"] = missing.get(record.profile or "(none)", 0) + 1
+        missing = Counter(
+            r.profile or "(none)" for r in selected if release.for_profile(r.profile) is None
+        )
         if missing:
             listed = ", ".join(f"{count} x {profile}" for profile, count in sorted(missing.items()))
             raise RolloutError(
@@ -714,28 +686,15 @@ class RolloutController:
         for record in selected:
             bundle = release.for_profile(record.profile)
             assert bundle is not None  # checked above
-            previous = _bundle_json(record.active) if record.active else None
-            if record.device in wave_of:
-                targets.append(
-                    (
-                        record.device,
-                        record.profile,
-                        wave_of[record.device],
-                        bundle.sha256,
-                        previous,
-                        "planned",
-                    )
-                )
-            else:
-                targets.append(
-                    (record.device, record.profile, -1, bundle.sha256, previous, "skipped")
-                )
+            previous = record.active.to_dict() if record.active else None
+            index = wave_of.get(record.device, -1)
+            outcome = "planned" if index >= 0 else "skipped"
+            targets.append((record.device, record.profile, index, bundle.sha256, previous, outcome))
         # The fraction shown per wave: the cumulative share its last device reaches.
-        wave_rows = []
-        done = 0
-        for wave in waves:
-            done += len(wave)
-            wave_rows.append((done / len(to_update), wave))
+        reached = accumulate(len(wave) for wave in waves)
+        wave_rows = [
+            (done / len(to_update), wave) for done, wave in zip(reached, waves, strict=True)
+        ]
         for bundle in () if recorded_sources else release.bundles:
             sources = _sources(
                 bundle, self.topics, mqtt=options.publish_mqtt, url_templates=options.bundle_urls
@@ -779,7 +738,7 @@ class RolloutController:
                 previous.setdefault(record.active.sha256, (record.active, bundle))
         blocked = []
         for sha256, (active, bundle) in sorted(previous.items()):
-            found = self._previous_bundle(_bundle_json(active))
+            found = self._previous_bundle(sha256)
             if found is None:
                 logger.warning(
                     "devices run %s %s (%s), which is neither recorded in %s nor published on "
@@ -863,7 +822,7 @@ class RolloutController:
             if stop_when is not None and stop_when():
                 break
             self._heartbeat(rollout_id)
-            self._pump(self.poll_s)
+            self._handle(self.inbox.drain(timeout_s=self.poll_s))
             self._save_baselines()
         self._save_baselines(force=True)
         final = progress_of(self.store, rollout_id)
@@ -908,25 +867,19 @@ class RolloutController:
 
     def _republish_missing(self, rollout_id: str) -> None:
         """After a restart: publish recorded directives the broker does not hold (yet)."""
-        handles = []
+        missing = []
         for target in self.store.targets(rollout_id):
-            for envelope, active in (
-                (target.envelope, target.outcome in ("sent",)),
-                (target.revert_envelope, target.outcome == "reverting"),
-            ):
-                if envelope is None or not active:
-                    continue
-                retained = self._observed.desired.get(target.device)
-                if retained is None or _unverified_sequence(retained) < _unverified_sequence(
-                    envelope
-                ):
-                    logger.info("re-publishing the recorded directive for %s", target.device)
-                    handles.append(
-                        self.connection.publish(
-                            self.topics.desired(target.device), envelope, qos=1, retain=True
-                        )
-                    )
-        wait_all(handles, timeout_s=60.0, what="the directives")
+            envelope = {"sent": target.envelope, "reverting": target.revert_envelope}.get(
+                target.outcome
+            )
+            if envelope is None:
+                continue
+            retained = self._observed.desired.get(target.device)
+            sequence = peek_sequence(envelope) or 0
+            if retained is None or (peek_sequence(retained) or 0) < sequence:
+                logger.info("re-publishing the recorded directive for %s", target.device)
+                missing.append((target.device, sequence, envelope))
+        self._publish_directives(missing)
 
     def _apply_request(self, record: RolloutRecord) -> None:
         request = self.store.take_request(record.id)
@@ -971,10 +924,13 @@ class RolloutController:
         )
         return sign_directive(directive, self.signers)
 
-    def _highest_seen_sequence(self) -> int:
+    def _allocate_sequences(self, count: int) -> int:
+        """The first of `count` new sequences (0 if none), above every one seen on the broker."""
+        if not count:
+            return 0
         seen = [r.last_sequence for r in self.registry.devices()]
-        seen += [_unverified_sequence(e) for e in self._observed.desired.values()]
-        return max(seen, default=0)
+        seen += [peek_sequence(e) or 0 for e in self._observed.desired.values()]
+        return self.store.allocate_sequences(self.fleet, count, at_least=max(seen, default=0))
 
     def _bundle(self, sha256: str) -> ReleaseBundle:
         found = self.store.bundle(sha256)
@@ -983,6 +939,7 @@ class RolloutController:
         return found
 
     def _publish_directives(self, directives: Sequence[tuple[str, int, bytes]]) -> None:
+        """Publish (device, sequence, envelope) retained, QoS 1, and wait for the broker."""
         handles = [
             self.connection.publish(self.topics.desired(device), envelope, qos=1, retain=True)
             for device, _, envelope in directives
@@ -996,30 +953,23 @@ class RolloutController:
     ) -> list[tuple[str, int, bytes]]:
         """Sign the wave's directives and record them (the wave starts); nothing published."""
         targets = [t for t in self.store.targets(record.id, wave=wave) if t.outcome == "planned"]
-        if not targets:
-            self.store.update_wave(record.id, wave, state="active", started_at=time.time())
-            return []
-        first = self.store.allocate_sequences(
-            self.fleet, len(targets), at_least=self._highest_seen_sequence()
-        )
+        first = self._allocate_sequences(len(targets))
         directives = []
-        for offset, target in enumerate(targets):
+        for sequence, target in enumerate(targets, start=first):
             bundle = self._bundle(target.bundle_sha256)
-            directives.append(
-                (
-                    target.device,
-                    first + offset,
-                    self._sign(
-                        rollout_id=record.id,
-                        device=target.device,
-                        sequence=first + offset,
-                        bundle=bundle,
-                        min_security_epoch=bundle.security_epoch,
-                        ttl_s=options.directive_ttl_s,
-                    ),
-                )
+            envelope = self._sign(
+                rollout_id=record.id,
+                device=target.device,
+                sequence=sequence,
+                bundle=bundle,
+                min_security_epoch=bundle.security_epoch,
+                ttl_s=options.directive_ttl_s,
             )
-        self.store.record_directives(record.id, directives, start_wave=wave)
+            directives.append((target.device, sequence, envelope))
+        if directives:
+            self.store.record_directives(record.id, directives, start_wave=wave)
+        else:
+            self.store.update_wave(record.id, wave, state="active", started_at=time.time())
         return directives
 
     def _start_wave(self, record: RolloutRecord, options: RolloutOptions, wave: int) -> None:
@@ -1217,16 +1167,10 @@ class RolloutController:
         directives: list[tuple[str, int, bytes]] = []
         unrevertable: list[tuple[str, str]] = []
         candidates = [t for t in targets if t.previous is not None]
-        first = (
-            self.store.allocate_sequences(
-                self.fleet, len(candidates), at_least=self._highest_seen_sequence()
-            )
-            if candidates
-            else 0
-        )
-        for offset, target in enumerate(candidates):
+        first = self._allocate_sequences(len(candidates))
+        for sequence, target in enumerate(candidates, start=first):
             assert target.previous is not None
-            bundle = self._previous_bundle(target.previous)
+            bundle = self._previous_bundle(target.previous["sha256"])
             if bundle is None:
                 unrevertable.append(
                     (
@@ -1240,22 +1184,15 @@ class RolloutController:
             if bundle.security_epoch < current.security_epoch:
                 unrevertable.append((target.device, _epoch_why(bundle, current)))
                 continue
-            sequence = first + offset
-            directives.append(
-                (
-                    target.device,
-                    sequence,
-                    self._sign(
-                        rollout_id=record.id,
-                        device=target.device,
-                        sequence=sequence,
-                        bundle=bundle,
-                        # Never below the floor the forward directive set on the device.
-                        min_security_epoch=max(bundle.security_epoch, current.security_epoch),
-                        ttl_s=options.directive_ttl_s,
-                    ),
-                )
+            envelope = self._sign(
+                rollout_id=record.id,
+                device=target.device,
+                sequence=sequence,
+                bundle=bundle,
+                min_security_epoch=bundle.security_epoch,
+                ttl_s=options.directive_ttl_s,
             )
+            directives.append((target.device, sequence, envelope))
         # Nothing to revert to: those that committed keep the release; those still on their
         # way stay `sent` until they report (or the report timeout), see `_step_revert`.
         no_previous = [
@@ -1285,20 +1222,15 @@ class RolloutController:
             self.connection.unsubscribe([topic])
         # Device messages that arrived meanwhile still count.
         self._handle([m for m in messages if m.topic != topic])
-        for message in messages:
-            if message.topic == topic and message.payload:
-                try:
-                    return BundleMeta.from_json(message.payload)
-                except MessageError:
-                    return None
-        return None
+        payload = next((m.payload for m in messages if m.topic == topic and m.payload), None)
+        try:
+            return None if payload is None else BundleMeta.from_json(payload)
+        except MessageError:
+            return None
 
-    def _previous_bundle(self, previous: Mapping[str, str]) -> ReleaseBundle | None:
+    def _previous_bundle(self, sha256: str) -> ReleaseBundle | None:
         """The bundle a revert names: from the store, or read from the broker's chunks."""
-        known = self.store.bundle(previous["sha256"])
-        if known is not None:
-            return known
-        return self._bundle_from_broker(previous["sha256"])
+        return self.store.bundle(sha256) or self._bundle_from_broker(sha256)
 
     def _bundle_from_broker(self, sha256: str) -> ReleaseBundle | None:
         """A bundle someone else published: fetch its chunks, read the manifest (its real
