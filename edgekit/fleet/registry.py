@@ -127,20 +127,14 @@ class DeviceRegistry:
     def handle(self, message: Message) -> DeviceRecord | None:
         """Apply a `devices/<id>/status` message; returns the updated record, if any.
         Never raises: a bad status is counted and leaves the device's record unchanged."""
+        device = None
         try:
-            return self._apply(message)
-        except MessageError as e:
-            self.rejected[e.reason] += 1
-            return None
-
-    def _apply(self, message: Message) -> DeviceRecord | None:
-        fleet, device, leaf = parse_device_topic(message.topic)
-        if fleet != self.topics.fleet or leaf != "status":
-            return None
-        if not message.payload:  # retained status cleared: the device was removed
-            self._devices.pop(device, None)
-            return None
-        try:
+            fleet, device, leaf = parse_device_topic(message.topic)
+            if fleet != self.topics.fleet or leaf != "status":
+                return None
+            if not message.payload:  # retained status cleared: the device was removed
+                self._devices.pop(device, None)
+                return None
             status = Status.from_json(message.payload)
             if status.device != device or status.fleet != fleet:
                 raise MessageError(
@@ -149,9 +143,11 @@ class DeviceRegistry:
                     reason="mismatch",
                 )
         except MessageError as e:
-            self.invalid[device] = str(e)
-            logger.debug("device %s: unreadable status: %s", device, e)
-            raise
+            self.rejected[e.reason] += 1
+            if device is not None:  # the topic named a device: its status is unreadable
+                self.invalid[device] = str(e)
+                logger.debug("device %s: unreadable status: %s", device, e)
+            return None
         self.invalid.pop(device, None)
         record = DeviceRecord.from_status(status, received_at=message.received_at)
         known = self._devices.get(device)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -349,19 +349,15 @@ def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
     """The stored state of a rollout, as a progress snapshot."""
     record = store.rollout(rollout_id)
     targets = store.targets(rollout_id)
-    counts: dict[str, int] = {}
-    for target in targets:
-        counts[target.outcome] = counts.get(target.outcome, 0) + 1
     waves = []
     for wave in store.waves(rollout_id):
         members = [t for t in targets if t.wave == wave.wave and t.outcome != "skipped"]
         succeeded = sum(
-            1
-            for t in members
-            if t.outcome in ("succeeded", "reverting", "reverted", "revert_failed")
+            t.outcome in ("succeeded", "reverting", "reverted", "revert_failed")
             or (t.outcome == "no_previous" and "keeps" in (t.detail or ""))
+            for t in members
         )
-        failed = sum(1 for t in members if t.outcome == "failed")
+        failed = sum(t.outcome == "failed" for t in members)
         waves.append(
             WaveProgress(
                 index=wave.wave,
@@ -381,7 +377,7 @@ def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
         reason=record.reason,
         current_wave=record.current_wave,
         waves=tuple(waves),
-        counts=counts,
+        counts=dict(Counter(t.outcome for t in targets)),
         summary=summarize(record, targets),
     )
 
@@ -397,67 +393,48 @@ def summarize(record: RolloutRecord, targets: Sequence[TargetRecord]) -> str:
         entry.get("sha256"): f"{entry.get('name')} {entry.get('version')}"
         for entry in record.spec.get("release", [])
     }
-    by: dict[str, list[TargetRecord]] = {}
+    by: defaultdict[str, list[TargetRecord]] = defaultdict(list)
     for target in targets:
-        by.setdefault(target.outcome, []).append(target)
+        by[target.outcome].append(target)
     parts: list[str] = []
 
     def label(group: Sequence[TargetRecord]) -> str:
         return ", ".join(sorted({labels.get(t.bundle_sha256) or "the release" for t in group}))
 
-    if by.get("succeeded"):
-        group = by["succeeded"]
-        still = " and keep it" if record.state in ("halted", "aborted") else ""
-        parts.append(f"{_count(len(group), 'device')} updated to {label(group)}{still}")
-    failed = by.get("failed", [])
-    health = [t for t in failed if "health check" in (t.detail or "")]
-    others = [t for t in failed if t not in health]
+    def add(group: Sequence[TargetRecord], text: str) -> None:
+        if group:
+            parts.append(f"{_count(len(group), 'device')} {text}")
+
+    still = " and keep it" if record.state in ("halted", "aborted") else ""
+    add(by["succeeded"], f"updated to {label(by['succeeded'])}{still}")
+    health = [t for t in by["failed"] if "health check" in (t.detail or "")]
+    others = [t for t in by["failed"] if t not in health]
     for group, what in ((health, "failed its health check"), (others, "failed the update")):
-        if not group:
-            continue
-        bare = sum(1 for t in group if t.previous is None)
-        text = f"{_count(len(group), 'device')} " + (
-            what if len(group) == 1 else what.replace("its", "their")
-        )
-        if bare == len(group):
-            text += (
-                " and is left without a model (it ran none before)"
-                if bare == 1
-                else " and are left without a model (they ran none before)"
-            )
+        bare = sum(t.previous is None for t in group)
+        text = what if len(group) == 1 else what.replace("its", "their")
+        if bare == len(group) == 1:
+            text += " and is left without a model (it ran none before)"
+        elif bare == len(group):
+            text += " and are left without a model (they ran none before)"
         elif bare:
             text += f" ({bare} of them ran no model before and are left without one)"
-        parts.append(text)
-    if by.get("reverted"):
-        parts.append(f"{_count(len(by['reverted']), 'device')} reverted to their previous bundle")
-    if by.get("reverting"):
-        parts.append(f"{_count(len(by['reverting']), 'device')} being reverted")
-    no_previous = by.get("no_previous", [])
-    kept = [t for t in no_previous if "keeps" in (t.detail or "")]
-    unknown = [t for t in no_previous if t not in kept]
-    if kept:
-        keep = "keeps" if len(kept) == 1 else "keep"
-        parts.append(
-            f"{_count(len(kept), 'device')} that ran no model before {keep} {label(kept)} "
-            "(nothing to revert to)"
-        )
-    if unknown:
-        parts.append(
-            f"{_count(len(unknown), 'device')} that ran no model before did not report on "
-            f"{label(unknown)} in time (nothing to revert to)"
-        )
-    if by.get("revert_failed"):
-        group = by["revert_failed"]
-        why = next((t.detail for t in group if t.detail), None)
-        parts.append(
-            f"{_count(len(group), 'device')} could not be reverted" + (f" ({why})" if why else "")
-        )
-    if by.get("sent"):
-        parts.append(f"{_count(len(by['sent']), 'device')} not reported yet")
-    if by.get("planned"):
-        later = "never received the release" if record.terminal else "in later waves"
-        parts.append(f"{_count(len(by['planned']), 'device')} {later}")
-    if by.get("skipped"):
+        add(group, text)
+    add(by["reverted"], "reverted to their previous bundle")
+    add(by["reverting"], "being reverted")
+    kept = [t for t in by["no_previous"] if "keeps" in (t.detail or "")]
+    unknown = [t for t in by["no_previous"] if t not in kept]
+    keep = "keeps" if len(kept) == 1 else "keep"
+    add(kept, f"that ran no model before {keep} {label(kept)} (nothing to revert to)")
+    add(
+        unknown,
+        f"that ran no model before did not report on {label(unknown)} in time "
+        "(nothing to revert to)",
+    )
+    why = next((t.detail for t in by["revert_failed"] if t.detail), None)
+    add(by["revert_failed"], "could not be reverted" + (f" ({why})" if why else ""))
+    add(by["sent"], "not reported yet")
+    add(by["planned"], "never received the release" if record.terminal else "in later waves")
+    if by["skipped"]:
         parts.append(f"{len(by['skipped'])} skipped (already on the release)")
     return f"{record.state}: " + ("; ".join(parts) if parts else "no devices")
 
@@ -782,17 +759,16 @@ class RolloutController:
         options = self._options(record)
         gates = options.gates()
         self.listen()
-        self._previous_sha = {
-            t.device: (t.previous or {}).get("sha256", "") for t in self.store.targets(rollout_id)
-        }
+        targets = self.store.targets(rollout_id)
+        self._previous_sha = {t.device: (t.previous or {}).get("sha256", "") for t in targets}
         self._driving = rollout_id
-        self._first_deployment = _first_deployment(self.store.targets(rollout_id))
+        self._first_deployment = _first_deployment(targets)
         self._said = {}
         if self._first_deployment and options.max_latency_regression is not None:
+            note = self._budget_note({t.bundle_sha256 for t in targets})
             self._say(
                 "no baseline: first deployment (no selected device ran a model before), so "
-                f"latency is judged against {self._budget_note(record.id)} instead of a "
-                "regression"
+                f"latency is judged against {note} instead of a regression"
             )
         self._load_baselines(rollout_id)
         self._revert_started = 0.0
@@ -1013,8 +989,6 @@ class RolloutController:
         self, targets: Sequence[TargetRecord], started_at: float, settled_at: float | None
     ) -> WaveObservation:
         now = time.time()
-        succeeded = sum(1 for t in targets if t.outcome == "succeeded")
-        failed = sum(1 for t in targets if t.outcome == "failed")
         # Only devices that committed the new bundle speak for it (one value per device).
         wave_devices = {t.device: t.bundle_sha256 for t in targets if t.outcome == "succeeded"}
         latency = [
@@ -1022,7 +996,6 @@ class RolloutController:
             for device, (sha, p95) in self._observed.p95_ms.items()
             if wave_devices.get(device) == sha
         ]
-        new_p95 = [p95 for p95, _ in latency]
         drift = [
             psi
             for device, (sha, psi) in self._observed.drift.items()
@@ -1030,16 +1003,16 @@ class RolloutController:
         ]
         return WaveObservation(
             targeted=len(targets),
-            succeeded=succeeded,
-            failed=failed,
+            succeeded=len(wave_devices),
+            failed=sum(t.outcome == "failed" for t in targets),
             elapsed_s=now - started_at,
             settled_s=None if settled_at is None else now - settled_at,
-            new_p95_ms=tuple(new_p95),
+            new_p95_ms=tuple(p95 for p95, _ in latency),
             baseline_p95_ms=tuple(self._observed.baseline_p95_ms.values()),
             drift_psi=tuple(drift),
             first_deployment=self._first_deployment,
             new_p95_budget_ms=tuple(self._budget(sha)[1] for _, sha in latency),
-            budget_note=self._budget_note(None, shas={sha for _, sha in latency}),
+            budget_note=self._budget_note({sha for _, sha in latency}),
         )
 
     def _budget(self, sha256: str) -> tuple[str, float | None]:
@@ -1059,11 +1032,9 @@ class RolloutController:
             self._budgets[sha256] = (profile, budget)
         return self._budgets[sha256]
 
-    def _budget_note(self, rollout_id: str | None, *, shas: set[str] | None = None) -> str:
+    def _budget_note(self, shas: set[str]) -> str:
         """Where a first deployment's latency budgets come from, e.g. `the latency budget of
         profile raspberrypi (200 ms)`."""
-        if shas is None:
-            shas = {t.bundle_sha256 for t in self.store.targets(rollout_id or "")}
         if not shas:
             return ""
         known = sorted({self._budget(sha) for sha in shas}, key=lambda item: item[0])
@@ -1134,15 +1105,11 @@ class RolloutController:
             )
             self._say(f"wave {wave.wave} passed: {result.detail}")
             next_wave = wave.wave + 1
-            if next_wave >= len(waves):
-                self.store.set_state(
-                    record.id,
-                    "completed",
-                    reason="every wave passed its gates",
-                    current_wave=next_wave,
-                )
-            else:
+            if next_wave < len(waves):
                 self.store.set_state(record.id, "running", current_wave=next_wave)
+            else:
+                reason = "every wave passed its gates"
+                self.store.set_state(record.id, "completed", reason=reason, current_wave=next_wave)
             return
         reason = f"wave {wave.wave} halted: " + "; ".join(
             f"{leaf.gate}: {leaf.detail}" for leaf in result.failures
