@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -126,8 +127,7 @@ class Release:
 
     @property
     def label(self) -> str:
-        names = sorted({f"{b.name} {b.version}" for b in self.bundles})
-        return ", ".join(names)
+        return ", ".join(sorted({f"{b.name} {b.version}" for b in self.bundles}))
 
 
 def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None) -> Release:
@@ -170,7 +170,8 @@ def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None)
 
 def _sources(
     bundle: ReleaseBundle, topics: Topics, *, mqtt: bool, url_templates: Sequence[str]
-) -> tuple[BundleSource, ...]:
+) -> tuple[dict[str, str], ...]:
+    """Where devices fetch `bundle`, as the store keeps it (`BundleSource.to_json` entries)."""
     sources: list[BundleSource] = []
     if mqtt:
         sources.append(BundleSource("mqtt", topics.bundle_prefix(bundle.sha256)))
@@ -196,7 +197,7 @@ def _sources(
             "devices would have nowhere to fetch the bundle: publish it over MQTT or give "
             "--bundle-url"
         )
-    return tuple(sources)
+    return tuple(source.to_json() for source in sources)
 
 
 def _source(entry: Mapping[str, str]) -> BundleSource:
@@ -235,10 +236,10 @@ def publish_release(
     )
     if meta.sha256 != bundle.sha256:
         raise RolloutError(f"bundle {bundle.path} changed while it was being published")
-    mqtt = BundleSource("mqtt", topics.bundle_prefix(meta.sha256))
+    mqtt = BundleSource("mqtt", topics.bundle_prefix(meta.sha256)).to_json()
     known = store.bundle(bundle.sha256)
-    sources = [] if known is None else [_source(entry) for entry in known.sources]
-    store.record_bundle(_with_sources(bundle, [*sources, *([] if mqtt in sources else [mqtt])]))
+    sources = () if known is None else tuple(known.sources)
+    store.record_bundle(replace(bundle, sources=sources if mqtt in sources else (*sources, mqtt)))
     return meta
 
 
@@ -444,11 +445,6 @@ def new_rollout_id() -> str:
     return f"r-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _with_sources(bundle: ReleaseBundle, sources: Sequence[BundleSource]) -> ReleaseBundle:
-    """`bundle` as the store keeps it: with the places devices fetch it from."""
-    return replace(bundle, sources=tuple(source.to_json() for source in sources))
-
-
 def _epoch_why(previous: ReleaseBundle, current: ReleaseBundle) -> str:
     """Why a device cannot go back from `current` to `previous`."""
     return (
@@ -457,12 +453,6 @@ def _epoch_why(previous: ReleaseBundle, current: ReleaseBundle) -> str:
         f"{current.version}: a device that accepted the latter refuses bundles below its "
         "floor"
     )
-
-
-def _first_deployment(targets: Sequence[TargetRecord]) -> bool:
-    """No device the rollout updates ran a model before it: nothing to regress from."""
-    updated = [t for t in targets if t.outcome != "skipped"]
-    return bool(updated) and all(t.previous is None for t in updated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,40 +526,36 @@ class RolloutController:
         return self.registry
 
     def _handle(self, messages: Sequence[Message]) -> None:
+        observed = self._observed
         for message in messages:
             try:
-                self._handle_one(message)
+                fleet, device, leaf = parse_device_topic(message.topic)
+                if fleet != self.fleet:
+                    continue
+                if leaf == "status":
+                    self.registry.handle(message)
+                elif leaf == "desired":
+                    if message.payload:
+                        observed.desired[device] = message.payload
+                    else:
+                        observed.desired.pop(device, None)
+                elif leaf == "events":
+                    event = Event.from_json(message.payload)
+                    if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
+                        why = f"{event.kind}: {event.reason or 'no reason given'}"
+                        observed.failed_events[(device, event.sequence)] = why
+                elif leaf == "telemetry":
+                    telemetry = Telemetry.from_json(message.payload)
+                    sha = telemetry.bundle.sha256 if telemetry.bundle else ""
+                    p95 = telemetry.latency_ms.get("p95")
+                    if p95 is not None and telemetry.requests > 0:
+                        observed.p95_ms[device] = (sha, p95)
+                        self._note_baseline(device, sha, p95)
+                    if telemetry.drift_psi is not None:
+                        observed.drift[device] = (sha, telemetry.drift_psi)
             except MessageError as e:  # one device's bad message never stops a rollout
                 self.rejected[e.reason] += 1
                 logger.debug("ignoring %s: %s", message.topic[:200], e)
-
-    def _handle_one(self, message: Message) -> None:
-        observed = self._observed
-        fleet, device, leaf = parse_device_topic(message.topic)
-        if fleet != self.fleet:
-            return
-        if leaf == "status":
-            self.registry.handle(message)
-        elif leaf == "desired":
-            if message.payload:
-                observed.desired[device] = message.payload
-            else:
-                observed.desired.pop(device, None)
-        elif leaf == "events":
-            event = Event.from_json(message.payload)
-            if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
-                observed.failed_events[(device, event.sequence)] = (
-                    f"{event.kind}: {event.reason or 'no reason given'}"
-                )
-        elif leaf == "telemetry":
-            telemetry = Telemetry.from_json(message.payload)
-            sha = telemetry.bundle.sha256 if telemetry.bundle else ""
-            p95 = telemetry.latency_ms.get("p95")
-            if p95 is not None and telemetry.requests > 0:
-                observed.p95_ms[device] = (sha, p95)
-                self._note_baseline(device, sha, p95)
-            if telemetry.drift_psi is not None:
-                observed.drift[device] = (sha, telemetry.drift_psi)
 
     def _note_baseline(self, device: str, sha: str, p95: float) -> None:
         """Keep `p95` as `device`'s baseline if it still runs its pre-rollout bundle."""
@@ -676,7 +662,7 @@ class RolloutController:
             sources = _sources(
                 bundle, self.topics, mqtt=options.publish_mqtt, url_templates=options.bundle_urls
             )
-            self.store.record_bundle(_with_sources(bundle, sources))
+            self.store.record_bundle(replace(bundle, sources=sources))
         rollout_id = rollout_id or new_rollout_id()
         spec = {
             "options": options.to_json(),
@@ -762,7 +748,9 @@ class RolloutController:
         targets = self.store.targets(rollout_id)
         self._previous_sha = {t.device: (t.previous or {}).get("sha256", "") for t in targets}
         self._driving = rollout_id
-        self._first_deployment = _first_deployment(targets)
+        # No device the rollout updates ran a model before it: nothing to regress from.
+        updated = [t for t in targets if t.outcome != "skipped"]
+        self._first_deployment = bool(updated) and all(t.previous is None for t in updated)
         self._said = {}
         if self._first_deployment and options.max_latency_regression is not None:
             note = self._budget_note({t.bundle_sha256 for t in targets})
@@ -788,7 +776,7 @@ class RolloutController:
             elif record.state == "reverting":
                 self._step_revert(record, options)
             elif record.state == "paused":
-                self._update_outcomes(rollout_id, self.store.targets(rollout_id))
+                self._update_outcomes(rollout_id)
                 self._say_once(
                     "paused",
                     f"paused: no new wave starts until `edgekit fleet resume {rollout_id}`",
@@ -877,9 +865,9 @@ class RolloutController:
         device: str,
         sequence: int,
         bundle: ReleaseBundle,
-        min_security_epoch: int,
         ttl_s: float,
     ) -> bytes:
+        """A signed directive naming `bundle`, with its security epoch as the device's floor."""
         if not self.signers:
             raise RolloutError("no directive key: pass --key NAME (a key of the directives role)")
         directive = build_directive(
@@ -894,7 +882,7 @@ class RolloutController:
                 version=bundle.version,
                 sources=tuple(_source(entry) for entry in bundle.sources),
             ),
-            min_security_epoch=min_security_epoch,
+            min_security_epoch=bundle.security_epoch,
             issued_at=datetime.now(timezone.utc),
             ttl_s=ttl_s,
         )
@@ -938,7 +926,6 @@ class RolloutController:
                 device=target.device,
                 sequence=sequence,
                 bundle=bundle,
-                min_security_epoch=bundle.security_epoch,
                 ttl_s=options.directive_ttl_s,
             )
             directives.append((target.device, sequence, envelope))
@@ -971,9 +958,10 @@ class RolloutController:
             return "failed", "rolled_back"
         return None
 
-    def _update_outcomes(self, rollout_id: str, targets: Sequence[TargetRecord]) -> None:
+    def _update_outcomes(self, rollout_id: str, *, wave: int | None = None) -> list[TargetRecord]:
+        """Record what devices reported on their directives; returns the updated targets."""
         changes = []
-        for target in targets:
+        for target in self.store.targets(rollout_id, wave=wave):
             if target.outcome == "sent":
                 found = self._outcome(target, revert=False)
                 if found is not None:
@@ -984,6 +972,7 @@ class RolloutController:
                     outcome = "reverted" if found[0] == "succeeded" else "revert_failed"
                     changes.append((target.device, outcome, found[1]))
         self.store.set_outcomes(rollout_id, changes)
+        return self.store.targets(rollout_id, wave=wave)
 
     def _observation(
         self, targets: Sequence[TargetRecord], started_at: float, settled_at: float | None
@@ -1085,9 +1074,7 @@ class RolloutController:
         if wave.state == "planned":
             self._start_wave(record, options, wave.wave)
             return
-        targets = self.store.targets(record.id, wave=wave.wave)
-        self._update_outcomes(record.id, targets)
-        targets = self.store.targets(record.id, wave=wave.wave)
+        targets = self._update_outcomes(record.id, wave=wave.wave)
         settled_at = wave.settled_at
         if settled_at is None and all(t.outcome in ("succeeded", "failed") for t in targets):
             settled_at = time.time()
@@ -1139,13 +1126,11 @@ class RolloutController:
             assert target.previous is not None
             bundle = self._previous_bundle(target.previous["sha256"])
             if bundle is None:
-                unrevertable.append(
-                    (
-                        target.device,
-                        f"previous bundle {target.previous['sha256'][:12]} is unknown here and not "
-                        "published on the broker",
-                    )
+                why = (
+                    f"previous bundle {target.previous['sha256'][:12]} is unknown here and not "
+                    "published on the broker"
                 )
+                unrevertable.append((target.device, why))
                 continue
             current = self._bundle(target.bundle_sha256)
             if bundle.security_epoch < current.security_epoch:
@@ -1156,7 +1141,6 @@ class RolloutController:
                 device=target.device,
                 sequence=sequence,
                 bundle=bundle,
-                min_security_epoch=bundle.security_epoch,
                 ttl_s=options.directive_ttl_s,
             )
             directives.append((target.device, sequence, envelope))
@@ -1196,17 +1180,15 @@ class RolloutController:
             return None
 
     def _previous_bundle(self, sha256: str) -> ReleaseBundle | None:
-        """The bundle a revert names: from the store, or read from the broker's chunks."""
-        return self.store.bundle(sha256) or self._bundle_from_broker(sha256)
+        """The bundle a revert names: from the store, or one someone else published: fetch its
+        chunks, read the manifest (its real security epoch) and record it; None if the broker
+        does not hold it whole."""
+        from edgekit.transfer import MqttBundleFetcher
 
-    def _bundle_from_broker(self, sha256: str) -> ReleaseBundle | None:
-        """A bundle someone else published: fetch its chunks, read the manifest (its real
-        security epoch) and record it; None if the broker does not hold it whole."""
-        import tempfile
-
-        from edgekit.transfer import MqttBundleFetcher, TransferError
-
-        meta = self._meta_on_broker(sha256)  # published by someone else
+        known = self.store.bundle(sha256)
+        if known is not None:
+            return known
+        meta = self._meta_on_broker(sha256)
         if meta is None:
             return None
         prefix = self.topics.bundle_prefix(meta.sha256)
@@ -1223,7 +1205,7 @@ class RolloutController:
                 path = fetcher.fetch(Path(folder) / f"{meta.sha256}.ekb", timeout_s=120)
                 with path.open("rb") as handle:
                     manifest = inspect_bundle(handle).manifest
-            except (TransferError, EdgekitError, OSError) as e:
+            except (EdgekitError, OSError) as e:  # TransferError is an EdgekitError
                 logger.warning("cannot read bundle %s from the broker: %s", sha256[:12], e)
                 return None
         record = ReleaseBundle(
@@ -1246,9 +1228,7 @@ class RolloutController:
         )
 
     def _step_revert(self, record: RolloutRecord, options: RolloutOptions) -> None:
-        targets = self.store.targets(record.id)
-        self._update_outcomes(record.id, targets)
-        targets = self.store.targets(record.id)
+        targets = self._update_outcomes(record.id)
         # Devices that ran no model before and just reported on the release keep it.
         self.store.set_outcomes(
             record.id,
@@ -1265,21 +1245,16 @@ class RolloutController:
             self._revert_started = record.updated_at
         timed_out = time.time() - self._revert_started > options.report_timeout_s
         if pending and not timed_out:
-            until = time.localtime(self._revert_started + options.report_timeout_s)
+            deadline = time.localtime(self._revert_started + options.report_timeout_s)
+            until = time.strftime("%H:%M:%S", deadline)
             reverting = sum(t.outcome == "reverting" for t in pending)
-            waits = [
-                f"{_count(reverting, 'device')} to report on the revert" if reverting else "",
-                f"{_count(len(pending) - reverting, 'device')} that ran no model before to "
-                "report on the release"
-                if len(pending) > reverting
-                else "",
-            ]
-            self._say_once(
-                "revert",
-                "reverting: waiting for "
-                + " and ".join(w for w in waits if w)
-                + f" until {time.strftime('%H:%M:%S', until)}",
-            )
+            fresh = len(pending) - reverting
+            waits = [f"{_count(reverting, 'device')} to report on the revert"] if reverting else []
+            if fresh:
+                waits.append(
+                    f"{_count(fresh, 'device')} that ran no model before to report on the release"
+                )
+            self._say_once("revert", f"reverting: waiting for {' and '.join(waits)} until {until}")
             return
         if pending:
             self.store.set_outcomes(
@@ -1328,7 +1303,6 @@ class RolloutController:
             report_timeout_s=report_timeout_s,
             revert_on_halt=False,
             publish_mqtt=any(s.get("kind") == "mqtt" for r in profiles.values() for s in r.sources),
-            bundle_urls=(),
             selector=selector,
         )
         return self.plan(release, options, kind="rollback", recorded_sources=True)
