@@ -614,9 +614,7 @@ class RolloutController:
         options.gates()  # out-of-range limits fail before anything is recorded
         registry = self.listen()
         selected = [
-            record
-            for record in registry.devices(options.selector)
-            if record.online or options.include_offline
+            r for r in registry.devices(options.selector) if r.online or options.include_offline
         ]
         if not selected:
             known = len(registry)
@@ -860,41 +858,39 @@ class RolloutController:
 
     def _sign(
         self,
-        *,
-        rollout_id: str,
-        device: str,
-        sequence: int,
-        bundle: ReleaseBundle,
-        ttl_s: float,
-    ) -> bytes:
-        """A signed directive naming `bundle`, with its security epoch as the device's floor."""
+        record: RolloutRecord,
+        options: RolloutOptions,
+        pairs: Sequence[tuple[str, ReleaseBundle]],
+    ) -> list[tuple[str, int, bytes]]:
+        """(device, sequence, envelope) naming each (device, bundle): new sequences above every
+        one seen on the broker, the bundle's security epoch as the device's floor."""
+        if not pairs:
+            return []
         if not self.signers:
             raise RolloutError("no directive key: pass --key NAME (a key of the directives role)")
-        directive = build_directive(
-            fleet=self.fleet,
-            device=device,
-            rollout_id=rollout_id,
-            sequence=sequence,
-            bundle=BundleRef(
-                sha256=bundle.sha256,
-                size_bytes=bundle.size_bytes,
-                name=bundle.name,
-                version=bundle.version,
-                sources=tuple(_source(entry) for entry in bundle.sources),
-            ),
-            min_security_epoch=bundle.security_epoch,
-            issued_at=datetime.now(timezone.utc),
-            ttl_s=ttl_s,
-        )
-        return sign_directive(directive, self.signers)
-
-    def _allocate_sequences(self, count: int) -> int:
-        """The first of `count` new sequences (0 if none), above every one seen on the broker."""
-        if not count:
-            return 0
         seen = [r.last_sequence for r in self.registry.devices()]
         seen += [peek_sequence(e) or 0 for e in self._observed.desired.values()]
-        return self.store.allocate_sequences(self.fleet, count, at_least=max(seen, default=0))
+        first = self.store.allocate_sequences(self.fleet, len(pairs), at_least=max(seen, default=0))
+        directives = []
+        for sequence, (device, bundle) in enumerate(pairs, start=first):
+            directive = build_directive(
+                fleet=self.fleet,
+                device=device,
+                rollout_id=record.id,
+                sequence=sequence,
+                bundle=BundleRef(
+                    sha256=bundle.sha256,
+                    size_bytes=bundle.size_bytes,
+                    name=bundle.name,
+                    version=bundle.version,
+                    sources=tuple(_source(entry) for entry in bundle.sources),
+                ),
+                min_security_epoch=bundle.security_epoch,
+                issued_at=datetime.now(timezone.utc),
+                ttl_s=options.directive_ttl_s,
+            )
+            directives.append((device, sequence, sign_directive(directive, self.signers)))
+        return directives
 
     def _bundle(self, sha256: str) -> ReleaseBundle:
         found = self.store.bundle(sha256)
@@ -917,18 +913,9 @@ class RolloutController:
     ) -> list[tuple[str, int, bytes]]:
         """Sign the wave's directives and record them (the wave starts); nothing published."""
         targets = [t for t in self.store.targets(record.id, wave=wave) if t.outcome == "planned"]
-        first = self._allocate_sequences(len(targets))
-        directives = []
-        for sequence, target in enumerate(targets, start=first):
-            bundle = self._bundle(target.bundle_sha256)
-            envelope = self._sign(
-                rollout_id=record.id,
-                device=target.device,
-                sequence=sequence,
-                bundle=bundle,
-                ttl_s=options.directive_ttl_s,
-            )
-            directives.append((target.device, sequence, envelope))
+        directives = self._sign(
+            record, options, [(t.device, self._bundle(t.bundle_sha256)) for t in targets]
+        )
         if directives:
             self.store.record_directives(record.id, directives, start_wave=wave)
         else:
@@ -1031,11 +1018,8 @@ class RolloutController:
         unknown = [profile for profile, budget in known if not budget]
         if not budgets:
             return "no latency budget (none known for profile " + ", ".join(unknown) + ")"
-        text = (
-            "the latency budget of profile "
-            if len(budgets) == 1
-            else "the latency budgets of profiles "
-        ) + ", ".join(budgets)
+        noun = "budget of profile" if len(budgets) == 1 else "budgets of profiles"
+        text = f"the latency {noun} {', '.join(budgets)}"
         if unknown:
             text += f"; not judged for {', '.join(unknown)} (no budget)"
         return text
@@ -1116,14 +1100,12 @@ class RolloutController:
         self, record: RolloutRecord, *, reason: str, then: Literal["halted", "aborted"]
     ) -> None:
         """Sign and publish a directive naming each updated device's previous bundle."""
-        options = self._options(record)
         targets = [t for t in self.store.targets(record.id) if t.outcome in ("sent", "succeeded")]
-        directives: list[tuple[str, int, bytes]] = []
+        revertable: list[tuple[str, ReleaseBundle]] = []
         unrevertable: list[tuple[str, str]] = []
-        candidates = [t for t in targets if t.previous is not None]
-        first = self._allocate_sequences(len(candidates))
-        for sequence, target in enumerate(candidates, start=first):
-            assert target.previous is not None
+        for target in targets:
+            if target.previous is None:
+                continue
             bundle = self._previous_bundle(target.previous["sha256"])
             if bundle is None:
                 why = (
@@ -1135,15 +1117,9 @@ class RolloutController:
             current = self._bundle(target.bundle_sha256)
             if bundle.security_epoch < current.security_epoch:
                 unrevertable.append((target.device, _epoch_why(bundle, current)))
-                continue
-            envelope = self._sign(
-                rollout_id=record.id,
-                device=target.device,
-                sequence=sequence,
-                bundle=bundle,
-                ttl_s=options.directive_ttl_s,
-            )
-            directives.append((target.device, sequence, envelope))
+            else:
+                revertable.append((target.device, bundle))
+        directives = self._sign(record, self._options(record), revertable)
         # Nothing to revert to: those that committed keep the release; those still on their
         # way stay `sent` until they report (or the report timeout), see `_step_revert`.
         no_previous = [
