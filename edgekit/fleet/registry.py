@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -67,13 +67,12 @@ class DeviceSelector:
     devices: tuple[str, ...] = ()
 
     def matches(self, record: DeviceRecord) -> bool:
-        if self.group is not None and record.group != self.group:
-            return False
-        if self.profiles and record.profile not in self.profiles:
-            return False
-        if self.devices and record.device not in self.devices:
-            return False
-        return all(record.tags.get(key) == value for key, value in self.tags.items())
+        return (
+            (self.group is None or record.group == self.group)
+            and (not self.profiles or record.profile in self.profiles)
+            and (not self.devices or record.device in self.devices)
+            and all(record.tags.get(key) == value for key, value in self.tags.items())
+        )
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,7 @@ class DeviceRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        document: dict[str, Any] = msgspec.to_builtins(self)
-        return document
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
 
 class DeviceRegistry:

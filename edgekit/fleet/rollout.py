@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 
@@ -59,6 +59,7 @@ from edgekit.topics import (
     Topics,
     parse_device_topic,
 )
+from edgekit.transfer import DEFAULT_CHUNK_BYTES, MqttBundleFetcher, publish_bundle
 from edgekit.trust import (
     BundleRef,
     BundleSource,
@@ -217,8 +218,6 @@ def publish_release(
     progress: Callable[[int, int], None] | None = None,
 ) -> BundleMeta:
     """Publish `bundle` as retained MQTT chunks (meta last) and remember it in the store."""
-    from edgekit.transfer import DEFAULT_CHUNK_BYTES, publish_bundle
-
     if bundle.path is None or not bundle.path.is_file():
         raise RolloutError(
             f"bundle {bundle.name} {bundle.version} for {bundle.profile} must be published but "
@@ -269,8 +268,7 @@ class RolloutOptions:
     selector: DeviceSelector = field(default_factory=DeviceSelector)
 
     def to_json(self) -> dict[str, Any]:
-        document: dict[str, Any] = msgspec.to_builtins(self)
-        return document
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> RolloutOptions:
@@ -327,8 +325,7 @@ class RolloutProgress:
         return sum(w.succeeded + w.failed for w in self.waves)
 
     def to_json(self) -> dict[str, Any]:
-        document: dict[str, Any] = msgspec.to_builtins(self)
-        return document
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
 
 @dataclass(frozen=True)
@@ -617,11 +614,10 @@ class RolloutController:
             r for r in registry.devices(options.selector) if r.online or options.include_offline
         ]
         if not selected:
-            known = len(registry)
             raise RolloutError(
                 f"no {'' if options.include_offline else 'online '}device of fleet "
-                f"{self.fleet!r} matches the selection ({known} known): check --group/--tag/"
-                "--profile and `edgekit fleet devices`"
+                f"{self.fleet!r} matches the selection ({len(registry)} known): check "
+                "--group/--tag/--profile and `edgekit fleet devices`"
             )
         missing = Counter(
             r.profile or "(none)" for r in selected if release.for_profile(r.profile) is None
@@ -807,12 +803,9 @@ class RolloutController:
         for entry in record.spec["release"]:
             if entry["sha256"] not in shas or self._meta_on_broker(entry["sha256"]) is not None:
                 continue  # retained on the broker already (a resumed rollout, `fleet publish`)
+            path = Path(entry["path"]) if entry["path"] else None
             bundle = ReleaseBundle(
-                **{
-                    **entry,
-                    "path": Path(entry["path"]) if entry["path"] else None,
-                    "sources": tuple(entry.get("sources", ())),
-                }
+                **{**entry, "path": path, "sources": tuple(entry.get("sources", ()))}
             )
             logger.info("publishing bundle %s (%d bytes)", bundle.sha256[:12], bundle.size_bytes)
             # A large bundle takes a while: keep the heartbeat going, so nobody takes the
@@ -927,37 +920,34 @@ class RolloutController:
         logger.info("rollout %s: wave %d to %d devices", record.id, wave, len(directives))
         self._publish_directives(directives)
 
-    def _outcome(self, target: TargetRecord, *, revert: bool) -> tuple[str, str | None] | None:
-        """(`succeeded`|`failed`, detail) once the device reported on its directive."""
+    def _outcome(self, target: TargetRecord) -> tuple[str, str | None] | None:
+        """(outcome, detail) of a `sent` (`succeeded`|`failed`) or `reverting` (`reverted`|
+        `revert_failed`) target once its device reported on the directive."""
+        revert = target.outcome == "reverting"
         sequence = target.revert_sequence if revert else target.sequence
         if sequence is None:
             return None
         wanted = (target.previous or {}).get("sha256") if revert else target.bundle_sha256
-        failed = self._observed.failed_events.get((target.device, sequence))
-        if failed is not None:
-            return "failed", failed
+        succeeded, failed = ("reverted", "revert_failed") if revert else ("succeeded", "failed")
+        why = self._observed.failed_events.get((target.device, sequence))
+        if why is not None:
+            return failed, why
         status = self.registry.get(target.device)
         if status is None or status.last_sequence < sequence:
             return None
         if status.state == "committed" and status.active and status.active.sha256 == wanted:
-            return "succeeded", None
+            return succeeded, None
         if status.state == "rolled_back":
-            return "failed", "rolled_back"
+            return failed, "rolled_back"
         return None
 
     def _update_outcomes(self, rollout_id: str, *, wave: int | None = None) -> list[TargetRecord]:
         """Record what devices reported on their directives; returns the updated targets."""
         changes = []
         for target in self.store.targets(rollout_id, wave=wave):
-            if target.outcome == "sent":
-                found = self._outcome(target, revert=False)
-                if found is not None:
-                    changes.append((target.device, found[0], found[1]))
-            elif target.outcome == "reverting":
-                found = self._outcome(target, revert=True)
-                if found is not None:
-                    outcome = "reverted" if found[0] == "succeeded" else "revert_failed"
-                    changes.append((target.device, outcome, found[1]))
+            found = self._outcome(target) if target.outcome in ("sent", "reverting") else None
+            if found is not None:
+                changes.append((target.device, *found))
         self.store.set_outcomes(rollout_id, changes)
         return self.store.targets(rollout_id, wave=wave)
 
@@ -1159,8 +1149,6 @@ class RolloutController:
         """The bundle a revert names: from the store, or one someone else published: fetch its
         chunks, read the manifest (its real security epoch) and record it; None if the broker
         does not hold it whole."""
-        from edgekit.transfer import MqttBundleFetcher
-
         known = self.store.bundle(sha256)
         if known is not None:
             return known
@@ -1232,21 +1220,15 @@ class RolloutController:
                 )
             self._say_once("revert", f"reverting: waiting for {' and '.join(waits)} until {until}")
             return
-        if pending:
-            self.store.set_outcomes(
-                record.id,
-                [
-                    (t.device, "revert_failed", "did not report on the revert in time")
-                    if t.outcome == "reverting"
-                    else (
-                        t.device,
-                        "no_previous",
-                        "ran no model before this rollout: nothing to revert to; did not "
-                        "report on the release in time",
-                    )
-                    for t in pending
-                ],
-            )
+        late = {  # what a device that did not report in time ends as
+            "reverting": ("revert_failed", "did not report on the revert in time"),
+            "sent": (
+                "no_previous",
+                "ran no model before this rollout: nothing to revert to; did not report on the "
+                "release in time",
+            ),
+        }
+        self.store.set_outcomes(record.id, [(t.device, *late[t.outcome]) for t in pending])
         then: RolloutState = "aborted" if record.after_revert == "aborted" else "halted"
         self.store.set_state(record.id, then)
 
