@@ -17,7 +17,9 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+import msgspec
 
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import BrokerSettings, Inbox, Message, MqttClient
@@ -65,29 +67,11 @@ class DeviceSelector:
     devices: tuple[str, ...] = ()
 
     def matches(self, record: DeviceRecord) -> bool:
-        if self.group is not None and record.group != self.group:
-            return False
-        if self.profiles and record.profile not in self.profiles:
-            return False
-        if self.devices and record.device not in self.devices:
-            return False
-        return all(record.tags.get(key) == value for key, value in self.tags.items())
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "tags": dict(self.tags),
-            "profiles": list(self.profiles),
-            "devices": list(self.devices),
-        }
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> DeviceSelector:
-        return cls(
-            group=value.get("group"),
-            tags=dict(value.get("tags") or {}),
-            profiles=tuple(value.get("profiles") or ()),
-            devices=tuple(value.get("devices") or ()),
+        return (
+            (self.group is None or record.group == self.group)
+            and (not self.profiles or record.profile in self.profiles)
+            and (not self.devices or record.device in self.devices)
+            and all(record.tags.get(key) == value for key, value in self.tags.items())
         )
 
 
@@ -126,20 +110,7 @@ class DeviceRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "online": self.online,
-            "state": self.state,
-            "profile": self.profile,
-            "group": self.group,
-            "tags": dict(self.tags),
-            "active": self.active.to_dict() if self.active else None,
-            "previous": self.previous.to_dict() if self.previous else None,
-            "rollout_id": self.rollout_id,
-            "last_sequence": self.last_sequence,
-            "agent_version": self.agent_version,
-            "last_seen": self.last_seen,
-        }
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
 
 class DeviceRegistry:
@@ -154,20 +125,14 @@ class DeviceRegistry:
     def handle(self, message: Message) -> DeviceRecord | None:
         """Apply a `devices/<id>/status` message; returns the updated record, if any.
         Never raises: a bad status is counted and leaves the device's record unchanged."""
+        device = None
         try:
-            return self._apply(message)
-        except MessageError as e:
-            self.rejected[e.reason] += 1
-            return None
-
-    def _apply(self, message: Message) -> DeviceRecord | None:
-        fleet, device, leaf = parse_device_topic(message.topic)
-        if fleet != self.topics.fleet or leaf != "status":
-            return None
-        if not message.payload:  # retained status cleared: the device was removed
-            self._devices.pop(device, None)
-            return None
-        try:
+            fleet, device, leaf = parse_device_topic(message.topic)
+            if fleet != self.topics.fleet or leaf != "status":
+                return None
+            if not message.payload:  # retained status cleared: the device was removed
+                self._devices.pop(device, None)
+                return None
             status = Status.from_json(message.payload)
             if status.device != device or status.fleet != fleet:
                 raise MessageError(
@@ -176,9 +141,11 @@ class DeviceRegistry:
                     reason="mismatch",
                 )
         except MessageError as e:
-            self.invalid[device] = str(e)
-            logger.debug("device %s: unreadable status: %s", device, e)
-            raise
+            self.rejected[e.reason] += 1
+            if device is not None:  # the topic named a device: its status is unreadable
+                self.invalid[device] = str(e)
+                logger.debug("device %s: unreadable status: %s", device, e)
+            return None
         self.invalid.pop(device, None)
         record = DeviceRecord.from_status(status, received_at=message.received_at)
         known = self._devices.get(device)

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import logging
 import secrets
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
+
+import msgspec
 
 from edgekit.bundle import inspect_bundle, verify_bundle
 from edgekit.contract import peek_sequence
@@ -48,12 +52,14 @@ from edgekit.mqtt import Inbox, Message, MqttClient, wait_all
 from edgekit.topics import (
     BundleId,
     BundleMeta,
+    DeviceLeaf,
     Event,
     MessageError,
     Telemetry,
     Topics,
     parse_device_topic,
 )
+from edgekit.transfer import DEFAULT_CHUNK_BYTES, MqttBundleFetcher, publish_bundle
 from edgekit.trust import (
     BundleRef,
     BundleSource,
@@ -122,8 +128,7 @@ class Release:
 
     @property
     def label(self) -> str:
-        names = sorted({f"{b.name} {b.version}" for b in self.bundles})
-        return ", ".join(names)
+        return ", ".join(sorted({f"{b.name} {b.version}" for b in self.bundles}))
 
 
 def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None) -> Release:
@@ -166,7 +171,8 @@ def load_release(paths: Sequence[Path], *, truststore: TrustStore | None = None)
 
 def _sources(
     bundle: ReleaseBundle, topics: Topics, *, mqtt: bool, url_templates: Sequence[str]
-) -> tuple[BundleSource, ...]:
+) -> tuple[dict[str, str], ...]:
+    """Where devices fetch `bundle`, as the store keeps it (`BundleSource.to_json` entries)."""
     sources: list[BundleSource] = []
     if mqtt:
         sources.append(BundleSource("mqtt", topics.bundle_prefix(bundle.sha256)))
@@ -192,7 +198,7 @@ def _sources(
             "devices would have nowhere to fetch the bundle: publish it over MQTT or give "
             "--bundle-url"
         )
-    return tuple(sources)
+    return tuple(source.to_json() for source in sources)
 
 
 def _source(entry: Mapping[str, str]) -> BundleSource:
@@ -212,8 +218,6 @@ def publish_release(
     progress: Callable[[int, int], None] | None = None,
 ) -> BundleMeta:
     """Publish `bundle` as retained MQTT chunks (meta last) and remember it in the store."""
-    from edgekit.transfer import DEFAULT_CHUNK_BYTES, publish_bundle
-
     if bundle.path is None or not bundle.path.is_file():
         raise RolloutError(
             f"bundle {bundle.name} {bundle.version} for {bundle.profile} must be published but "
@@ -231,10 +235,10 @@ def publish_release(
     )
     if meta.sha256 != bundle.sha256:
         raise RolloutError(f"bundle {bundle.path} changed while it was being published")
-    mqtt = BundleSource("mqtt", topics.bundle_prefix(meta.sha256))
+    mqtt = BundleSource("mqtt", topics.bundle_prefix(meta.sha256)).to_json()
     known = store.bundle(bundle.sha256)
-    sources = [] if known is None else [_source(entry) for entry in known.sources]
-    store.record_bundle(_with_sources(bundle, [*sources, *([] if mqtt in sources else [mqtt])]))
+    sources = () if known is None else tuple(known.sources)
+    store.record_bundle(replace(bundle, sources=sources if mqtt in sources else (*sources, mqtt)))
     return meta
 
 
@@ -264,20 +268,12 @@ class RolloutOptions:
     selector: DeviceSelector = field(default_factory=DeviceSelector)
 
     def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["selector"] = self.selector.to_json()
-        document["waves"] = list(self.waves)
-        document["bundle_urls"] = list(self.bundle_urls)
-        return document
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> RolloutOptions:
-        values = dict(document)
-        values["selector"] = DeviceSelector.from_json(values.get("selector") or {})
-        values["waves"] = tuple(values.get("waves") or ())
-        values["bundle_urls"] = tuple(values.get("bundle_urls") or ())
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """Unknown keys are ignored, missing ones take their defaults."""
+        return msgspec.convert(document, cls)
 
     def gates(self) -> AllOf:
         """The gates every wave must pass (raises `GateError` for out-of-range limits)."""
@@ -329,16 +325,7 @@ class RolloutProgress:
         return sum(w.succeeded + w.failed for w in self.waves)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "rollout_id": self.rollout_id,
-            "fleet": self.fleet,
-            "state": self.state,
-            "reason": self.reason,
-            "current_wave": self.current_wave,
-            "waves": [asdict(w) for w in self.waves],
-            "counts": dict(self.counts),
-            "summary": self.summary,
-        }
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
 
 @dataclass(frozen=True)
@@ -360,19 +347,15 @@ def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
     """The stored state of a rollout, as a progress snapshot."""
     record = store.rollout(rollout_id)
     targets = store.targets(rollout_id)
-    counts: dict[str, int] = {}
-    for target in targets:
-        counts[target.outcome] = counts.get(target.outcome, 0) + 1
     waves = []
     for wave in store.waves(rollout_id):
         members = [t for t in targets if t.wave == wave.wave and t.outcome != "skipped"]
         succeeded = sum(
-            1
-            for t in members
-            if t.outcome in ("succeeded", "reverting", "reverted", "revert_failed")
+            t.outcome in ("succeeded", "reverting", "reverted", "revert_failed")
             or (t.outcome == "no_previous" and "keeps" in (t.detail or ""))
+            for t in members
         )
-        failed = sum(1 for t in members if t.outcome == "failed")
+        failed = sum(t.outcome == "failed" for t in members)
         waves.append(
             WaveProgress(
                 index=wave.wave,
@@ -392,7 +375,7 @@ def progress_of(store: RolloutStore, rollout_id: str) -> RolloutProgress:
         reason=record.reason,
         current_wave=record.current_wave,
         waves=tuple(waves),
-        counts=counts,
+        counts=dict(Counter(t.outcome for t in targets)),
         summary=summarize(record, targets),
     )
 
@@ -408,67 +391,48 @@ def summarize(record: RolloutRecord, targets: Sequence[TargetRecord]) -> str:
         entry.get("sha256"): f"{entry.get('name')} {entry.get('version')}"
         for entry in record.spec.get("release", [])
     }
-    by: dict[str, list[TargetRecord]] = {}
+    by: defaultdict[str, list[TargetRecord]] = defaultdict(list)
     for target in targets:
-        by.setdefault(target.outcome, []).append(target)
+        by[target.outcome].append(target)
     parts: list[str] = []
 
     def label(group: Sequence[TargetRecord]) -> str:
         return ", ".join(sorted({labels.get(t.bundle_sha256) or "the release" for t in group}))
 
-    if by.get("succeeded"):
-        group = by["succeeded"]
-        still = " and keep it" if record.state in ("halted", "aborted") else ""
-        parts.append(f"{_count(len(group), 'device')} updated to {label(group)}{still}")
-    failed = by.get("failed", [])
-    health = [t for t in failed if "health check" in (t.detail or "")]
-    others = [t for t in failed if t not in health]
+    def add(group: Sequence[TargetRecord], text: str) -> None:
+        if group:
+            parts.append(f"{_count(len(group), 'device')} {text}")
+
+    still = " and keep it" if record.state in ("halted", "aborted") else ""
+    add(by["succeeded"], f"updated to {label(by['succeeded'])}{still}")
+    health = [t for t in by["failed"] if "health check" in (t.detail or "")]
+    others = [t for t in by["failed"] if t not in health]
     for group, what in ((health, "failed its health check"), (others, "failed the update")):
-        if not group:
-            continue
-        bare = sum(1 for t in group if t.previous is None)
-        text = f"{_count(len(group), 'device')} " + (
-            what if len(group) == 1 else what.replace("its", "their")
-        )
-        if bare == len(group):
-            text += (
-                " and is left without a model (it ran none before)"
-                if bare == 1
-                else " and are left without a model (they ran none before)"
-            )
+        bare = sum(t.previous is None for t in group)
+        text = what if len(group) == 1 else what.replace("its", "their")
+        if bare == len(group) == 1:
+            text += " and is left without a model (it ran none before)"
+        elif bare == len(group):
+            text += " and are left without a model (they ran none before)"
         elif bare:
             text += f" ({bare} of them ran no model before and are left without one)"
-        parts.append(text)
-    if by.get("reverted"):
-        parts.append(f"{_count(len(by['reverted']), 'device')} reverted to their previous bundle")
-    if by.get("reverting"):
-        parts.append(f"{_count(len(by['reverting']), 'device')} being reverted")
-    no_previous = by.get("no_previous", [])
-    kept = [t for t in no_previous if "keeps" in (t.detail or "")]
-    unknown = [t for t in no_previous if t not in kept]
-    if kept:
-        keep = "keeps" if len(kept) == 1 else "keep"
-        parts.append(
-            f"{_count(len(kept), 'device')} that ran no model before {keep} {label(kept)} "
-            "(nothing to revert to)"
-        )
-    if unknown:
-        parts.append(
-            f"{_count(len(unknown), 'device')} that ran no model before did not report on "
-            f"{label(unknown)} in time (nothing to revert to)"
-        )
-    if by.get("revert_failed"):
-        group = by["revert_failed"]
-        why = next((t.detail for t in group if t.detail), None)
-        parts.append(
-            f"{_count(len(group), 'device')} could not be reverted" + (f" ({why})" if why else "")
-        )
-    if by.get("sent"):
-        parts.append(f"{_count(len(by['sent']), 'device')} not reported yet")
-    if by.get("planned"):
-        later = "never received the release" if record.terminal else "in later waves"
-        parts.append(f"{_count(len(by['planned']), 'device')} {later}")
-    if by.get("skipped"):
+        add(group, text)
+    add(by["reverted"], "reverted to their previous bundle")
+    add(by["reverting"], "being reverted")
+    kept = [t for t in by["no_previous"] if "keeps" in (t.detail or "")]
+    unknown = [t for t in by["no_previous"] if t not in kept]
+    keep = "keeps" if len(kept) == 1 else "keep"
+    add(kept, f"that ran no model before {keep} {label(kept)} (nothing to revert to)")
+    add(
+        unknown,
+        f"that ran no model before did not report on {label(unknown)} in time "
+        "(nothing to revert to)",
+    )
+    why = next((t.detail for t in by["revert_failed"] if t.detail), None)
+    add(by["revert_failed"], "could not be reverted" + (f" ({why})" if why else ""))
+    add(by["sent"], "not reported yet")
+    add(by["planned"], "never received the release" if record.terminal else "in later waves")
+    if by["skipped"]:
         parts.append(f"{len(by['skipped'])} skipped (already on the release)")
     return f"{record.state}: " + ("; ".join(parts) if parts else "no devices")
 
@@ -476,15 +440,6 @@ def summarize(record: RolloutRecord, targets: Sequence[TargetRecord]) -> str:
 def new_rollout_id() -> str:
     """`r-<UTC time>-<random>`: sortable, unique, a valid id."""
     return f"r-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-
-
-def _bundle_json(bundle: BundleId) -> dict[str, str]:
-    return {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256}
-
-
-def _with_sources(bundle: ReleaseBundle, sources: Sequence[BundleSource]) -> ReleaseBundle:
-    """`bundle` as the store keeps it: with the places devices fetch it from."""
-    return replace(bundle, sources=tuple(source.to_json() for source in sources))
 
 
 def _epoch_why(previous: ReleaseBundle, current: ReleaseBundle) -> str:
@@ -495,17 +450,6 @@ def _epoch_why(previous: ReleaseBundle, current: ReleaseBundle) -> str:
         f"{current.version}: a device that accepted the latter refuses bundles below its "
         "floor"
     )
-
-
-def _first_deployment(targets: Sequence[TargetRecord]) -> bool:
-    """No device the rollout updates ran a model before it: nothing to regress from."""
-    updated = [t for t in targets if t.outcome != "skipped"]
-    return bool(updated) and all(t.previous is None for t in updated)
-
-
-def _unverified_sequence(envelope: bytes) -> int:
-    """The sequence a retained directive claims (0 if unreadable): only to stay above it."""
-    return peek_sequence(envelope) or 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,55 +515,44 @@ class RolloutController:
     def listen(self, *, quiet_s: float = 0.4) -> DeviceRegistry:
         """Subscribe to the fleet's status, desired, events and telemetry (once)."""
         if not self._listening:
-            topics = [
-                self.topics.all_devices("status"),
-                self.topics.all_devices("desired"),
-                self.topics.all_devices("events"),
-                self.topics.all_devices("telemetry"),
-            ]
+            leaves: tuple[DeviceLeaf, ...] = ("status", "desired", "events", "telemetry")
+            topics = [self.topics.all_devices(leaf) for leaf in leaves]
             messages = self.inbox.collect_retained(topics, quiet_s=quiet_s)
             self._listening = True
             self._handle(messages)
         return self.registry
 
     def _handle(self, messages: Sequence[Message]) -> None:
+        observed = self._observed
         for message in messages:
             try:
-                self._handle_one(message)
+                fleet, device, leaf = parse_device_topic(message.topic)
+                if fleet != self.fleet:
+                    continue
+                if leaf == "status":
+                    self.registry.handle(message)
+                elif leaf == "desired":
+                    if message.payload:
+                        observed.desired[device] = message.payload
+                    else:
+                        observed.desired.pop(device, None)
+                elif leaf == "events":
+                    event = Event.from_json(message.payload)
+                    if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
+                        why = f"{event.kind}: {event.reason or 'no reason given'}"
+                        observed.failed_events[(device, event.sequence)] = why
+                elif leaf == "telemetry":
+                    telemetry = Telemetry.from_json(message.payload)
+                    sha = telemetry.bundle.sha256 if telemetry.bundle else ""
+                    p95 = telemetry.latency_ms.get("p95")
+                    if p95 is not None and telemetry.requests > 0:
+                        observed.p95_ms[device] = (sha, p95)
+                        self._note_baseline(device, sha, p95)
+                    if telemetry.drift_psi is not None:
+                        observed.drift[device] = (sha, telemetry.drift_psi)
             except MessageError as e:  # one device's bad message never stops a rollout
                 self.rejected[e.reason] += 1
                 logger.debug("ignoring %s: %s", message.topic[:200], e)
-
-    def _handle_one(self, message: Message) -> None:
-        observed = self._observed
-        fleet, device, leaf = parse_device_topic(message.topic)
-        if fleet != self.fleet:
-            return
-        if leaf == "status":
-            self.registry.handle(message)
-        elif leaf == "desired":
-            if message.payload:
-                observed.desired[device] = message.payload
-            else:
-                observed.desired.pop(device, None)
-        elif leaf == "events":
-            event = Event.from_json(message.payload)
-            if event.kind in FAILURE_EVENT_KINDS and event.sequence is not None:
-                observed.failed_events[(device, event.sequence)] = (
-                    f"{event.kind}: {event.reason or 'no reason given'}"
-                )
-        elif leaf == "telemetry":
-            telemetry = Telemetry.from_json(message.payload)
-            sha = telemetry.bundle.sha256 if telemetry.bundle else ""
-            p95 = telemetry.latency_ms.get("p95")
-            if p95 is not None and telemetry.requests > 0:
-                observed.p95_ms[device] = (sha, p95)
-                self._note_baseline(device, sha, p95)
-            if telemetry.drift_psi is not None:
-                observed.drift[device] = (sha, telemetry.drift_psi)
-
-    def _pump(self, timeout_s: float) -> None:
-        self._handle(self.inbox.drain(timeout_s=timeout_s))
 
     def _note_baseline(self, device: str, sha: str, p95: float) -> None:
         """Keep `p95` as `device`'s baseline if it still runs its pre-rollout bundle."""
@@ -678,21 +611,17 @@ class RolloutController:
         options.gates()  # out-of-range limits fail before anything is recorded
         registry = self.listen()
         selected = [
-            record
-            for record in registry.devices(options.selector)
-            if record.online or options.include_offline
+            r for r in registry.devices(options.selector) if r.online or options.include_offline
         ]
         if not selected:
-            known = len(registry)
             raise RolloutError(
                 f"no {'' if options.include_offline else 'online '}device of fleet "
-                f"{self.fleet!r} matches the selection ({known} known): check --group/--tag/"
-                "--profile and `edgekit fleet devices`"
+                f"{self.fleet!r} matches the selection ({len(registry)} known): check "
+                "--group/--tag/--profile and `edgekit fleet devices`"
             )
-        missing: dict[str, int] = {}
-        for record in selected:
-            if release.for_profile(record.profile) is None:
-                missing[record.profile or "(none)"] = missing.get(record.profile or "(none)", 0) + 1
+        missing = Counter(
+            r.profile or "(none)" for r in selected if release.for_profile(r.profile) is None
+        )
         if missing:
             listed = ", ".join(f"{count} x {profile}" for profile, count in sorted(missing.items()))
             raise RolloutError(
@@ -714,33 +643,20 @@ class RolloutController:
         for record in selected:
             bundle = release.for_profile(record.profile)
             assert bundle is not None  # checked above
-            previous = _bundle_json(record.active) if record.active else None
-            if record.device in wave_of:
-                targets.append(
-                    (
-                        record.device,
-                        record.profile,
-                        wave_of[record.device],
-                        bundle.sha256,
-                        previous,
-                        "planned",
-                    )
-                )
-            else:
-                targets.append(
-                    (record.device, record.profile, -1, bundle.sha256, previous, "skipped")
-                )
+            previous = record.active.to_dict() if record.active else None
+            index = wave_of.get(record.device, -1)
+            outcome = "planned" if index >= 0 else "skipped"
+            targets.append((record.device, record.profile, index, bundle.sha256, previous, outcome))
         # The fraction shown per wave: the cumulative share its last device reaches.
-        wave_rows = []
-        done = 0
-        for wave in waves:
-            done += len(wave)
-            wave_rows.append((done / len(to_update), wave))
+        reached = accumulate(len(wave) for wave in waves)
+        wave_rows = [
+            (done / len(to_update), wave) for done, wave in zip(reached, waves, strict=True)
+        ]
         for bundle in () if recorded_sources else release.bundles:
             sources = _sources(
                 bundle, self.topics, mqtt=options.publish_mqtt, url_templates=options.bundle_urls
             )
-            self.store.record_bundle(_with_sources(bundle, sources))
+            self.store.record_bundle(replace(bundle, sources=sources))
         rollout_id = rollout_id or new_rollout_id()
         spec = {
             "options": options.to_json(),
@@ -779,7 +695,7 @@ class RolloutController:
                 previous.setdefault(record.active.sha256, (record.active, bundle))
         blocked = []
         for sha256, (active, bundle) in sorted(previous.items()):
-            found = self._previous_bundle(_bundle_json(active))
+            found = self._previous_bundle(sha256)
             if found is None:
                 logger.warning(
                     "devices run %s %s (%s), which is neither recorded in %s nor published on "
@@ -823,17 +739,18 @@ class RolloutController:
         options = self._options(record)
         gates = options.gates()
         self.listen()
-        self._previous_sha = {
-            t.device: (t.previous or {}).get("sha256", "") for t in self.store.targets(rollout_id)
-        }
+        targets = self.store.targets(rollout_id)
+        self._previous_sha = {t.device: (t.previous or {}).get("sha256", "") for t in targets}
         self._driving = rollout_id
-        self._first_deployment = _first_deployment(self.store.targets(rollout_id))
+        # No device the rollout updates ran a model before it: nothing to regress from.
+        updated = [t for t in targets if t.outcome != "skipped"]
+        self._first_deployment = bool(updated) and all(t.previous is None for t in updated)
         self._said = {}
         if self._first_deployment and options.max_latency_regression is not None:
+            note = self._budget_note({t.bundle_sha256 for t in targets})
             self._say(
                 "no baseline: first deployment (no selected device ran a model before), so "
-                f"latency is judged against {self._budget_note(record.id)} instead of a "
-                "regression"
+                f"latency is judged against {note} instead of a regression"
             )
         self._load_baselines(rollout_id)
         self._revert_started = 0.0
@@ -853,7 +770,7 @@ class RolloutController:
             elif record.state == "reverting":
                 self._step_revert(record, options)
             elif record.state == "paused":
-                self._update_outcomes(rollout_id, self.store.targets(rollout_id))
+                self._update_outcomes(rollout_id)
                 self._say_once(
                     "paused",
                     f"paused: no new wave starts until `edgekit fleet resume {rollout_id}`",
@@ -863,7 +780,7 @@ class RolloutController:
             if stop_when is not None and stop_when():
                 break
             self._heartbeat(rollout_id)
-            self._pump(self.poll_s)
+            self._handle(self.inbox.drain(timeout_s=self.poll_s))
             self._save_baselines()
         self._save_baselines(force=True)
         final = progress_of(self.store, rollout_id)
@@ -886,12 +803,9 @@ class RolloutController:
         for entry in record.spec["release"]:
             if entry["sha256"] not in shas or self._meta_on_broker(entry["sha256"]) is not None:
                 continue  # retained on the broker already (a resumed rollout, `fleet publish`)
+            path = Path(entry["path"]) if entry["path"] else None
             bundle = ReleaseBundle(
-                **{
-                    **entry,
-                    "path": Path(entry["path"]) if entry["path"] else None,
-                    "sources": tuple(entry.get("sources", ())),
-                }
+                **{**entry, "path": path, "sources": tuple(entry.get("sources", ()))}
             )
             logger.info("publishing bundle %s (%d bytes)", bundle.sha256[:12], bundle.size_bytes)
             # A large bundle takes a while: keep the heartbeat going, so nobody takes the
@@ -908,25 +822,19 @@ class RolloutController:
 
     def _republish_missing(self, rollout_id: str) -> None:
         """After a restart: publish recorded directives the broker does not hold (yet)."""
-        handles = []
+        missing = []
         for target in self.store.targets(rollout_id):
-            for envelope, active in (
-                (target.envelope, target.outcome in ("sent",)),
-                (target.revert_envelope, target.outcome == "reverting"),
-            ):
-                if envelope is None or not active:
-                    continue
-                retained = self._observed.desired.get(target.device)
-                if retained is None or _unverified_sequence(retained) < _unverified_sequence(
-                    envelope
-                ):
-                    logger.info("re-publishing the recorded directive for %s", target.device)
-                    handles.append(
-                        self.connection.publish(
-                            self.topics.desired(target.device), envelope, qos=1, retain=True
-                        )
-                    )
-        wait_all(handles, timeout_s=60.0, what="the directives")
+            envelope = {"sent": target.envelope, "reverting": target.revert_envelope}.get(
+                target.outcome
+            )
+            if envelope is None:
+                continue
+            retained = self._observed.desired.get(target.device)
+            sequence = peek_sequence(envelope) or 0
+            if retained is None or (peek_sequence(retained) or 0) < sequence:
+                logger.info("re-publishing the recorded directive for %s", target.device)
+                missing.append((target.device, sequence, envelope))
+        self._publish_directives(missing)
 
     def _apply_request(self, record: RolloutRecord) -> None:
         request = self.store.take_request(record.id)
@@ -943,38 +851,39 @@ class RolloutController:
 
     def _sign(
         self,
-        *,
-        rollout_id: str,
-        device: str,
-        sequence: int,
-        bundle: ReleaseBundle,
-        min_security_epoch: int,
-        ttl_s: float,
-    ) -> bytes:
+        record: RolloutRecord,
+        options: RolloutOptions,
+        pairs: Sequence[tuple[str, ReleaseBundle]],
+    ) -> list[tuple[str, int, bytes]]:
+        """(device, sequence, envelope) naming each (device, bundle): new sequences above every
+        one seen on the broker, the bundle's security epoch as the device's floor."""
+        if not pairs:
+            return []
         if not self.signers:
             raise RolloutError("no directive key: pass --key NAME (a key of the directives role)")
-        directive = build_directive(
-            fleet=self.fleet,
-            device=device,
-            rollout_id=rollout_id,
-            sequence=sequence,
-            bundle=BundleRef(
-                sha256=bundle.sha256,
-                size_bytes=bundle.size_bytes,
-                name=bundle.name,
-                version=bundle.version,
-                sources=tuple(_source(entry) for entry in bundle.sources),
-            ),
-            min_security_epoch=min_security_epoch,
-            issued_at=datetime.now(timezone.utc),
-            ttl_s=ttl_s,
-        )
-        return sign_directive(directive, self.signers)
-
-    def _highest_seen_sequence(self) -> int:
         seen = [r.last_sequence for r in self.registry.devices()]
-        seen += [_unverified_sequence(e) for e in self._observed.desired.values()]
-        return max(seen, default=0)
+        seen += [peek_sequence(e) or 0 for e in self._observed.desired.values()]
+        first = self.store.allocate_sequences(self.fleet, len(pairs), at_least=max(seen, default=0))
+        directives = []
+        for sequence, (device, bundle) in enumerate(pairs, start=first):
+            directive = build_directive(
+                fleet=self.fleet,
+                device=device,
+                rollout_id=record.id,
+                sequence=sequence,
+                bundle=BundleRef(
+                    sha256=bundle.sha256,
+                    size_bytes=bundle.size_bytes,
+                    name=bundle.name,
+                    version=bundle.version,
+                    sources=tuple(_source(entry) for entry in bundle.sources),
+                ),
+                min_security_epoch=bundle.security_epoch,
+                issued_at=datetime.now(timezone.utc),
+                ttl_s=options.directive_ttl_s,
+            )
+            directives.append((device, sequence, sign_directive(directive, self.signers)))
+        return directives
 
     def _bundle(self, sha256: str) -> ReleaseBundle:
         found = self.store.bundle(sha256)
@@ -983,6 +892,7 @@ class RolloutController:
         return found
 
     def _publish_directives(self, directives: Sequence[tuple[str, int, bytes]]) -> None:
+        """Publish (device, sequence, envelope) retained, QoS 1, and wait for the broker."""
         handles = [
             self.connection.publish(self.topics.desired(device), envelope, qos=1, retain=True)
             for device, _, envelope in directives
@@ -996,30 +906,13 @@ class RolloutController:
     ) -> list[tuple[str, int, bytes]]:
         """Sign the wave's directives and record them (the wave starts); nothing published."""
         targets = [t for t in self.store.targets(record.id, wave=wave) if t.outcome == "planned"]
-        if not targets:
-            self.store.update_wave(record.id, wave, state="active", started_at=time.time())
-            return []
-        first = self.store.allocate_sequences(
-            self.fleet, len(targets), at_least=self._highest_seen_sequence()
+        directives = self._sign(
+            record, options, [(t.device, self._bundle(t.bundle_sha256)) for t in targets]
         )
-        directives = []
-        for offset, target in enumerate(targets):
-            bundle = self._bundle(target.bundle_sha256)
-            directives.append(
-                (
-                    target.device,
-                    first + offset,
-                    self._sign(
-                        rollout_id=record.id,
-                        device=target.device,
-                        sequence=first + offset,
-                        bundle=bundle,
-                        min_security_epoch=bundle.security_epoch,
-                        ttl_s=options.directive_ttl_s,
-                    ),
-                )
-            )
-        self.store.record_directives(record.id, directives, start_wave=wave)
+        if directives:
+            self.store.record_directives(record.id, directives, start_wave=wave)
+        else:
+            self.store.update_wave(record.id, wave, state="active", started_at=time.time())
         return directives
 
     def _start_wave(self, record: RolloutRecord, options: RolloutOptions, wave: int) -> None:
@@ -1027,44 +920,41 @@ class RolloutController:
         logger.info("rollout %s: wave %d to %d devices", record.id, wave, len(directives))
         self._publish_directives(directives)
 
-    def _outcome(self, target: TargetRecord, *, revert: bool) -> tuple[str, str | None] | None:
-        """(`succeeded`|`failed`, detail) once the device reported on its directive."""
+    def _outcome(self, target: TargetRecord) -> tuple[str, str | None] | None:
+        """(outcome, detail) of a `sent` (`succeeded`|`failed`) or `reverting` (`reverted`|
+        `revert_failed`) target once its device reported on the directive."""
+        revert = target.outcome == "reverting"
         sequence = target.revert_sequence if revert else target.sequence
         if sequence is None:
             return None
         wanted = (target.previous or {}).get("sha256") if revert else target.bundle_sha256
-        failed = self._observed.failed_events.get((target.device, sequence))
-        if failed is not None:
-            return "failed", failed
+        succeeded, failed = ("reverted", "revert_failed") if revert else ("succeeded", "failed")
+        why = self._observed.failed_events.get((target.device, sequence))
+        if why is not None:
+            return failed, why
         status = self.registry.get(target.device)
         if status is None or status.last_sequence < sequence:
             return None
         if status.state == "committed" and status.active and status.active.sha256 == wanted:
-            return "succeeded", None
+            return succeeded, None
         if status.state == "rolled_back":
-            return "failed", "rolled_back"
+            return failed, "rolled_back"
         return None
 
-    def _update_outcomes(self, rollout_id: str, targets: Sequence[TargetRecord]) -> None:
+    def _update_outcomes(self, rollout_id: str, *, wave: int | None = None) -> list[TargetRecord]:
+        """Record what devices reported on their directives; returns the updated targets."""
         changes = []
-        for target in targets:
-            if target.outcome == "sent":
-                found = self._outcome(target, revert=False)
-                if found is not None:
-                    changes.append((target.device, found[0], found[1]))
-            elif target.outcome == "reverting":
-                found = self._outcome(target, revert=True)
-                if found is not None:
-                    outcome = "reverted" if found[0] == "succeeded" else "revert_failed"
-                    changes.append((target.device, outcome, found[1]))
+        for target in self.store.targets(rollout_id, wave=wave):
+            found = self._outcome(target) if target.outcome in ("sent", "reverting") else None
+            if found is not None:
+                changes.append((target.device, *found))
         self.store.set_outcomes(rollout_id, changes)
+        return self.store.targets(rollout_id, wave=wave)
 
     def _observation(
         self, targets: Sequence[TargetRecord], started_at: float, settled_at: float | None
     ) -> WaveObservation:
         now = time.time()
-        succeeded = sum(1 for t in targets if t.outcome == "succeeded")
-        failed = sum(1 for t in targets if t.outcome == "failed")
         # Only devices that committed the new bundle speak for it (one value per device).
         wave_devices = {t.device: t.bundle_sha256 for t in targets if t.outcome == "succeeded"}
         latency = [
@@ -1072,7 +962,6 @@ class RolloutController:
             for device, (sha, p95) in self._observed.p95_ms.items()
             if wave_devices.get(device) == sha
         ]
-        new_p95 = [p95 for p95, _ in latency]
         drift = [
             psi
             for device, (sha, psi) in self._observed.drift.items()
@@ -1080,16 +969,16 @@ class RolloutController:
         ]
         return WaveObservation(
             targeted=len(targets),
-            succeeded=succeeded,
-            failed=failed,
+            succeeded=len(wave_devices),
+            failed=sum(t.outcome == "failed" for t in targets),
             elapsed_s=now - started_at,
             settled_s=None if settled_at is None else now - settled_at,
-            new_p95_ms=tuple(new_p95),
+            new_p95_ms=tuple(p95 for p95, _ in latency),
             baseline_p95_ms=tuple(self._observed.baseline_p95_ms.values()),
             drift_psi=tuple(drift),
             first_deployment=self._first_deployment,
             new_p95_budget_ms=tuple(self._budget(sha)[1] for _, sha in latency),
-            budget_note=self._budget_note(None, shas={sha for _, sha in latency}),
+            budget_note=self._budget_note({sha for _, sha in latency}),
         )
 
     def _budget(self, sha256: str) -> tuple[str, float | None]:
@@ -1109,11 +998,9 @@ class RolloutController:
             self._budgets[sha256] = (profile, budget)
         return self._budgets[sha256]
 
-    def _budget_note(self, rollout_id: str | None, *, shas: set[str] | None = None) -> str:
+    def _budget_note(self, shas: set[str]) -> str:
         """Where a first deployment's latency budgets come from, e.g. `the latency budget of
         profile raspberrypi (200 ms)`."""
-        if shas is None:
-            shas = {t.bundle_sha256 for t in self.store.targets(rollout_id or "")}
         if not shas:
             return ""
         known = sorted({self._budget(sha) for sha in shas}, key=lambda item: item[0])
@@ -1121,11 +1008,8 @@ class RolloutController:
         unknown = [profile for profile, budget in known if not budget]
         if not budgets:
             return "no latency budget (none known for profile " + ", ".join(unknown) + ")"
-        text = (
-            "the latency budget of profile "
-            if len(budgets) == 1
-            else "the latency budgets of profiles "
-        ) + ", ".join(budgets)
+        noun = "budget of profile" if len(budgets) == 1 else "budgets of profiles"
+        text = f"the latency {noun} {', '.join(budgets)}"
         if unknown:
             text += f"; not judged for {', '.join(unknown)} (no budget)"
         return text
@@ -1164,9 +1048,7 @@ class RolloutController:
         if wave.state == "planned":
             self._start_wave(record, options, wave.wave)
             return
-        targets = self.store.targets(record.id, wave=wave.wave)
-        self._update_outcomes(record.id, targets)
-        targets = self.store.targets(record.id, wave=wave.wave)
+        targets = self._update_outcomes(record.id, wave=wave.wave)
         settled_at = wave.settled_at
         if settled_at is None and all(t.outcome in ("succeeded", "failed") for t in targets):
             settled_at = time.time()
@@ -1184,15 +1066,11 @@ class RolloutController:
             )
             self._say(f"wave {wave.wave} passed: {result.detail}")
             next_wave = wave.wave + 1
-            if next_wave >= len(waves):
-                self.store.set_state(
-                    record.id,
-                    "completed",
-                    reason="every wave passed its gates",
-                    current_wave=next_wave,
-                )
-            else:
+            if next_wave < len(waves):
                 self.store.set_state(record.id, "running", current_wave=next_wave)
+            else:
+                reason = "every wave passed its gates"
+                self.store.set_state(record.id, "completed", reason=reason, current_wave=next_wave)
             return
         reason = f"wave {wave.wave} halted: " + "; ".join(
             f"{leaf.gate}: {leaf.detail}" for leaf in result.failures
@@ -1212,50 +1090,26 @@ class RolloutController:
         self, record: RolloutRecord, *, reason: str, then: Literal["halted", "aborted"]
     ) -> None:
         """Sign and publish a directive naming each updated device's previous bundle."""
-        options = self._options(record)
         targets = [t for t in self.store.targets(record.id) if t.outcome in ("sent", "succeeded")]
-        directives: list[tuple[str, int, bytes]] = []
+        revertable: list[tuple[str, ReleaseBundle]] = []
         unrevertable: list[tuple[str, str]] = []
-        candidates = [t for t in targets if t.previous is not None]
-        first = (
-            self.store.allocate_sequences(
-                self.fleet, len(candidates), at_least=self._highest_seen_sequence()
-            )
-            if candidates
-            else 0
-        )
-        for offset, target in enumerate(candidates):
-            assert target.previous is not None
-            bundle = self._previous_bundle(target.previous)
+        for target in targets:
+            if target.previous is None:
+                continue
+            bundle = self._previous_bundle(target.previous["sha256"])
             if bundle is None:
-                unrevertable.append(
-                    (
-                        target.device,
-                        f"previous bundle {target.previous['sha256'][:12]} is unknown here and not "
-                        "published on the broker",
-                    )
+                why = (
+                    f"previous bundle {target.previous['sha256'][:12]} is unknown here and not "
+                    "published on the broker"
                 )
+                unrevertable.append((target.device, why))
                 continue
             current = self._bundle(target.bundle_sha256)
             if bundle.security_epoch < current.security_epoch:
                 unrevertable.append((target.device, _epoch_why(bundle, current)))
-                continue
-            sequence = first + offset
-            directives.append(
-                (
-                    target.device,
-                    sequence,
-                    self._sign(
-                        rollout_id=record.id,
-                        device=target.device,
-                        sequence=sequence,
-                        bundle=bundle,
-                        # Never below the floor the forward directive set on the device.
-                        min_security_epoch=max(bundle.security_epoch, current.security_epoch),
-                        ttl_s=options.directive_ttl_s,
-                    ),
-                )
-            )
+            else:
+                revertable.append((target.device, bundle))
+        directives = self._sign(record, self._options(record), revertable)
         # Nothing to revert to: those that committed keep the release; those still on their
         # way stay `sent` until they report (or the report timeout), see `_step_revert`.
         no_previous = [
@@ -1285,29 +1139,20 @@ class RolloutController:
             self.connection.unsubscribe([topic])
         # Device messages that arrived meanwhile still count.
         self._handle([m for m in messages if m.topic != topic])
-        for message in messages:
-            if message.topic == topic and message.payload:
-                try:
-                    return BundleMeta.from_json(message.payload)
-                except MessageError:
-                    return None
-        return None
+        payload = next((m.payload for m in messages if m.topic == topic and m.payload), None)
+        try:
+            return None if payload is None else BundleMeta.from_json(payload)
+        except MessageError:
+            return None
 
-    def _previous_bundle(self, previous: Mapping[str, str]) -> ReleaseBundle | None:
-        """The bundle a revert names: from the store, or read from the broker's chunks."""
-        known = self.store.bundle(previous["sha256"])
+    def _previous_bundle(self, sha256: str) -> ReleaseBundle | None:
+        """The bundle a revert names: from the store, or one someone else published: fetch its
+        chunks, read the manifest (its real security epoch) and record it; None if the broker
+        does not hold it whole."""
+        known = self.store.bundle(sha256)
         if known is not None:
             return known
-        return self._bundle_from_broker(previous["sha256"])
-
-    def _bundle_from_broker(self, sha256: str) -> ReleaseBundle | None:
-        """A bundle someone else published: fetch its chunks, read the manifest (its real
-        security epoch) and record it; None if the broker does not hold it whole."""
-        import tempfile
-
-        from edgekit.transfer import MqttBundleFetcher, TransferError
-
-        meta = self._meta_on_broker(sha256)  # published by someone else
+        meta = self._meta_on_broker(sha256)
         if meta is None:
             return None
         prefix = self.topics.bundle_prefix(meta.sha256)
@@ -1324,7 +1169,7 @@ class RolloutController:
                 path = fetcher.fetch(Path(folder) / f"{meta.sha256}.ekb", timeout_s=120)
                 with path.open("rb") as handle:
                     manifest = inspect_bundle(handle).manifest
-            except (TransferError, EdgekitError, OSError) as e:
+            except (EdgekitError, OSError) as e:  # TransferError is an EdgekitError
                 logger.warning("cannot read bundle %s from the broker: %s", sha256[:12], e)
                 return None
         record = ReleaseBundle(
@@ -1347,9 +1192,7 @@ class RolloutController:
         )
 
     def _step_revert(self, record: RolloutRecord, options: RolloutOptions) -> None:
-        targets = self.store.targets(record.id)
-        self._update_outcomes(record.id, targets)
-        targets = self.store.targets(record.id)
+        targets = self._update_outcomes(record.id)
         # Devices that ran no model before and just reported on the release keep it.
         self.store.set_outcomes(
             record.id,
@@ -1366,37 +1209,26 @@ class RolloutController:
             self._revert_started = record.updated_at
         timed_out = time.time() - self._revert_started > options.report_timeout_s
         if pending and not timed_out:
-            until = time.localtime(self._revert_started + options.report_timeout_s)
+            deadline = time.localtime(self._revert_started + options.report_timeout_s)
+            until = time.strftime("%H:%M:%S", deadline)
             reverting = sum(t.outcome == "reverting" for t in pending)
-            waits = [
-                f"{_count(reverting, 'device')} to report on the revert" if reverting else "",
-                f"{_count(len(pending) - reverting, 'device')} that ran no model before to "
-                "report on the release"
-                if len(pending) > reverting
-                else "",
-            ]
-            self._say_once(
-                "revert",
-                "reverting: waiting for "
-                + " and ".join(w for w in waits if w)
-                + f" until {time.strftime('%H:%M:%S', until)}",
-            )
+            fresh = len(pending) - reverting
+            waits = [f"{_count(reverting, 'device')} to report on the revert"] if reverting else []
+            if fresh:
+                waits.append(
+                    f"{_count(fresh, 'device')} that ran no model before to report on the release"
+                )
+            self._say_once("revert", f"reverting: waiting for {' and '.join(waits)} until {until}")
             return
-        if pending:
-            self.store.set_outcomes(
-                record.id,
-                [
-                    (t.device, "revert_failed", "did not report on the revert in time")
-                    if t.outcome == "reverting"
-                    else (
-                        t.device,
-                        "no_previous",
-                        "ran no model before this rollout: nothing to revert to; did not "
-                        "report on the release in time",
-                    )
-                    for t in pending
-                ],
-            )
+        late = {  # what a device that did not report in time ends as
+            "reverting": ("revert_failed", "did not report on the revert in time"),
+            "sent": (
+                "no_previous",
+                "ran no model before this rollout: nothing to revert to; did not report on the "
+                "release in time",
+            ),
+        }
+        self.store.set_outcomes(record.id, [(t.device, *late[t.outcome]) for t in pending])
         then: RolloutState = "aborted" if record.after_revert == "aborted" else "halted"
         self.store.set_state(record.id, then)
 
@@ -1429,7 +1261,6 @@ class RolloutController:
             report_timeout_s=report_timeout_s,
             revert_on_halt=False,
             publish_mqtt=any(s.get("kind") == "mqtt" for r in profiles.values() for s in r.sources),
-            bundle_urls=(),
             selector=selector,
         )
         return self.plan(release, options, kind="rollback", recorded_sources=True)
