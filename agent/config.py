@@ -21,8 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgekit.errors import EdgekitError, TransportError
+from edgekit.messages import MessageError
 from edgekit.mqtt.settings import BrokerSettings
-from edgekit.topics import MessageError, check_identifier
+from edgekit.topics import check_identifier
 
 if sys.version_info >= (3, 11):
     import tomllib

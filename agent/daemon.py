@@ -36,9 +36,10 @@ from edgekit.agent.telemetry import build_telemetry, resource_usage
 from edgekit.agent.updater import Updater
 
 from edgekit.errors import BundleError, EdgekitError, first_line
+from edgekit.messages import Event, Status
 from edgekit.mqtt import Message, MqttClient
 from edgekit.profiles import load_profile
-from edgekit.topics import Event, Status, Topics, client_id
+from edgekit.topics import Topics, client_id
 from edgekit.transfer import MAX_CHUNK_BYTES
 from edgekit.trust import (
     TrustStore,

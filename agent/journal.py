@@ -22,7 +22,7 @@ from typing import Any
 
 from edgekit import files
 from edgekit.errors import EdgekitError
-from edgekit.topics import AGENT_STATES, BundleId
+from edgekit.messages import AGENT_STATES, BundleId
 
 __all__ = [
     "CRASH_ENV",

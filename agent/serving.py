@@ -35,8 +35,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edgekit.errors import EdgekitError, first_line
+from edgekit.messages import BundleId
 from edgekit.runtimes import Runtime, TensorSpec, open_runtime
-from edgekit.topics import BundleId
 
 from .telemetry import DriftMonitor, RequestStats, StatsSnapshot
 

@@ -54,7 +54,7 @@ from edgekit.bundle import (
     extract_bundle,
 )
 from edgekit.errors import BundleError
-from edgekit.topics import BundleId
+from edgekit.messages import BundleId
 from edgekit.trust import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     DirectiveFloor,

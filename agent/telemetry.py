@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgekit.topics import BundleId, Telemetry
+from edgekit.messages import BundleId, Telemetry
 
 __all__ = [
     "DriftMonitor",

@@ -56,9 +56,9 @@ from edgekit import __version__
 from edgekit.bundle import Limits, hash_file
 from edgekit.contract import Accepted, Duplicate, Refused, accept_directive, bundle_mismatch
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
+from edgekit.messages import BundleId, Event, Status
 from edgekit.profiles import Budgets, Profile
 from edgekit.runtimes import Runtime, open_runtime
-from edgekit.topics import BundleId, Event, Status
 from edgekit.trust import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     BundleRef,

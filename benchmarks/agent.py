@@ -48,8 +48,8 @@ import numpy as np
 from edgekit.agent.oip import InferenceServer
 from edgekit.agent.serving import ModelHost
 
+from edgekit.messages import BundleId
 from edgekit.runtimes import OnnxRuntimeBackend, TensorSpec
-from edgekit.topics import BundleId
 
 ROOT = Path(__file__).resolve().parents[1]
 

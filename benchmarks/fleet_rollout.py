@@ -37,9 +37,9 @@ from edgekit.fleet.registry import fleet_client
 from edgekit.fleet.rollout import RolloutController, RolloutOptions, load_release
 from edgekit.fleet.simulate import SimulatedFleet
 from edgekit.fleet.store import RolloutStore
+from edgekit.messages import BundleId
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings
-from edgekit.topics import BundleId
 from edgekit.trust import Signer, TrustStore, create_truststore
 
 CREATED = datetime(2025, 6, 1, tzinfo=timezone.utc)

@@ -6,7 +6,7 @@ every edgekit client connects with an id starting with `CLIENT_ID_PREFIX`; the b
 `edgekit fleet broker-config` writes lets no other id in and refuses device ids with that
 prefix, so a service account can never take over a device's session (a device's effective
 client id is its user name, its device id). The message schemas and their total parsers are
-in `edgekit.messages` (re-exported here for existing imports). Pure module.
+in `edgekit.messages`. Pure module.
 """
 
 from __future__ import annotations
@@ -15,36 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from edgekit.messages import (
-    AGENT_STATES,
-    BUNDLE_META_SCHEMA,
-    EVENT_KINDS,
-    EVENT_SCHEMA,
-    STATUS_SCHEMA,
-    TELEMETRY_SCHEMA,
-    BundleId,
-    BundleMeta,
-    Event,
-    MessageError,
-    Status,
-    Telemetry,
-)
+from edgekit.messages import MessageError
 
 __all__ = [
-    "AGENT_STATES",
-    "BUNDLE_META_SCHEMA",
     "CLIENT_ID_PREFIX",
-    "EVENT_KINDS",
-    "EVENT_SCHEMA",
-    "STATUS_SCHEMA",
-    "TELEMETRY_SCHEMA",
-    "BundleId",
-    "BundleMeta",
     "BundleTopics",
-    "Event",
-    "MessageError",
-    "Status",
-    "Telemetry",
     "Topics",
     "check_identifier",
     "client_id",
@@ -192,14 +167,6 @@ class Topics:
     def bundle(self, sha256: str) -> BundleTopics:
         """The meta and chunk topics of bundle `sha256`."""
         return BundleTopics(self.bundle_prefix(sha256))
-
-    def bundle_meta(self, sha256: str) -> str:
-        """Retained, QoS 1: a `BundleMeta` JSON message."""
-        return self.bundle(sha256).meta
-
-    def bundle_chunk(self, sha256: str, index: int) -> str:
-        """Retained, QoS 1: raw bytes `[index*chunk_size, (index+1)*chunk_size)` of the bundle."""
-        return self.bundle(sha256).chunk(index)
 
     @property
     def all_bundles(self) -> str:

@@ -8,8 +8,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgekit.messages import Status
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.topics import Status, Topics
+from edgekit.topics import Topics
 
 
 def _client(

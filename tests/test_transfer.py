@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from edgekit.messages import BundleMeta
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings, MqttClient
-from edgekit.topics import BundleMeta, Topics
+from edgekit.topics import Topics
 from edgekit.transfer import (
     ChunkAssembler,
     MqttBundleFetcher,

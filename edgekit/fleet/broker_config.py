@@ -50,13 +50,8 @@ from pathlib import Path
 
 from edgekit import files
 from edgekit.errors import EdgekitError
-from edgekit.topics import (
-    CLIENT_ID_PREFIX,
-    MessageError,
-    Topics,
-    check_identifier,
-    identifier_problem,
-)
+from edgekit.messages import MessageError
+from edgekit.topics import CLIENT_ID_PREFIX, Topics, check_identifier, identifier_problem
 from edgekit.transfer import MAX_CHUNK_BYTES
 
 __all__ = [

@@ -27,20 +27,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgekit.errors import EdgekitError
+from edgekit.messages import AGENT_STATES, EVENT_KINDS, Event, MessageError, Status, Telemetry
 from edgekit.mqtt import BrokerSettings, Message, MqttClient
-from edgekit.topics import (
-    AGENT_STATES,
-    EVENT_KINDS,
-    Event,
-    MessageError,
-    Status,
-    Telemetry,
-    Topics,
-    check_identifier,
-    client_id,
-    parse_device_topic,
-    shared,
-)
+from edgekit.topics import Topics, check_identifier, client_id, parse_device_topic, shared
 
 __all__ = [
     "COUNTER_NAMES",

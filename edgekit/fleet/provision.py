@@ -53,7 +53,8 @@ from edgekit.fleet.broker_config import (
     read_devices_csv,
     store_password,
 )
-from edgekit.topics import MessageError, check_identifier
+from edgekit.messages import MessageError
+from edgekit.topics import check_identifier
 
 if sys.version_info >= (3, 11):
     import tomllib

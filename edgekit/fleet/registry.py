@@ -22,15 +22,9 @@ from typing import Any, cast
 import msgspec
 
 from edgekit.errors import EdgekitError
+from edgekit.messages import BundleId, MessageError, Status
 from edgekit.mqtt import BrokerSettings, Inbox, Message, MqttClient
-from edgekit.topics import (
-    BundleId,
-    MessageError,
-    Status,
-    Topics,
-    client_id,
-    parse_device_topic,
-)
+from edgekit.topics import Topics, client_id, parse_device_topic
 
 __all__ = [
     "DeviceRecord",

@@ -48,17 +48,9 @@ from edgekit.fleet.store import (
     RolloutStore,
     TargetRecord,
 )
+from edgekit.messages import BundleId, BundleMeta, Event, MessageError, Telemetry
 from edgekit.mqtt import Inbox, Message, MqttClient, wait_all
-from edgekit.topics import (
-    BundleId,
-    BundleMeta,
-    DeviceLeaf,
-    Event,
-    MessageError,
-    Telemetry,
-    Topics,
-    parse_device_topic,
-)
+from edgekit.topics import DeviceLeaf, Topics, parse_device_topic
 from edgekit.transfer import DEFAULT_CHUNK_BYTES, MqttBundleFetcher, publish_bundle
 from edgekit.trust import (
     BundleRef,
@@ -1132,7 +1124,7 @@ class RolloutController:
 
     def _meta_on_broker(self, sha256: str) -> BundleMeta | None:
         """The bundle's retained meta, if the broker holds one."""
-        topic = self.topics.bundle_meta(sha256)
+        topic = self.topics.bundle(sha256).meta
         try:
             messages = self.inbox.collect_retained([topic], quiet_s=0.3, timeout_s=3, keep=False)
         finally:

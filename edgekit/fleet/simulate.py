@@ -42,16 +42,9 @@ from edgekit import __version__
 from edgekit.bundle import verify_bundle
 from edgekit.contract import Accepted, Duplicate, Refused, accept_directive, bundle_mismatch
 from edgekit.errors import BundleError, EdgekitError, TransportError, first_line
+from edgekit.messages import BundleId, Event, Status, Telemetry
 from edgekit.mqtt import BrokerSettings, Message, MqttClient, NetworkLoop
-from edgekit.topics import (
-    BundleId,
-    Event,
-    Status,
-    Telemetry,
-    Topics,
-    check_identifier,
-    client_id,
-)
+from edgekit.topics import Topics, check_identifier, client_id
 from edgekit.transfer import MqttBundleFetcher
 from edgekit.trust import DirectiveFloor, TrustStore, TrustUpdateError, verify_trust_message
 

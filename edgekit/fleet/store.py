@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.errors import EdgekitError
-from edgekit.topics import BundleId
+from edgekit.messages import BundleId
 from edgekit.trust.keys import HOME_ENV
 
 __all__ = [

@@ -26,8 +26,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.bundle import BundleInput, build_bundle, hash_file
+from edgekit.messages import Event, Status
 from edgekit.mqtt import BrokerSettings, Message, MqttClient
-from edgekit.topics import Event, Status, Topics
+from edgekit.topics import Topics
 from edgekit.transfer import publish_bundle
 from edgekit.trust import (
     BundleRef,

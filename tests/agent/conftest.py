@@ -18,8 +18,8 @@ from edgekit.agent.updater import Updater
 
 from edgekit.errors import TransportError
 from edgekit.files import hash_file
+from edgekit.messages import Event, Status
 from edgekit.profiles import load_profile
-from edgekit.topics import Event, Status
 from edgekit.trust import BundleRef, load_truststore
 from tests.agent.agent_helpers import (
     Keys,

@@ -17,7 +17,7 @@ from edgekit.agent.store import Pointer, SlotError, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekit.topics import BundleId
+from edgekit.messages import BundleId
 
 MINIMAL = {
     "device_id": "pi-1",

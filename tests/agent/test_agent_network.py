@@ -24,8 +24,9 @@ from edgekit.agent.download import DownloadStats, HttpsDownloader
 
 from edgekit.errors import TransportError
 from edgekit.files import hash_file
+from edgekit.messages import BundleMeta, Status
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.topics import BundleMeta, Status, Topics
+from edgekit.topics import Topics
 from tests.agent.agent_helpers import (
     DEVICE,
     FLEET,
@@ -77,7 +78,7 @@ def publish_chunks(watcher: Watcher, bundle: Path, indices: range, *, meta: bool
     info = BundleMeta.for_size(sha_of(bundle), len(data), chunk_size=CHUNK)
     handles = [
         watcher.client.publish(
-            topics.bundle_chunk(info.sha256, i),
+            topics.bundle(info.sha256).chunk(i),
             data[i * CHUNK : (i + 1) * CHUNK],
             qos=1,
             retain=True,
@@ -87,7 +88,7 @@ def publish_chunks(watcher: Watcher, bundle: Path, indices: range, *, meta: bool
     if meta:
         handles.append(
             watcher.client.publish(
-                topics.bundle_meta(info.sha256), info.to_json(), qos=1, retain=True
+                topics.bundle(info.sha256).meta, info.to_json(), qos=1, retain=True
             )
         )
     for handle in handles:
@@ -608,7 +609,7 @@ def test_a_poisoned_bundle_meta_rolls_back_once_without_a_reconnect_storm(
     watcher = Watcher(mosquitto.url)
     sha = sha_of(bundles.v2)
     poisoned = b'{"schema":"edgekit.bundle-meta/v1","sha256":' + b"[" * 1500 + b"]" * 1500 + b"}"
-    meta_topic = Topics(FLEET).bundle_meta(sha)
+    meta_topic = Topics(FLEET).bundle(sha).meta
     assert watcher.client.publish(meta_topic, poisoned, qos=1, retain=True).wait(10)
     config = write_config(
         tmp_path / "agent.toml",

@@ -17,8 +17,8 @@ from edgekit.agent.health import (
 from edgekit.agent.store import SlotInfo
 
 from edgekit.bundle import BundleFile
+from edgekit.messages import BundleId
 from edgekit.profiles import Budgets, HealthCheckTolerance, load_profile
-from edgekit.topics import BundleId
 from tests.agent.conftest import Bundles, MakeDevice
 from tests.quantized_models import quantized_classifier, write_golden
 

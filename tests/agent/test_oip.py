@@ -17,8 +17,8 @@ from edgekit.agent.serving import ModelHost
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgekit.messages import BundleId
 from edgekit.runtimes import OnnxRuntimeBackend
-from edgekit.topics import BundleId
 
 from .serving_helpers import (
     linear_expected,

@@ -23,9 +23,9 @@ from edgekit.agent.serving import ModelHost
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgekit.messages import BundleId
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.runtimes import OnnxRuntimeBackend
-from edgekit.topics import BundleId
 from tests.agent.agent_helpers import AgentProcess, Keys, agent_config
 from tests.agent.conftest import Bundles
 

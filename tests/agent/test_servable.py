@@ -21,9 +21,9 @@ import pytest
 from edgekit.agent.serving import ModelHost, constrains
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekit.messages import BundleId
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.runtimes import OnnxRuntimeBackend
-from edgekit.topics import BundleId
 from tests.agent.agent_helpers import (
     AgentProcess,
     Keys,

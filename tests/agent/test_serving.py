@@ -21,8 +21,8 @@ from edgekit.agent.serving import (
 )
 
 from edgekit.errors import EdgekitError
+from edgekit.messages import BundleId
 from edgekit.runtimes import OnnxRuntimeBackend
-from edgekit.topics import BundleId
 
 from .serving_helpers import (
     GatedRuntime,

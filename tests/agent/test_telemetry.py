@@ -28,8 +28,8 @@ from edgekit.agent.telemetry import (
 from edgekit.converters.data import Dataset
 from edgekit.converters.outputs import reference_stats
 
+from edgekit.messages import BundleId, Telemetry
 from edgekit.runtimes import TensorSpec
-from edgekit.topics import BundleId, Telemetry
 
 # -- request stats -----------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ import pytest
 from edgekit.agent.store import Store
 
 from edgekit.fleet.simulate import SimulatedFleet
+from edgekit.messages import BundleId
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.topics import BundleId, Topics
+from edgekit.topics import Topics
 from edgekit.trust import Signer, load_truststore, parse_truststore_envelope, sign_truststore
 from tests.agent.agent_helpers import (
     DEVICE,

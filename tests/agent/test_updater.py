@@ -320,7 +320,7 @@ def test_recovery_finishes_an_interrupted_update(
     device.process(envelope)  # committed v2 in slot b: use it to craft the crash states
     store = device.store
     journal = Journal(store.journal_path)
-    from edgekit.topics import BundleId
+    from edgekit.messages import BundleId
 
     record = JournalRecord(
         state=state,
@@ -360,7 +360,7 @@ def test_second_restart_in_probation_rolls_back(
     device = make_device()
     envelope = directive_for(bundles.v2, agent_keys, sequence=1, version="2.0.0")
     device.process(envelope)
-    from edgekit.topics import BundleId
+    from edgekit.messages import BundleId
 
     Journal(device.store.journal_path).write(
         JournalRecord(

@@ -26,7 +26,7 @@ import pytest
 
 from edgekit.bundle import build_bundle, collect_bundle_inputs
 from edgekit.fleet.store import RolloutStore
-from edgekit.topics import BundleId
+from edgekit.messages import BundleId
 from edgekit.trust import (
     Signer,
     TrustStore,

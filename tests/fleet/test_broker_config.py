@@ -498,7 +498,7 @@ def test_acl_enforced_by_real_mosquitto(
         # The operator writes both directives (retained) and a bundle chunk.
         assert operator.publish(TOPICS.desired("dev-a"), b"directive-a", retain=True) in OK
         assert operator.publish(TOPICS.desired("dev-b"), b"directive-b", retain=True) in OK
-        chunk = TOPICS.bundle_chunk("ab" * 32, 0)
+        chunk = TOPICS.bundle("ab" * 32).chunk(0)
         assert operator.publish(chunk, b"chunk", retain=True) in OK
         assert operator.subscribe(f"{TOPICS.prefix}/#") == [1]
         monitor.subscribe(f"$share/mon/{TOPICS.prefix}/devices/+/status")

@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgekit.fleet.monitor import METRIC_NAMES, FleetMonitor, MonitorError, parse_listen
 from edgekit.fleet.simulate import Faults, SimulatedFleet
+from edgekit.messages import MessageError
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.topics import MessageError, Topics
+from edgekit.topics import Topics
 from tests.fleet.tools_helpers import (
     make_bundle,
     make_keys,
@@ -214,7 +215,7 @@ def test_docs_list_every_metric() -> None:
 def test_series_of_silent_devices_and_old_versions_are_forgotten() -> None:
     import time
 
-    from edgekit.topics import BundleId, Event, Status, Telemetry
+    from edgekit.messages import BundleId, Event, Status, Telemetry
 
     monitor = FleetMonitor("mqtt://127.0.0.1:9", FLEET, forget_after_s=3600)
     old, recent = time.time() - 10_000, time.time() - 10
@@ -251,8 +252,8 @@ def test_monitor_cli_serves_metrics(mosquitto: MosquittoBroker) -> None:
     import subprocess
     import sys
 
+    from edgekit.messages import Telemetry
     from edgekit.mosquitto import free_port
-    from edgekit.topics import Telemetry
 
     port = free_port()
     process = subprocess.Popen(

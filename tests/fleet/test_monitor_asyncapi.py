@@ -11,15 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from edgekit.topics import (
-    AGENT_STATES,
-    EVENT_KINDS,
-    BundleMeta,
-    Event,
-    Status,
-    Telemetry,
-    Topics,
-)
+from edgekit.messages import AGENT_STATES, EVENT_KINDS, BundleMeta, Event, Status, Telemetry
+from edgekit.topics import Topics
 from edgekit.trust import BundleRef, BundleSource, build_directive
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
@@ -71,8 +64,8 @@ def test_channels_match_topics(spec: dict[str, Any]) -> None:
         topics.events("DEVICE"),
         topics.telemetry("DEVICE"),
         topics.trust(),
-        topics.bundle_meta(sha),
-        topics.bundle_chunk(sha, 7),
+        topics.bundle(sha).meta,
+        topics.bundle(sha).chunk(7),
         topics.bench("DEVICE"),
         topics.bench_result("DEVICE"),
     }

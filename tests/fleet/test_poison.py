@@ -19,9 +19,10 @@ from edgekit.fleet.registry import fleet_client
 from edgekit.fleet.rollout import RolloutController, RolloutOptions, load_release
 from edgekit.fleet.simulate import SimulatedFleet
 from edgekit.fleet.store import RolloutStore
+from edgekit.messages import BundleId, Telemetry
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings, MqttClient, PublishHandle
-from edgekit.topics import BundleId, Telemetry, Topics
+from edgekit.topics import Topics
 from tests.fleet.conftest import FleetKit
 from tests.fleet.tools_helpers import wait_for
 

@@ -8,9 +8,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit.fleet.registry import DeviceRegistry, fleet_client
+from edgekit.messages import BundleId, Status
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings, Inbox
-from edgekit.topics import BundleId, Status, Topics
+from edgekit.topics import Topics
 
 FLEET = "reg"
 TOPICS = Topics(FLEET)

@@ -26,9 +26,10 @@ from edgekit.fleet.rollout import (
 )
 from edgekit.fleet.simulate import Faults, SimulatedFleet, make_device_specs
 from edgekit.fleet.store import RolloutStore
+from edgekit.messages import Event
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings, Inbox, MqttClient
-from edgekit.topics import Event, Topics
+from edgekit.topics import Topics
 from edgekit.trust import Directive, parse_envelope
 from tests.fleet.conftest import KEY_NAME, PROFILES, FleetKit
 from tests.fleet.tools_helpers import wait_for

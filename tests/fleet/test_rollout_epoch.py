@@ -18,9 +18,10 @@ from edgekit.fleet.rollout import (
 )
 from edgekit.fleet.simulate import Faults, SimulatedFleet, make_device_specs
 from edgekit.fleet.store import RolloutStore
+from edgekit.messages import BundleId
 from edgekit.mosquitto import MosquittoBroker
 from edgekit.mqtt import BrokerSettings
-from edgekit.topics import BundleId, Topics
+from edgekit.topics import Topics
 from tests.fleet.conftest import CREATED, FleetKit, _tiny_model
 
 FLEET = "epochs"

@@ -14,8 +14,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from edgekit.bundle import build_bundle, collect_bundle_inputs
+from edgekit.messages import BundleId
 from edgekit.mqtt import BrokerSettings, Message, MqttClient
-from edgekit.topics import BundleId, Topics
+from edgekit.topics import Topics
 from edgekit.transfer import publish_bundle
 from edgekit.trust import (
     BundleRef,
@@ -159,7 +160,8 @@ class FleetWatcher:
     def __init__(self, client: MqttClient, topics: Topics) -> None:
         import threading
 
-        from edgekit.topics import Event, Status, Telemetry, parse_device_topic
+        from edgekit.messages import Event, Status, Telemetry
+        from edgekit.topics import parse_device_topic
 
         self.statuses: dict[str, Status] = {}
         self.events: list[Event] = []
