@@ -8,6 +8,7 @@ running, such as a system Mosquitto on 1883.
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import os
 import shutil
@@ -165,6 +166,10 @@ class MosquittoBroker:
             start_new_session=True,
         )
         log.close()
+        # The broker runs in its own session (a Ctrl-C meant for the caller must not kill it
+        # first), so nothing else stops it: a caller that exits or fails without stop() would
+        # leave it running. atexit is the safety net.
+        atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -182,6 +187,7 @@ class MosquittoBroker:
 
     def stop(self, *, kill: bool = False) -> None:
         process, self._process = self._process, None
+        atexit.unregister(self.stop)
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)

@@ -97,3 +97,35 @@ def test_restart_keeps_port_and_retained(tmp_path: Path) -> None:
         import socket
 
         socket.create_connection(("127.0.0.1", port), timeout=0.5)
+
+
+def test_a_broker_left_running_stops_when_its_process_exits(tmp_path: Path) -> None:
+    """A test that fails before stop() must not leave its Mosquitto running (it runs in a
+    session of its own, so nothing else would stop it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from edgekit.mosquitto import MosquittoBroker\n"
+        f"broker = MosquittoBroker(Path({str(tmp_path)!r}) / 'mq', persistence=False).start()\n"
+        "print(broker._process.pid, flush=True)\n"
+        "raise SystemExit(3)  # no stop()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 3, done.stderr
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError(f"mosquitto (pid {pid}) outlived the process that started it")

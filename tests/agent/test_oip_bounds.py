@@ -82,8 +82,9 @@ def agent(tmp_path: Path, agent_keys: Keys, bundles: Bundles) -> Iterator[tuple[
         url = process.url()
         yield process, int(url.rsplit(":", 1)[1])
     finally:
-        assert process.stop() == 0, process.output()
+        code = process.stop()
         broker.stop()
+        assert code == 0, process.output()
 
 
 def test_the_agent_bounds_what_one_request_may_cost(agent: tuple[AgentProcess, int]) -> None:
