@@ -134,3 +134,30 @@ def test_topic_filters() -> None:
     assert topic_matches("$share/g/a/+/t", "a/x/t") and not topic_matches("$share/g/a/+", "a")
     assert not topic_matches("#", "$SYS/x") and topic_matches("$SYS/#", "$SYS/x")
     assert not topic_matches("a/b", "a/b/c")
+
+
+def test_starting_a_client_opens_one_connection_and_fires_no_will(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """`start()` and the loop's first timer tick both asked for a connection; a second CONNECT
+    made the broker close the first as a session takeover and publish its last will: a device
+    reported offline as it came online (seen for 1-5 clients in 40 before the fix)."""
+    settings = BrokerSettings(mosquitto.url)
+    wills: list[str] = []
+    watcher = MqttClient(settings, client_id="will-watcher").connect()
+    clients = [
+        MqttClient(settings, client_id=f"will-{i}", will=(f"wills/{i}", b"offline"))
+        for i in range(100)
+    ]
+    try:
+        watcher.subscribe("wills/#", lambda message: wills.append(message.topic), wait_s=5)
+        for client in clients:
+            client.start()
+        assert all(client.wait_connected(10) for client in clients)
+        time.sleep(1.0)  # a will is published as soon as the broker closes the connection
+        assert wills == []
+        assert all(client.connects == 1 for client in clients)
+    finally:
+        for client in clients:
+            client.stop()
+        watcher.stop()

@@ -627,8 +627,13 @@ class MqttClient:
     # -- the loop thread ------------------------------------------------------------------------
 
     def _attempt(self) -> None:
-        """Open the connection (on the loop thread)."""
-        if self.connected or not self._want_online:
+        """Open the connection (on the loop thread), unless one is open or being opened.
+
+        `start()` asks for an attempt and the loop's timer may make one in the same instant: a
+        second CONNECT would make the broker close the first connection as a session takeover
+        and publish its last will (a device reported offline as it came online).
+        """
+        if self.connected or not self._want_online or self._connecting_since is not None:
             return
         self._connecting_since = time.monotonic()
         settings = self.settings
@@ -666,6 +671,7 @@ class MqttClient:
         if since is not None and now - since < _CONNECT_TIMEOUT_S:
             return  # waiting for CONNACK: a busy broker must not get a reconnect storm
         if now >= self._next_attempt:
+            self._connecting_since = None  # no CONNACK in time: give up on that attempt
             self._attempt()
 
     def _on_ready(self, sock: Any, mask: int) -> None:
