@@ -12,7 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgekit.mosquitto import MosquittoBroker
-from edgekit.mqtt import BrokerSettings, Message, MqttClient, topic_matches
+from edgekit.mqtt import BrokerSettings, Message, MqttClient, NetworkLoop, topic_matches
 
 
 def _collect(client: MqttClient, topic_filter: str) -> tuple[list[Message], threading.Event]:
@@ -161,3 +161,45 @@ def test_starting_a_client_opens_one_connection_and_fires_no_will(
         for client in clients:
             client.stop()
         watcher.stop()
+
+
+def test_a_burst_larger_than_one_read_is_delivered_without_more_traffic(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """The loop reads at most `_MAX_READS_PER_EVENT` packets per readiness event, but its
+    buffered socket may already hold more: those must be dispatched at once, not when the
+    socket next has data (after the last burst of a flood: never, which lost the exporter
+    the tail of the stream)."""
+    from edgekit.mqtt import client as mqtt_client
+
+    count = 4 * mqtt_client._MAX_READS_PER_EVENT
+    received: list[str] = []
+    loop = NetworkLoop("burst-loop")
+    loop.start()
+    reader = MqttClient(BrokerSettings(mosquitto.url), client_id="burst-reader", loop=loop)
+    sender = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    gate = threading.Event()
+    try:
+        reader.connect()
+        reader.subscribe("burst/#", lambda message: received.append(message.topic), qos=0, wait_s=5)
+        # Hold the reader's loop while the whole burst lands in its socket: one recv then
+        # takes it all, more than one readiness event may read.
+        loop.call_soon(lambda: gate.wait(10))
+        sender.connect(mosquitto.host, mosquitto.port)
+        sender.loop_start()
+        for info in [sender.publish(f"burst/{i}", b"x", qos=0) for i in range(count)]:
+            info.wait_for_publish(5)
+        time.sleep(0.5)
+        gate.set()
+        deadline = time.monotonic() + 5
+        while len(received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        gate.set()
+        sender.loop_stop()
+        sender.disconnect()
+        reader.stop()
+        loop.stop()
+    assert len(received) == count, f"{count - len(received)} of {count} messages stranded"

@@ -249,6 +249,7 @@ class NetworkLoop(threading.Thread):
         self._stopping = threading.Event()
         self._ticks: list[Callable[[float], None]] = []
         self._clients: list[MqttClient] = []
+        self._backlog: set[MqttClient] = set()  # clients with packets left in their buffer
         self._woken = False
         self._lock = threading.Lock()
 
@@ -292,14 +293,21 @@ class NetworkLoop(threading.Thread):
     def run(self) -> None:
         next_tick = time.monotonic()
         while not self._stopping.is_set():
-            timeout = max(0.0, min(2 * _TICK_S, next_tick - time.monotonic()))
-            for key, mask in self._selector.select(timeout=timeout):
-                client = key.data
+            # Packets already read into a client's buffer are invisible to the selector: a
+            # client left with a backlog (`_MAX_READS_PER_EVENT`) is served again at once,
+            # not when its socket next has data (after a burst, maybe never).
+            backlog, self._backlog = self._backlog, set()
+            timeout = 0.0 if backlog else max(0.0, min(2 * _TICK_S, next_tick - time.monotonic()))
+            ready: list[tuple[MqttClient | None, Any, int]] = [
+                (key.data, key.fileobj, mask) for key, mask in self._selector.select(timeout)
+            ]
+            ready += [(c, c._paho.socket(), selectors.EVENT_READ) for c in backlog]
+            for client, sock, mask in ready:
                 if client is None:
                     self._drain_wake()
                     continue
                 try:
-                    client._on_ready(key.fileobj, mask)
+                    client._on_ready(sock, mask)
                 except Exception:  # one broken client must not stop the others
                     log.exception("MQTT client %s: network error", client.client_id)
             self._run_calls()
@@ -676,6 +684,8 @@ class MqttClient:
 
     def _on_ready(self, sock: Any, mask: int) -> None:
         client: Any = self._paho
+        if sock is None:
+            return
         if client.socket() is not sock:
             self._loop._unregister(sock)
             return
@@ -685,6 +695,8 @@ class MqttClient:
                 client.loop_read()
                 if client.socket() is not buffered or not buffered.pending():
                     break
+            else:
+                self._loop._backlog.add(self)
         if mask & selectors.EVENT_WRITE and client.socket() is sock:
             client.loop_write()
 
