@@ -1099,7 +1099,7 @@ class RolloutController:
             current = self._bundle(target.bundle_sha256)
             if bundle.security_epoch < current.security_epoch:
                 unrevertable.append((target.device, _epoch_why(bundle, current)))
-            else:
+            else:  # its epoch, the revert's floor, is then >= the forward directive's floor
                 revertable.append((target.device, bundle))
         directives = self._sign(record, self._options(record), revertable)
         # Nothing to revert to: those that committed keep the release; those still on their

@@ -293,23 +293,21 @@ class NetworkLoop(threading.Thread):
     def run(self) -> None:
         next_tick = time.monotonic()
         while not self._stopping.is_set():
-            # Packets already read into a client's buffer are invisible to the selector: a
-            # client left with a backlog (`_MAX_READS_PER_EVENT`) is served again at once,
-            # not when its socket next has data (after a burst, maybe never).
-            backlog, self._backlog = self._backlog, set()
-            timeout = 0.0 if backlog else max(0.0, min(2 * _TICK_S, next_tick - time.monotonic()))
-            ready: list[tuple[MqttClient | None, Any, int]] = [
-                (key.data, key.fileobj, mask) for key, mask in self._selector.select(timeout)
-            ]
-            ready += [(c, c._paho.socket(), selectors.EVENT_READ) for c in backlog]
-            for client, sock, mask in ready:
-                if client is None:
+            wait = max(0.0, min(2 * _TICK_S, next_tick - time.monotonic()))
+            for key, mask in self._selector.select(timeout=0.0 if self._backlog else wait):
+                if key.data is None:
                     self._drain_wake()
-                    continue
-                try:
-                    client._on_ready(sock, mask)
-                except Exception:  # one broken client must not stop the others
-                    log.exception("MQTT client %s: network error", client.client_id)
+                else:
+                    self._serve(key.data, key.fileobj, mask)
+            if self._backlog:
+                # Packets already read into a client's buffer are invisible to the selector:
+                # a client left with a backlog (`_MAX_READS_PER_EVENT`) is served again at
+                # once, not when its socket next has data (after a burst, maybe never).
+                backlog, self._backlog = self._backlog, set()
+                for client in backlog:
+                    sock = client._paho.socket()
+                    if sock is not None:
+                        self._serve(client, sock, selectors.EVENT_READ)
             self._run_calls()
             now = time.monotonic()
             if now >= next_tick:
@@ -324,6 +322,12 @@ class NetworkLoop(threading.Thread):
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _serve(self, client: MqttClient, sock: Any, mask: int) -> None:
+        try:
+            client._on_ready(sock, mask)
+        except Exception:  # one broken client must not stop the others
+            log.exception("MQTT client %s: network error", client.client_id)
 
     def _drain_wake(self) -> None:
         with self._lock:
@@ -684,8 +688,6 @@ class MqttClient:
 
     def _on_ready(self, sock: Any, mask: int) -> None:
         client: Any = self._paho
-        if sock is None:
-            return
         if client.socket() is not sock:
             self._loop._unregister(sock)
             return
